@@ -1,0 +1,63 @@
+"""FLOP counting sees what executes, fused attention kernels included."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from test_model_helpers import blocky_labels, tiny
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from step_model import flop_counter, measure_gflops
+
+aten = torch.ops.aten
+
+
+def vit_block_flops(n: int, d: int, mlp_ratio: int = 4) -> int:
+    """QKV + attention scores + attention-weighted sum + projection + MLP; 1 MAC = 2 FLOPs."""
+    return 2 * n * d * 3 * d + 2 * n * n * d + 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * mlp_ratio * d
+
+
+def test_vit_b_at_1024_counts_the_analytic_flops() -> None:
+    # fake tensors: shapes and dispatch of a CPU run (the fused CPU attention kernel is what
+    # gets called), no arithmetic, so ViT-B at 1024^2 is counted in well under a second
+    with torch.device("meta"):
+        vit = timm.create_model("vit_base_patch16_384", pretrained=False, dynamic_img_size=True)
+    vit = vit.to_empty(device="cpu").eval()
+    with FakeTensorMode(allow_non_fake_inputs=True), flop_counter() as counter:
+        vit.forward_features(torch.empty(1, 3, 1024, 1024))
+    counts = counter.get_flop_counts()["Global"]
+    assert aten._scaled_dot_product_flash_attention_for_cpu in counts, "the fused kernel was not seen"
+    n, d = 64 * 64 + 1, 768
+    analytic = 2 * 4096 * 3 * 256 * d + 12 * vit_block_flops(n, d)
+    assert abs(counter.get_total_flops() - analytic) / analytic < 0.01
+    assert 1.30e12 < analytic < 1.34e12
+
+
+def test_cuda_attention_kernels_have_formulas() -> None:
+    registry = flop_counter().flop_registry
+    for op in (aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention,
+               aten._scaled_dot_product_cudnn_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward):
+        assert op in registry, op
+
+
+def test_step_flops_follow_the_tokens_that_run() -> None:
+    """Real CPU run of a tiny STEP model with sharing and halting: the counted FLOPs equal
+    the analytic count for the tokens each block actually processed."""
+    model = tiny("oracle", exits=[3, 6], exit_kw={"thresholds": [0.25], "top_k": 1})
+    x = torch.rand(1, 3, 128, 128)
+    y = blocky_labels(128, 128, 2)
+    g = measure_gflops(model, x, y)
+    with torch.no_grad():
+        flow = model(x, y).flow
+    d, c = 192, 5
+    per_block = flow.tokens_per_block[0].tolist()
+    n_tok = int(flow.num_tokens[0])
+    assert per_block[0] == n_tok < 64 and per_block[-1] < per_block[0]
+    encoder = 2 * n_tok * 3 * 256 * d + sum(vit_block_flops(n + 1, d, 4) for n in per_block)
+    exits = sum(2 * per_block[b - 1] * d * c for b in (3, 6))  # tokens present at each exit
+    decoder = 2 * per_block[-1] * d * c
+    assert g["policy"] == 0.0
+    assert abs(g["encoder"] * 1e9 - encoder) < 1e-6 * encoder
+    assert round(g["exits"] * 1e9) == exits
+    assert round(g["decoder"] * 1e9) == decoder
