@@ -135,3 +135,37 @@ def ray_local() -> Iterator[None]:
         )
     yield
     ray.shutdown()
+
+
+# ---- training data (issue 4): real LoveDA fixtures, sharded once per session -------------
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, ray_local) -> dict[str, str]:
+    """``step prep`` output made from the LoveDA fixtures, downscaled to 256 px.
+
+    train: the 3 scenes plus 3 flipped/rotated copies of each (12 samples, 2 per shard, so
+    that 2 ranks x 1 loader worker each get shards); val: the 3 scenes (1 per shard).
+    Yields {"train": dir, "val": dir}.
+    """
+    from PIL import Image
+
+    from data_prep.prep import prepare
+
+    root = tmp_path_factory.mktemp("tiny_shards")
+    ops = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90,
+           Image.Transpose.ROTATE_270]
+    for split, variants in (("train", ops), ("val", ops[:1])):
+        for name in sorted(p.name for p in (LOVEDA / "img_dir").glob("*.png")):
+            for j, op in enumerate(variants):
+                for sub in ("img_dir", "ann_dir"):
+                    dest = root / "src" / sub / split / f"{Path(name).stem}_{j}.png"
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    im = Image.open(LOVEDA / sub / name)
+                    (im if op is None else im.transpose(op)).save(dest)
+    out = {}
+    for split, per_shard in (("train", 2), ("val", 1)):
+        prepare("loveda", str(root / "src"), str(root / split), split=split,
+                samples_per_shard=per_shard, max_side=256, progress=False)
+        out[split] = str(root / split)
+    return out

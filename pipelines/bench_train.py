@@ -1,0 +1,217 @@
+"""``step bench train --config FILE --json PATH``: training samples/s, plain ViT vs STEP.
+
+Three models built from the config's ``model`` section, trained in the same process on the
+same real image/label crops (the LoVEDA fixtures by default, or ``--data`` shards) at the
+config's crop size and per-worker batch size, interleaved round by round so that machine
+noise hits all of them alike:
+
+* ``plain``: the same backbone and decoder, policy ``none``, no exits (the baseline);
+* ``step``: the config's model (sharing + exit heads with the auxiliary loss), i.e.
+  stage-2 base training;
+* ``step_halting``: the same with halting active in training (the fine-tuning phase),
+  at ``--halt-thresholds`` (random-init models are never confident, so the config's
+  0.9-0.95 halts nothing: pass low values to see what halting can save).
+
+One optimizer step = forward + backward + AdamW step (``grad_accum`` 1), bf16 autocast
+on CUDA. Reported: median samples/s over ``--repeats`` rounds, and the mean tokens per
+image that the STEP models ran. Single process, no Ray: this measures the model's
+training cost, which is what changes between plain and STEP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="training config (YAML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--data", default=None, metavar="URI",
+                        help="shard directory for the batches (default: LoveDA fixtures)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
+    parser.add_argument("--halt-thresholds", default=None, metavar="T[,T...]",
+                        help="exit thresholds of the step_halting model (default: "
+                        "finetune.inference.exit_thresholds, else the model's). An untrained "
+                        "model is never confident: low values show what halting saves")
+
+
+def _fixture_batches(crop: int, batch: int, n: int, seed: int = 0):
+    """``n`` batches of random crops of the LoveDA fixtures (1024 px scenes) resized so
+    that a crop covers a quarter of a scene's side, keeping real content structure."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    names = sorted(p.name for p in (FIXTURES / "img_dir").glob("*.png"))
+    if not names:
+        raise FileNotFoundError(f"no LoveDA fixtures in {FIXTURES}; pass --data")
+    side = max(crop, min(1024, 2 * crop))
+    pairs = []
+    for name in names:
+        img = torch.from_numpy(np.array(Image.open(FIXTURES / "img_dir" / name).convert("RGB")))
+        lab = torch.from_numpy(np.array(Image.open(FIXTURES / "ann_dir" / name))).long()
+        img = F.interpolate(img.permute(2, 0, 1)[None].float() / 255, size=(side, side),
+                            mode="bilinear", antialias=True)[0]
+        lab = F.interpolate(lab[None, None].float(), size=(side, side), mode="nearest")[0, 0].long()
+        lab = torch.where(lab == 0, 255, lab - 1)  # LoveDA: 0 = no data; 1..7 -> 0..6
+        pairs.append((img, lab))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        imgs, labs = [], []
+        for _ in range(batch):
+            img, lab = pairs[int(torch.randint(len(pairs), (1,), generator=g))]
+            y, x = (int(torch.randint(side - crop + 1, (1,), generator=g)) for _ in range(2))
+            imgs.append(img[:, y:y + crop, x:x + crop])
+            labs.append(lab[y:y + crop, x:x + crop])
+        out.append((torch.stack(imgs), torch.stack(labs)))
+    return out
+
+
+def _shard_batches(cfg, uri: str, n: int):
+    from pipelines.data import train_loader
+
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": uri})})
+    out = []
+    epoch = 0
+    while len(out) < n:
+        for batch in train_loader(cfg, epoch=epoch):
+            out.append(batch)
+            if len(out) == n:
+                break
+        epoch += 1
+    return out
+
+
+def _loadable(uri: str | None) -> str | None:
+    if not uri:
+        return None
+    from pipelines.stages import resolve_checkpoint_dir
+
+    try:
+        return resolve_checkpoint_dir(uri)
+    except Exception as err:  # missing, unreachable, no credentials: fall back to the oracle
+        print(f"step bench train: policy_checkpoint {uri} not usable ({type(err).__name__}); "
+              "sharing with the oracle policy")
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipelines.config import load_train_config
+    from pipelines.model_config import build_model
+    from pipelines.optim import build_optimizer
+    from pipelines.train_loop import _autocast
+    from step_model import step_loss
+
+    cfg = load_train_config(args.config, args.overrides)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    crop, batch = cfg.data.crop_size, cfg.data.batch_size
+    n_batches = args.warmup + args.steps * args.repeats
+    data = (_shard_batches(cfg, args.data, n_batches) if args.data
+            else _fixture_batches(crop, batch, n_batches, cfg.train.seed))
+    plain_cfg = {**cfg.model, "policy": {**cfg.model["policy"], "mode": "none"},
+                 "exits": {**cfg.model["exits"], "blocks": []}}
+    halt_taus = ([float(x) for x in args.halt_thresholds.split(",")] if args.halt_thresholds
+                 else cfg.finetune.inference.get("exit_thresholds")
+                 or cfg.model["exits"]["thresholds"])
+    halting_cfg = {**cfg.model, "exits": {**cfg.model["exits"], "halting": True,
+                                          "halt_in_training": True,
+                                          "thresholds": list(halt_taus)}}
+    # Sharing needs a trained policy: without a loadable policy_checkpoint the STEP models
+    # share with the oracle (an upper bound), as a random policy's choices mean nothing.
+    policy_source = "oracle"
+    policy_uri = None
+    if cfg.model["policy"]["mode"] in ("threshold", "budget"):
+        policy_uri = _loadable(cfg.policy_checkpoint)
+        policy_source = policy_uri or "oracle"
+    step_cfg = cfg.model
+    if policy_source == "oracle":
+        oracle = {**cfg.model["policy"], "mode": "oracle"}
+        step_cfg = {**cfg.model, "policy": oracle}
+        halting_cfg["policy"] = oracle
+    variants = {"plain": plain_cfg, "step": step_cfg, "step_halting": halting_cfg}
+    models, optims = {}, {}
+    for name, mcfg in variants.items():
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(mcfg).to(device)
+        if policy_uri and name != "plain":
+            from pipelines.stages import load_policy_weights
+
+            load_policy_weights(model, policy_uri)
+        model.policy.requires_grad_(False)
+        models[name] = model.train()
+        optims[name] = build_optimizer(
+            [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim)
+
+    tokens: dict[str, list[float]] = {k: [] for k in variants}
+
+    def step(name: str, images, labels) -> None:
+        model, opt = models[name], optims[name]
+        images, labels = images.to(device), labels.to(device)
+        with _autocast(device, cfg.train.precision):
+            out = model(images, labels)
+            loss = step_loss(out, labels, model.cfg)["total"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens[name].append(float(out.flow.tokens_per_block.double().mean()))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for name in variants:
+        for images, labels in data[: args.warmup]:
+            step(name, images, labels)
+    timings: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.repeats):
+        chunk = data[args.warmup + r * args.steps: args.warmup + (r + 1) * args.steps]
+        for name in variants:  # interleaved: every round runs every model
+            sync()
+            t0 = time.perf_counter()
+            for images, labels in chunk:
+                step(name, images, labels)
+            sync()
+            timings[name].append(len(chunk) * batch / (time.perf_counter() - t0))
+
+    per_s = {k: statistics.median(v) for k, v in timings.items()}
+    grid = (crop // 16) ** 2
+    result = {
+        "config": str(args.config), "backbone": cfg.model["backbone"], "image_size": crop,
+        "batch_size": batch, "device": str(device), "precision": cfg.train.precision,
+        "steps_per_round": args.steps, "repeats": args.repeats,
+        "data": args.data or str(FIXTURES),
+        "halt_thresholds": list(halt_taus),
+        "policy": policy_source,
+        "plain_samples_per_s": per_s["plain"],
+        "step_samples_per_s": per_s["step"],
+        "step_halting_samples_per_s": per_s["step_halting"],
+        "speedup": per_s["step"] / per_s["plain"],
+        "speedup_halting": per_s["step_halting"] / per_s["plain"],
+        "tokens_in": grid,
+        "tokens_per_block_mean": {k: statistics.fmean(v) for k, v in tokens.items()},
+        "samples_per_s_rounds": timings,
+    }
+    print(f"step bench train: {cfg.model['backbone']} at {crop}px, batch {batch}, {device}: "
+          f"plain {per_s['plain']:.3g} samples/s, STEP {per_s['step']:.3g} "
+          f"({result['speedup']:.2f}x), STEP+halting {per_s['step_halting']:.3g} "
+          f"({result['speedup_halting']:.2f}x)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,207 @@
+"""The training config: one typed, validated YAML per training (``step train ...``).
+
+Sections: ``model`` (the ``step_model`` config, validated by ``step_model`` itself), ``data``,
+``optim``, ``train``, ``finetune`` (optional stage-2 phase with halting active),
+``scaling`` (Ray Train workers), ``storage`` (checkpoints, local or ``s3://``) and
+``mlflow``. Everything has a default except what cannot have one (the data). The resolved
+config is what runs: it is saved with every run (MLflow artifact ``config.yaml``) and its
+flattened form is the run's params.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.settings import ConfigError, StrictModel, load_config
+
+Stage = Literal["policy", "step"]
+
+
+class DataConfig(StrictModel):
+    """Shards written by ``step prep``: a shard directory, a ``{000000..000009}`` URL pattern
+    or a ``manifest.parquet``, local or ``s3://``."""
+
+    train: str | None = None
+    val: str | None = None
+    batch_size: int = Field(8, ge=1, description="per worker")
+    val_batch_size: int = Field(1, ge=1)
+    crop_size: int = Field(512, ge=16, description="square training crop, multiple of 16")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers per training worker")
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    photometric: bool = True
+    resample: bool | Literal["auto"] = Field(
+        "auto", description="sample shards with replacement; auto = only when there are "
+        "fewer shards than ranks x loader workers")
+
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of the 16-pixel patch, got {v}")
+        return v
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be 0 < min <= max, got {v}")
+        return v
+
+
+class OptimConfig(StrictModel):
+    """AdamW, linear warm-up then polynomial decay (the Segmenter / mmseg schedule)."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    head_lr_mult: float = Field(10.0, gt=0, description="lr multiplier for decoder, exit "
+                                "and policy heads (randomly initialised)")
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(1e-6, gt=0, le=1, description="lr factor at step 0")
+    poly_power: float = Field(1.0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+
+
+class TrainLoopConfig(StrictModel):
+    steps: int | None = Field(None, ge=1, description="optimizer steps; or give epochs")
+    epochs: float | None = Field(None, gt=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="None = at the end only")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts (-1 = forever)")
+    inject_failure_at_step: int | None = Field(
+        None, ge=1, description="testing only: rank 0 raises once at this step in a "
+        "worker group that did not restore from a checkpoint")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainLoopConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of train.steps and train.epochs")
+        return self
+
+
+class FinetuneConfig(StrictModel):
+    """Stage 2, DToP's recipe: after the base steps, fine-tune with halting active."""
+
+    steps: int = Field(0, ge=0, description="0 = no fine-tuning phase")
+    lr_scale: float = Field(0.1, gt=0, description="lr of the phase relative to optim.lr")
+    inference: dict[str, Any] = Field(
+        default_factory=dict,
+        description="model.set_inference kwargs active during the phase "
+        "(e.g. exit_thresholds)")
+
+
+class EvalSection(StrictModel):
+    """Validation during training (and the defaults of ``step eval``)."""
+
+    mode: Literal["whole", "slide"] = Field(
+        "whole", description="whole image at its own resolution, or sliding windows")
+    crop_size: int | None = Field(None, ge=16, description="slide window (default: data.crop_size)")
+    stride: int | None = Field(None, ge=1, description="slide stride (default: 2/3 of the window)")
+    max_samples: int | None = Field(None, ge=1, description="cap on validation images")
+
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_16(cls, v: int | None) -> int | None:
+        if v is not None and v % 16:
+            raise ValueError(f"must be a multiple of 16, got {v}")
+        return v
+
+
+class ScalingSection(StrictModel):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+
+
+class StorageSection(StrictModel):
+    storage_path: str = Field("runs/ray", description="local dir or s3://bucket/prefix")
+
+
+class MlflowSection(StrictModel):
+    tracking_uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI or the "
+                                     "embedded SQLite store under ./runs")
+    experiment: str = "step-seg"
+    log_model: bool = True
+
+
+class TrainConfig(StrictModel):
+    name: str = Field("step-train", description="deterministic Ray run name: a rerun with "
+                      "the same name and storage path resumes")
+    stage: Stage | None = None
+    model: dict[str, Any] = Field(default_factory=dict,
+                                  description="step_model config (StepConfig fields)")
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainLoopConfig = TrainLoopConfig(steps=1000)
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalSection = EvalSection()
+    scaling: ScalingSection = ScalingSection()
+    storage: StorageSection = StorageSection()
+    mlflow: MlflowSection = MlflowSection()
+    policy_checkpoint: str | None = Field(
+        None, description="stage 2: a stage-1 checkpoint whose (frozen) policy is used; "
+        "not needed with model.policy.mode oracle or none")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("use letters, digits, '_', '.', '-' (it names a folder)")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _valid_model(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.model_config import normalize_model_config
+
+        return normalize_model_config(v)
+
+    @model_validator(mode="after")
+    def _stage_rules(self) -> TrainConfig:
+        from pipelines.model_config import policy_mode
+
+        if self.stage == "policy":
+            if self.policy_checkpoint:
+                raise ValueError("policy_checkpoint: only for stage 'step'")
+            if self.finetune.steps:
+                raise ValueError("finetune.steps: only for stage 'step'")
+        mode = policy_mode(self.model)
+        if self.stage == "step" and mode in ("threshold", "budget") and not self.policy_checkpoint:
+            raise ValueError(f"policy_checkpoint: required by model.policy.mode={mode!r} "
+                             "(train one with 'step train policy', or use mode 'oracle')")
+        return self
+
+    def require_data(self, *, val: bool = True) -> None:
+        missing = [k for k in (("train", "val") if val else ("train",))
+                   if not getattr(self.data, k)]
+        if missing:
+            raise ConfigError("invalid config: " + ", ".join(
+                f"data.{k}: required (a shard dir written by 'step prep')" for k in missing))
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None,
+                      *, stage: Stage | None = None) -> TrainConfig:
+    """Load + validate; ``stage`` (from the command) must agree with the file's, if any."""
+    cfg = load_config(TrainConfig, path, overrides)
+    if stage is not None:
+        if cfg.stage not in (None, stage):
+            raise ConfigError(f"invalid config ({path}):\n  stage: the file says "
+                              f"{cfg.stage!r} but the command is 'train {stage}'")
+        data = cfg.model_dump()
+        data["stage"] = stage
+        from pipelines.settings import validate
+
+        cfg = validate(TrainConfig, data, str(path))
+    return cfg

@@ -1,0 +1,95 @@
+"""Training and evaluation batches from ``step prep`` shards, through ``data_prep``'s loader.
+
+One loader per Ray Train worker, built inside the worker: the loader splits shards by
+``torch.distributed`` rank, then by DataLoader worker. (Ray Data feeding Ray Train
+deadlocks with 2 workers on 2 CPUs: its read tasks never get a CPU; PLATFORM.md.)
+
+``data.resample: auto`` switches to sampling shards with replacement, with a warning,
+only when a dataset has fewer shards than ranks x DataLoader workers (tiny datasets):
+then a rank could otherwise get no shard at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import warnings
+
+from pipelines.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+_SHARD_PATTERN = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(\{[0-9.]+\}|[0-9]{6})\.tar$")
+
+
+def resolve_data_uri(uri: str) -> tuple[str, str | None]:
+    """(shard directory, split or None) for what ``data.train`` / ``data.val`` may name:
+    the directory itself, its ``manifest.parquet`` (or ``sizes.json`` / ``dataset.json``),
+    or a shard URL / brace pattern such as ``.../val-{000000..000009}.tar``, whose prefix
+    picks the split. A pattern stands for its whole split: the loader splits shards itself.
+    """
+    uri = str(uri).rstrip("/")
+    head, name = posixpath.split(uri) if "://" in uri else (str(_parent(uri)), _name(uri))
+    if name in ("manifest.parquet", "sizes.json", "dataset.json"):
+        return head, None
+    m = _SHARD_PATTERN.match(name)
+    if m:
+        return head, m.group("split")
+    return uri, None
+
+
+def _parent(path: str):
+    from pathlib import Path
+
+    return Path(path).parent
+
+
+def _name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).name
+
+
+def augment_config(cfg: TrainConfig) -> dict:
+    d = cfg.data
+    return {"scale_min": d.scale_range[0], "scale_max": d.scale_range[1],
+            "hflip": 0.5 if d.hflip else 0.0, "photometric": d.photometric}
+
+
+def train_loader(cfg: TrainConfig, *, epoch: int):
+    from data_prep.loader import build_loader
+
+    uri, split = resolve_data_uri(cfg.data.train)
+    kwargs = dict(split=split, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size, train=True,
+                  seed=cfg.train.seed, epoch=epoch, num_workers=cfg.data.num_workers,
+                  augment=augment_config(cfg))
+    if cfg.data.resample is True:
+        return build_loader(uri, resample=True, **kwargs)
+    try:
+        return build_loader(uri, **kwargs)
+    except ValueError as err:
+        if cfg.data.resample is False or "shard" not in str(err):
+            raise
+        if epoch == 0:
+            warnings.warn(f"{err} -> data.resample=auto: sampling shards with replacement",
+                          RuntimeWarning, stacklevel=2)
+        return build_loader(uri, resample=True, **kwargs)
+
+
+def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
+                rank: int | None = None, world_size: int | None = None):
+    """Every sample of ``uri`` once, whole images at their own resolution; under DDP each
+    rank reads its own shards (the confusion matrices are summed afterwards)."""
+    from data_prep.loader import build_loader
+
+    uri, split = resolve_data_uri(uri)
+    return build_loader(uri, split=split, batch_size=batch_size, crop_size=None, train=False,
+                        num_workers=num_workers, rank=rank, world_size=world_size)
+
+
+def dataset_info(uri: str):
+    from data_prep.info import read_dataset_info
+
+    return read_dataset_info(resolve_data_uri(uri)[0])

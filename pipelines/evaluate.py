@@ -1,0 +1,373 @@
+"""Evaluation: accuracy and compute figures of a STEP model over a validation set.
+
+Accuracy comes from one confusion matrix (:mod:`pipelines.metrics`), summed across DDP
+ranks when evaluation runs inside Ray Train, so mIoU is exact, not an average of averages.
+Compute figures come from what the model actually executed:
+
+* GFLOPs per image: every forward runs under ``step_model.flop_counter`` (which also
+  counts the fused CPU attention kernel that ``FlopCounterMode`` misses), split into
+  policy / encoder / exits / decoder. Counting costs no extra forward, but slows it down,
+  so latency is timed on separate plain forwards of the first ``latency_samples`` batches
+  (after one warm-up), which keeps ``latency_ms`` honest.
+* Tokens and halting from the forward's ``TokenFlow``: tokens after sharing, tokens
+  entering each block, halted fraction per exit, and per-class halting (for the cells of
+  each ground-truth majority class, the fraction whose token halted at each exit).
+
+Inference runs at any resolution: ``whole`` feeds the image as it is (the model pads to a
+multiple of 16 and crops back); ``slide`` averages the logits of overlapping square
+windows (Segmenter / mmseg ``slide`` mode), for images larger than the training crop.
+With the oracle policy the windows get their label crops, as the oracle needs them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.metrics import IGNORE_INDEX, ConfusionMeter, all_reduce_sum
+
+
+@dataclass
+class EvalResult:
+    miou: float
+    per_class_iou: dict[str, float | None]
+    pixel_accuracy: float
+    mean_accuracy: float
+    num_images: int
+    gflops: float | None = None
+    gflops_split: dict[str, float] = field(default_factory=dict)
+    tokens_in: float | None = None
+    tokens_mean: float | None = None
+    tokens_per_block: list[float] = field(default_factory=list)
+    supertokens_per_level: dict[str, float] = field(default_factory=dict)
+    halted_fraction: float | None = None
+    halted_per_exit: dict[str, float] = field(default_factory=dict)
+    per_class_halting: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    latency_ms: float | None = None
+    inference: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(asdict(self))
+
+    def headline(self) -> dict[str, float | None]:
+        """Flat scalar metrics (MLflow, ``--json``, Tune reports)."""
+        out: dict[str, float | None] = {
+            "miou": self.miou, "pixel_accuracy": self.pixel_accuracy,
+            "gflops": self.gflops, "tokens_mean": self.tokens_mean,
+            "tokens_in": self.tokens_in, "halted_fraction": self.halted_fraction,
+            "latency_ms": self.latency_ms,
+        }
+        out.update({f"gflops_{k}": v for k, v in self.gflops_split.items()})
+        out.update({f"halted_fraction_{k}": v for k, v in self.halted_per_exit.items()})
+        return _json_safe(out)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+# ---- inference ------------------------------------------------------------------------
+
+
+def _windows(size: int, crop: int, stride: int) -> list[int]:
+    if size <= crop:
+        return [0]
+    starts = list(range(0, size - crop, stride)) + [size - crop]
+    return sorted(set(starts))
+
+
+class _Counter:
+    """Sums of the compute figures over forwards (per image)."""
+
+    def __init__(self) -> None:
+        self.flops: dict[str, float] = {}
+        self.tokens = 0.0
+        self.tokens_in = 0.0
+        self.per_block: torch.Tensor | None = None
+        self.levels: dict[str, float] = {}
+        self.halted: torch.Tensor | None = None
+        self.exit_blocks: list[int] = []
+
+
+def _forward(model, images, labels, counter: _Counter, count_flops: bool):
+    """One forward; adds its flops, tokens and halting to ``counter``."""
+    if count_flops:
+        from step_model import flop_counter
+
+        with flop_counter() as fc:
+            out = model(images, labels)
+        split = flops_by_part(fc.get_flop_counts(), type(model).__name__)
+        total = fc.get_total_flops() / 1e9
+        split["encoder"] = total - sum(split.values())
+        split["total"] = total
+        for k, v in split.items():
+            counter.flops[k] = counter.flops.get(k, 0.0) + v
+    else:
+        out = model(images, labels)
+    flow = out.flow
+    counter.tokens += float(flow.num_tokens.sum())
+    counter.tokens_in += float(flow.tokens_in) * images.shape[0]
+    per_block = flow.tokens_per_block.double().sum(0).cpu()
+    counter.per_block = per_block if counter.per_block is None else counter.per_block + per_block
+    for s, v in flow.supertokens_per_level.items():
+        counter.levels[str(s)] = counter.levels.get(str(s), 0.0) + float(v.sum())
+    halted = flow.halted_per_exit.double().sum(0).cpu()
+    counter.halted = halted if counter.halted is None else counter.halted + halted
+    counter.exit_blocks = list(flow.exit_blocks)
+    return out
+
+
+def flops_by_part(counts: dict[str, dict], root: str) -> dict[str, float]:
+    """GFLOPs of the policy, exit heads and decoder from ``FlopCounterMode`` counts.
+
+    A module is listed under its dotted name only when it is *called*; ``exit_heads`` is a
+    ``ModuleList`` that is never called itself, so its count is the sum over its direct
+    children (``exit_heads.0``, ...), never over deeper names (those are already inside).
+    """
+    parts = {"policy": "policy", "exits": "exit_heads", "decoder": "decoder"}
+    out: dict[str, float] = {}
+    for key, name in parts.items():
+        prefix = f"{root}.{name}"
+        if prefix in counts:
+            flops = sum(counts[prefix].values())
+        else:
+            depth = prefix.count(".") + 1
+            flops = sum(sum(v.values()) for k, v in counts.items()
+                        if k.startswith(prefix + ".") and k.count(".") == depth)
+        out[key] = flops / 1e9
+    return out
+
+
+def predict(model, images: torch.Tensor, labels: torch.Tensor | None, *, mode: str = "whole",
+            crop_size: int | None = None, stride: int | None = None,
+            counter: _Counter | None = None, count_flops: bool = False):
+    """Logits (B, C, H, W) at the input resolution, and the forward outputs used."""
+    counter = counter if counter is not None else _Counter()
+    if mode == "whole":
+        out = _forward(model, images, labels, counter, count_flops)
+        return out.logits.float(), [(out, (0, 0))]
+    if mode != "slide":
+        raise ValueError(f"eval mode must be 'whole' or 'slide', got {mode!r}")
+    if not crop_size:
+        raise ValueError("slide mode needs crop_size")
+    stride = stride or max(1, (2 * crop_size) // 3)
+    b, _, h, w = images.shape
+    acc: torch.Tensor | None = None
+    hits = torch.zeros(1, 1, h, w, device=images.device)
+    outs = []
+    for y in _windows(h, crop_size, stride):
+        for x in _windows(w, crop_size, stride):
+            win = images[..., y:y + crop_size, x:x + crop_size]
+            lab = labels[..., y:y + crop_size, x:x + crop_size] if labels is not None else None
+            out = _forward(model, win, lab, counter, count_flops)
+            logits = out.logits.float()
+            if acc is None:
+                acc = images.new_zeros(b, logits.shape[1], h, w, dtype=torch.float32)
+            acc[..., y:y + win.shape[-2], x:x + win.shape[-1]] += logits
+            hits[..., y:y + win.shape[-2], x:x + win.shape[-1]] += 1
+            outs.append((out, (y, x)))
+    return acc / hits, outs
+
+
+# ---- evaluation loop ------------------------------------------------------------------
+
+
+def _per_class_cells(flow, labels_window: torch.Tensor, num_classes: int,
+                     exit_blocks: list[int], depth: int, table: torch.Tensor) -> None:
+    """Adds, per ground-truth majority class of each cell, counts of the exit where its
+    token halted: table (num_classes, n_exits + 1), last column = ran to the end."""
+    from step_model.policy import cell_histogram
+
+    gh, gw = flow.grid
+    lab = labels_window
+    ph, pw = gh * 16 - lab.shape[-2], gw * 16 - lab.shape[-1]
+    if ph > 0 or pw > 0:
+        lab = F.pad(lab, (0, max(pw, 0), 0, max(ph, 0)), value=IGNORE_INDEX)
+    hist = cell_histogram(lab[..., : gh * 16, : gw * 16], num_classes)  # (B, gh, gw, C)
+    labelled = hist.sum(-1) > 0
+    major = hist.argmax(-1)
+    depth_map = flow.cell_exit_depth
+    cols = [depth_map == blk for blk in exit_blocks] + [depth_map >= depth]
+    for j, sel in enumerate(cols):
+        m = sel & labelled
+        table[:, j] += torch.bincount(major[m].flatten().cpu(), minlength=num_classes).double()
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    num_classes: int,
+    device: str | torch.device = "cpu",
+    mode: str = "whole",
+    crop_size: int | None = None,
+    stride: int | None = None,
+    max_samples: int | None = None,
+    count_flops: bool = True,
+    latency_samples: int = 0,
+    class_names: list[str] | None = None,
+    precision: str = "fp32",
+) -> EvalResult:
+    """Evaluate ``model`` (a StepSegmenter, already configured) on ``loader`` batches.
+
+    Under torch.distributed every rank passes its own loader (its own shards) and all
+    ranks get the same, globally reduced result. ``max_samples`` caps images per rank.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    meter = ConfusionMeter(num_classes)
+    counter = _Counter()
+    depth = len(model.encoder.blocks) if hasattr(model, "encoder") else 0
+    class_table: torch.Tensor | None = None
+    seen = 0
+    timed: list[float] = []
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if precision == "bf16" and device.type == "cuda" else _null())
+    with torch.no_grad():
+        for images, labels in loader:
+            if max_samples is not None and seen >= max_samples:
+                break
+            if max_samples is not None:
+                images, labels = images[: max_samples - seen], labels[: max_samples - seen]
+            images = images.to(device)
+            labels = labels.to(device)
+            with autocast:
+                logits, outs = predict(model, images, labels, mode=mode, crop_size=crop_size,
+                                       stride=stride, counter=counter, count_flops=count_flops)
+                if len(timed) < latency_samples:
+                    if not timed:  # warm-up (allocator, kernel selection)
+                        predict(model, images, labels, mode=mode, crop_size=crop_size,
+                                stride=stride)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    predict(model, images, labels, mode=mode, crop_size=crop_size, stride=stride)
+                    _sync(device)
+                    timed.append((time.perf_counter() - t0) * 1000 / images.shape[0])
+            meter.update(logits.argmax(1), labels)
+            blocks = outs[0][0].flow.exit_blocks
+            if class_table is None:
+                class_table = torch.zeros(num_classes, len(blocks) + 1, dtype=torch.float64)
+            for out, (y, x) in outs:
+                win = labels[..., y:y + out.logits.shape[-2], x:x + out.logits.shape[-1]]
+                _per_class_cells(out.flow, win, num_classes, blocks, depth, class_table)
+            seen += images.shape[0]
+    if was_training:
+        model.train()
+
+    # One reduction for everything: confusion matrix + sums of the compute figures.
+    scores = meter.compute()
+    n_exits = len(counter.exit_blocks)
+    flops_keys = ["policy", "encoder", "exits", "decoder", "total"]
+    vec = torch.tensor(
+        [seen, counter.tokens, counter.tokens_in]
+        + [counter.flops.get(k, 0.0) for k in flops_keys]
+        + (counter.halted.tolist() if counter.halted is not None else [0.0] * n_exits),
+        dtype=torch.float64)
+    vec = all_reduce_sum(vec)
+    per_block = all_reduce_sum(counter.per_block if counter.per_block is not None
+                               else torch.zeros(depth, dtype=torch.float64))
+    levels = sorted(counter.levels, key=int)
+    level_sums = all_reduce_sum(torch.tensor([counter.levels[k] for k in levels],
+                                             dtype=torch.float64))
+    if class_table is None:
+        class_table = torch.zeros(num_classes, n_exits + 1, dtype=torch.float64)
+    class_table = all_reduce_sum(class_table)
+
+    n = float(vec[0])
+    tokens, tokens_in = float(vec[1]), float(vec[2])
+    flops = vec[3:8]
+    halted = vec[8:8 + n_exits]
+    names = class_names or [str(i) for i in range(num_classes)]
+    exit_names = [f"exit_{b}" for b in counter.exit_blocks]
+    per_class_halting: dict[str, dict[str, float | None]] = {}
+    for c in range(num_classes):
+        total_c = float(class_table[c].sum())
+        if total_c > 0:
+            per_class_halting[names[c]] = {
+                name: float(class_table[c, j]) / total_c
+                for j, name in enumerate([*exit_names, "final"])}
+    return EvalResult(
+        miou=scores.miou,
+        per_class_iou={names[i]: v for i, v in enumerate(scores.per_class_iou)},
+        pixel_accuracy=scores.pixel_accuracy,
+        mean_accuracy=scores.mean_accuracy,
+        num_images=int(n),
+        gflops=float(flops[4]) / n if count_flops and n else None,
+        gflops_split={k: float(flops[i]) / n for i, k in enumerate(flops_keys[:4])}
+        if count_flops and n else {},
+        tokens_in=tokens_in / n if n else None,
+        tokens_mean=tokens / n if n else None,
+        tokens_per_block=[float(v) / n for v in per_block] if n else [],
+        supertokens_per_level={k: float(v) / n for k, v in zip(levels, level_sums, strict=True)}
+        if n else {},
+        halted_fraction=float(halted.sum()) / tokens if tokens else None,
+        halted_per_exit={name: float(h) / tokens for name, h in zip(exit_names, halted, strict=True)}
+        if tokens else {},
+        per_class_halting=per_class_halting,
+        latency_ms=sum(timed) / len(timed) if timed else None,
+        inference={"mode": mode, "crop_size": crop_size, "stride": stride},
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def evaluate_checkpoint(
+    checkpoint_uri: str,
+    data_uri: str,
+    *,
+    inference: dict[str, Any] | None = None,
+    max_samples: int | None = None,
+    device: str = "cpu",
+    mode: str = "whole",
+    crop_size: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 1,
+    num_workers: int = 1,
+    count_flops: bool = True,
+    latency_samples: int = 3,
+) -> EvalResult:
+    """Load a checkpoint, apply ``model.set_inference(**inference)``, evaluate ``data_uri``."""
+    from pipelines.checkpoint import load_model
+    from pipelines.data import dataset_info, eval_loader
+
+    model, model_config = load_model(checkpoint_uri, device=device)
+    if inference:
+        model.set_inference(**inference)
+    info = dataset_info(data_uri)
+    num_classes = int(model_config["num_classes"])
+    if info.num_classes != num_classes:
+        raise ValueError(f"{data_uri} has {info.num_classes} classes but the checkpoint "
+                         f"{checkpoint_uri} predicts {num_classes}")
+    loader = eval_loader(data_uri, batch_size=batch_size, num_workers=num_workers,
+                         rank=0, world_size=1)
+    result = evaluate_model(
+        model, loader, num_classes=num_classes, device=device, mode=mode, crop_size=crop_size,
+        stride=stride, max_samples=max_samples, count_flops=count_flops,
+        latency_samples=latency_samples, class_names=list(info.class_names),
+    )
+    result.inference.update(inference or {})
+    return result

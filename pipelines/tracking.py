@@ -1,0 +1,259 @@
+"""MLflow tracking: where runs go, and a logger that never kills training.
+
+Design choices:
+
+* **One tracking URI rule for every command**: explicit (config / flag) >
+  ``MLFLOW_TRACKING_URI`` > an embedded default, ``sqlite:///<cwd>/runs/mlflow.db`` with
+  artifacts in ``<cwd>/runs/mlartifacts``. MLflow 3.17 refuses the old ``./mlruns`` file
+  store unless ``MLFLOW_ALLOW_FILE_STORE=true``, hence SQLite. Experiments are created with
+  an explicit ``artifact_location`` so artifacts never land in whatever the current
+  directory of a Ray worker happens to be.
+* **Only the driver and rank 0 talk to MLflow.** The driver creates the run (so its id
+  exists before any worker starts, and other ranks can never create empty runs); rank 0
+  logs per-step metrics to that run id through :class:`RunLogger`.
+* **A tracking server that goes away must not kill training.** :class:`RunLogger` catches
+  every MLflow error, warns once per outage, and stops trying for ``cooldown_s`` seconds
+  (a circuit breaker) so that a dead server costs one short timeout, not MLflow's default
+  7 retries with exponential back-off (minutes per call) on every training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = "runs"
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+# Short HTTP budget for logging calls made from inside training (seconds / retries).
+# Set in the process before a RunLogger talks to a remote server; MLflow reads them per call.
+_FAST_FAIL_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def default_tracking_uri(root: str | Path | None = None) -> str:
+    """The embedded store: a SQLite file under ``<root or cwd>/runs``."""
+    base = Path(root or Path.cwd()).resolve() / DEFAULT_DIR
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / DEFAULT_DB}"
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """explicit > ``MLFLOW_TRACKING_URI`` > embedded SQLite default (created on demand)."""
+    if explicit:
+        return explicit
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return default_tracking_uri()
+
+
+def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Explicit artifact folder for experiments of a local SQLite store; None for servers.
+
+    A tracking server owns its artifact root (``--default-artifact-root``); for a local
+    ``sqlite:///.../mlflow.db`` the artifacts go next to the database, in ``mlartifacts/``.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):])
+    folder = db.parent / DEFAULT_ARTIFACTS / experiment
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.resolve().as_uri()
+
+
+def get_or_create_experiment(tracking_uri: str, name: str) -> str:
+    """Experiment id for ``name``, created with an explicit artifact location if new."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=default_artifact_location(tracking_uri, name)
+        )
+    except Exception:  # created concurrently by another process (e.g. parallel trials)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(tracking_uri: str, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """Newest run whose tags match all of ``tags`` (used to continue a resumed training)."""
+    from mlflow.tracking import MlflowClient
+
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = MlflowClient(tracking_uri).search_runs(
+        [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def create_run(
+    tracking_uri: str,
+    experiment: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    resume_tags: Mapping[str, str] | None = None,
+) -> str:
+    """Create (or, when ``resume_tags`` match an existing run, reopen) a run; returns its id.
+
+    With ``parent_run_id`` the run is nested: MLflow shows it under the parent only through
+    the ``mlflow.parentRunId`` tag.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp_id = get_or_create_experiment(tracking_uri, experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = find_run(tracking_uri, exp_id, resume_tags) if resume_tags else None
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        for k, v in all_tags.items():
+            client.set_tag(run_id, k, v)
+        return run_id
+    return client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+class RunLogger:
+    """Logs to one existing MLflow run; warns and continues when the server is gone.
+
+    Every public method returns normally whatever MLflow does. After a failure, calls are
+    skipped for ``cooldown_s`` seconds, then tried again (a server that comes back gets the
+    later metrics). ``ok`` tells whether the last attempt succeeded.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str, *, cooldown_s: float = 30.0,
+                 fast_fail: bool = True):
+        if fast_fail and not tracking_uri.startswith(("sqlite:", "file:")):
+            for k, v in _FAST_FAIL_ENV.items():
+                os.environ.setdefault(k, v)
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.cooldown_s = cooldown_s
+        self.ok = True
+        self.failures = 0
+        self._down_until = 0.0
+
+    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self.failures += 1
+            if self.ok:
+                warnings.warn(
+                    f"MLflow tracking at {self.tracking_uri} failed ({what}: "
+                    f"{type(err).__name__}: {str(err)[:200]}); training continues, "
+                    f"retrying in {self.cooldown_s:.0f}s",
+                    RuntimeWarning, stacklevel=3,
+                )
+            self.ok = False
+            self._down_until = time.monotonic() + self.cooldown_s
+            return None
+        if not self.ok:
+            log.warning("MLflow tracking at %s is back", self.tracking_uri)
+        self.ok = True
+        return out
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()
+                 if v is not None]
+        if batch:
+            self._call("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        # MLflow caps a batch at 100 params.
+        for i in range(0, len(items), 100):
+            self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        if items:
+            self._call("set_tags", self.client.log_batch, self.run_id, tags=items)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call("log_text", self.client.log_text, self.run_id, text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._call("log_dict", self.client.log_dict, self.run_id, data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", self.client.log_artifact, self.run_id, str(path),
+                   artifact_path)
+
+    def log_model(self, model, name: str = "model", **kwargs) -> str | None:
+        """``mlflow.pytorch.log_model`` into this run; returns the model URI or None.
+
+        Pickle format: MLflow 3's default ``pt2`` export needs a traceable model, and STEP's
+        data-dependent token counts are not. Requirements are pinned explicitly: MLflow's
+        inference of them starts a subprocess that imports the model (seconds to minutes).
+        """
+        kwargs.setdefault("serialization_format", "pickle")
+        kwargs.setdefault("pip_requirements", model_requirements())
+
+        def _log() -> str:
+            import mlflow
+            import mlflow.pytorch
+
+            previous = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(self.tracking_uri)
+            try:
+                with mlflow.start_run(run_id=self.run_id, nested=True):
+                    info = mlflow.pytorch.log_model(model, name=name, **kwargs)
+            finally:
+                mlflow.set_tracking_uri(previous)
+            return info.model_uri
+
+        return self._call("log_model", _log)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._call("end", self.client.set_terminated, self.run_id, status)
+
+
+def model_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("step-seg", "torch", "torchvision", "timm"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def _param_str(value: Any) -> str:
+    text = "None" if value is None else str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."

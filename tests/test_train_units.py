@@ -1,0 +1,91 @@
+"""Training pieces without Ray: schedule, parameter groups, checkpoints, stage-2 set-up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.checkpoint import load_model, save_checkpoint, state_digest
+from pipelines.config import load_train_config
+from pipelines.model_config import build_model
+from pipelines.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from pipelines.stages import StepStage, load_policy_weights, resolve_checkpoint_dir
+
+TINY = {"backbone": "vit_tiny_patch16_384", "num_classes": 4,
+        "policy": {"mode": "oracle", "pretrained": False, "levels": [2, 4]},
+        "exits": {"blocks": [2, 4], "thresholds": [0.2], "top_k": 0}}
+
+
+def test_warmup_then_poly_then_finetune() -> None:
+    kw = dict(base_steps=10, warmup_steps=2, warmup_ratio=0.1, poly_power=1.0, min_ratio=0.0,
+              finetune_steps=4, finetune_scale=0.5)
+    got = [lr_factor(s, **kw) for s in range(14)]
+    assert got[0] == pytest.approx(0.1) and got[1] == pytest.approx(0.55)
+    assert got[2] == pytest.approx(1.0)  # warm-up done: the peak
+    assert got[6] == pytest.approx(0.5)  # halfway through the poly decay
+    assert got[10] == pytest.approx(0.5) and got[12] == pytest.approx(0.25)  # fine-tune phase
+    assert all(a >= b for a, b in zip(got[2:10], got[3:10], strict=False))
+
+
+def test_heads_get_the_multiplier_and_norms_no_decay() -> None:
+    model = build_model(TINY)
+    groups = param_groups(model.named_parameters(), lr=1e-4, weight_decay=0.05, head_lr_mult=10)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_id[id(named["decoder.head.weight"])]["lr"] == pytest.approx(1e-3)
+    backbone_w = next(n for n in named if n.startswith("encoder.") and n.endswith("qkv.weight"))
+    assert by_id[id(named[backbone_w])]["lr"] == pytest.approx(1e-4)
+    assert by_id[id(named[backbone_w])]["weight_decay"] == 0.05
+    pos = next(n for n in named if n.endswith("pos_embed"))
+    assert by_id[id(named[pos])]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_checkpoint_round_trip_and_policy_transfer(tmp_path) -> None:
+    torch.manual_seed(0)
+    stage1 = build_model(TINY)
+    for p in stage1.policy.parameters():
+        p.data.normal_()  # "trained" policy weights, distinct from any init
+    run = tmp_path / "run"
+    for step in (3, 6):
+        save_checkpoint(run / f"checkpoint_{step:08d}", stage1, stage1.cfg.to_dict(),
+                        train_state={"loop": {"step": step}})
+    assert resolve_checkpoint_dir(str(run)).endswith("checkpoint_00000006")
+    loaded, cfg = load_model(run / "checkpoint_00000006")
+    assert state_digest(loaded.state_dict()) == state_digest(stage1.state_dict())
+    assert cfg["num_classes"] == 4
+
+    torch.manual_seed(1)
+    stage2 = build_model(TINY)
+    load_policy_weights(stage2, str(run))
+    for (name, a), b in zip(stage1.policy.state_dict().items(),
+                            stage2.policy.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_finetune_phase_halts_tokens_in_training() -> None:
+    cfg = load_train_config("configs/tiny/step.yaml",
+                            ["finetune.steps=2", "finetune.inference={exit_thresholds: [0.0], top_k: 1}"])
+    model = build_model({**cfg.model, "num_classes": 7})
+    stage = StepStage()
+    stage.prepare(model, cfg)
+    assert not any(p.requires_grad for p in model.policy.parameters())
+    images = torch.rand(2, 3, 64, 64)
+    labels = torch.randint(0, 7, (2, 64, 64))
+    stage.train_mode(model)
+    before = model(images, labels).flow.tokens_per_block[:, -1]
+    stage.start_finetune(model, cfg)
+    out = model(images, labels)
+    after = out.flow.tokens_per_block[:, -1]
+    assert (after < before).all()  # threshold 0: everything but the top-k per class halts
+    from step_model import step_loss
+
+    loss = step_loss(out, labels, model.cfg)["total"]
+    loss.backward()
+    opt = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                          cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, base_steps=12, finetune_steps=2,
+                            finetune_scale=cfg.finetune.lr_scale)
+    opt.step()
+    sched.step()
+    assert torch.isfinite(loss)
