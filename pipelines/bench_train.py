@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pipelines.config import load_train_config
+    from pipelines.data import batch_to_device
     from pipelines.model_config import build_model
     from pipelines.optim import build_optimizer
     from pipelines.train_loop import _autocast
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
     def step(name: str, images, labels) -> None:
         model, opt = models[name], optims[name]
-        images, labels = images.to(device), labels.to(device)
+        images, labels = batch_to_device(images, labels, device)
         with _autocast(device, cfg.train.precision):
             out = model(images, labels)
             loss = step_loss(out, labels, model.cfg)["total"]

@@ -32,6 +32,11 @@ STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """``checkpoint_<step:08d>``: sorts by step, and the driver can find the final one."""
+    return f"checkpoint_{step:08d}"
+
+
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config: dict[str, Any],
                     *, train_state: dict[str, Any] | None = None,
                     meta: dict[str, Any] | None = None) -> Path:

@@ -16,6 +16,8 @@ import posixpath
 import re
 import warnings
 
+import torch
+
 from pipelines.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,21 @@ def _name(path: str) -> str:
     return Path(path).name
 
 
+def batch_to_device(images, labels, device):
+    """Move a loader batch to ``device`` as float [0, 1] images and int64 labels.
+
+    Loaders here yield uint8 (``to_float=False``) and the conversion happens on the device:
+    `step bench data` measured the float32/int64 host-side batch at 0.78x of pure decode
+    throughput against 0.97x for uint8, and uint8 moves 4x (images) / 8x (labels) fewer
+    bytes over PCIe. Float batches (other callers) pass through unchanged.
+    """
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
+    return images, labels.long()
+
+
 def augment_config(cfg: TrainConfig) -> dict:
     d = cfg.data
     return {"scale_min": d.scale_range[0], "scale_max": d.scale_range[1],
@@ -64,7 +81,7 @@ def train_loader(cfg: TrainConfig, *, epoch: int):
     uri, split = resolve_data_uri(cfg.data.train)
     kwargs = dict(split=split, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size, train=True,
                   seed=cfg.train.seed, epoch=epoch, num_workers=cfg.data.num_workers,
-                  augment=augment_config(cfg))
+                  augment=augment_config(cfg), to_float=False)
     if cfg.data.resample is True:
         return build_loader(uri, resample=True, **kwargs)
     try:
@@ -86,7 +103,8 @@ def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
 
     uri, split = resolve_data_uri(uri)
     return build_loader(uri, split=split, batch_size=batch_size, crop_size=None, train=False,
-                        num_workers=num_workers, rank=rank, world_size=world_size)
+                        num_workers=num_workers, rank=rank, world_size=world_size,
+                        to_float=False)
 
 
 def dataset_info(uri: str):

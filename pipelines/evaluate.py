@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipelines.data import batch_to_device
 from pipelines.metrics import IGNORE_INDEX, ConfusionMeter, all_reduce_sum
 
 
@@ -242,8 +243,7 @@ def evaluate_model(
                 break
             if max_samples is not None:
                 images, labels = images[: max_samples - seen], labels[: max_samples - seen]
-            images = images.to(device)
-            labels = labels.to(device)
+            images, labels = batch_to_device(images, labels, device)
             with autocast:
                 logits, outs = predict(model, images, labels, mode=mode, crop_size=crop_size,
                                        stride=stride, counter=counter, count_flops=count_flops)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pipelines.config import TrainConfig
+from pipelines.data import batch_to_device
 
 
 def _freeze_bn(module: torch.nn.Module) -> None:
@@ -181,7 +182,7 @@ def evaluate_policy(model, loader, *, device, max_samples: int | None = None) ->
     for images, labels in loader:
         if max_samples is not None and seen >= max_samples:
             break
-        images, labels = pad_to_patch(images.to(device), labels.to(device))
+        images, labels = pad_to_patch(*batch_to_device(images, labels, device))
         logits = policy(images)
         targets = policy_targets(labels, levels, model.cfg.policy.purity, model.cfg.num_classes)
         for i, s in enumerate(levels):

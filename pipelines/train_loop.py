@@ -41,6 +41,7 @@ import torch
 
 from pipelines import checkpoint as ckpt_io
 from pipelines.config import TrainConfig
+from pipelines.data import batch_to_device
 from pipelines.model_config import build_model
 
 
@@ -71,6 +72,11 @@ def total_steps(cfg: TrainConfig, world_size: int) -> int:
     samples = info.num_samples[info.pick_split(resolve_data_uri(cfg.data.train)[1], train=True)]
     per_step = cfg.data.batch_size * world_size * cfg.optim.grad_accum
     return max(1, math.ceil(cfg.train.epochs * samples / per_step))
+
+
+def final_step(cfg: TrainConfig, world_size: int) -> int:
+    """The step of the last checkpoint: base steps plus the fine-tuning phase (stage 2)."""
+    return total_steps(cfg, world_size) + (cfg.finetune.steps if cfg.stage == "step" else 0)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -120,10 +126,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from data_prep.storage import apply_s3_env
     from pipelines import stages
     from pipelines.optim import build_optimizer, build_scheduler
     from pipelines.tracking import RunLogger
 
+    # Workers keep the environment they were started with, which may predate the driver's
+    # AWS_* variables (data, policy checkpoints on s3://).
+    apply_s3_env(config.get("s3_env"))
     cfg = TrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -138,8 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     base_steps = total_steps(cfg, world)
-    ft_steps = cfg.finetune.steps if cfg.stage == "step" else 0
-    last_step = base_steps + ft_steps
+    last_step = final_step(cfg, world)
+    ft_steps = last_step - base_steps
     optimizer = build_optimizer(trainable, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, base_steps=base_steps,
                                 finetune_steps=ft_steps, finetune_scale=cfg.finetune.lr_scale)
@@ -188,8 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         terms: dict[str, float] = {}
         for micro in range(accum):
             images, labels = next(batches)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+            images, labels = batch_to_device(images, labels, device)
             sync = (ddp.no_sync() if micro < accum - 1 and hasattr(ddp, "no_sync")
                     else contextlib.nullcontext())
             with sync, _autocast(device, cfg.train.precision):
@@ -239,6 +248,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step % cfg.train.checkpoint_every == 0 or is_last:
             report = {k: v for k, v in metrics.items()} | restored | {
                 "step": state.step, "epoch": state.epoch, "stage": cfg.stage}
+            if tracker:  # rank 0, the rank whose report carries the checkpoint
+                # What MLflow lost, in the result itself (the server may be the thing gone),
+                # and a digest to check stored weights against (a second or two for ViT-L,
+                # once per checkpoint).
+                report["tracking_failures"] = tracker.failures
+                report["checkpoint_digest"] = ckpt_io.state_digest(
+                    ckpt_io.unwrap(model).state_dict())
             train_state = {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "loop": asdict(state),
@@ -265,5 +281,5 @@ def _report(rank: int, model: torch.nn.Module, cfg: TrainConfig, train_state: di
         )
         stages.get(cfg.stage).extra_files(model, tmp)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+                         checkpoint_dir_name=ckpt_io.checkpoint_dir_name(step))
 
