@@ -14,13 +14,20 @@ Design choices:
 * **A tracking server that goes away must not kill training.** :class:`RunLogger` catches
   every MLflow error, warns once per outage, and stops trying for ``cooldown_s`` seconds
   (a circuit breaker) so that a dead server costs one short timeout, not MLflow's default
-  7 retries with exponential back-off (minutes per call) on every training step.
+  7 retries with exponential back-off (about 4 minutes per call against a refused port) on
+  every training step. The short HTTP budget is set only for the duration of the logger's
+  own calls: the driver shares its process with other MLflow users (Tune, the workflow),
+  whose calls keep MLflow's defaults. Model uploads keep the defaults too (a large model
+  can take longer than the short timeout to be acknowledged); they run only while the
+  circuit is closed, so a dead server is found by a cheap call first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -33,13 +40,40 @@ DEFAULT_DIR = "runs"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
-# Short HTTP budget for logging calls made from inside training (seconds / retries).
-# Set in the process before a RunLogger talks to a remote server; MLflow reads them per call.
+# Short HTTP budget for the logger's calls (seconds / retries). MLflow reads these variables
+# per request, so they are set around each call only (see ``_short_http_budget``).
 _FAST_FAIL_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+_budget_lock = threading.Lock()
+_budget_users = 0
+_budget_set: list[str] = []
+
+
+@contextlib.contextmanager
+def _short_http_budget():
+    """``_FAST_FAIL_ENV`` for the duration of a call; variables the user set win.
+
+    Reference-counted so that overlapping calls from several threads restore the
+    environment only when the last one ends.
+    """
+    global _budget_users
+    with _budget_lock:
+        if _budget_users == 0:
+            _budget_set[:] = [k for k in _FAST_FAIL_ENV if k not in os.environ]
+            os.environ.update({k: _FAST_FAIL_ENV[k] for k in _budget_set})
+        _budget_users += 1
+    try:
+        yield
+    finally:
+        with _budget_lock:
+            _budget_users -= 1
+            if _budget_users == 0:
+                for k in _budget_set:
+                    os.environ.pop(k, None)
+                _budget_set.clear()
 
 
 def default_tracking_uri(root: str | Path | None = None) -> str:
@@ -139,29 +173,37 @@ class RunLogger:
 
     Every public method returns normally whatever MLflow does. After a failure, calls are
     skipped for ``cooldown_s`` seconds, then tried again (a server that comes back gets the
-    later metrics). ``ok`` tells whether the last attempt succeeded.
+    later metrics). ``ok`` tells whether the last attempt succeeded, ``failures`` counts
+    failed attempts. ``fast_fail`` (remote servers only) runs each call, except model
+    uploads, under the short HTTP budget.
     """
 
     def __init__(self, run_id: str, tracking_uri: str, *, cooldown_s: float = 30.0,
                  fast_fail: bool = True):
-        if fast_fail and not tracking_uri.startswith(("sqlite:", "file:")):
-            for k, v in _FAST_FAIL_ENV.items():
-                os.environ.setdefault(k, v)
         from mlflow.tracking import MlflowClient
 
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         self.cooldown_s = cooldown_s
+        self.fast_fail = fast_fail and not tracking_uri.startswith(("sqlite:", "file:"))
         self.ok = True
         self.failures = 0
         self._down_until = 0.0
 
-    def _call(self, what: str, fn, *args, **kwargs) -> Any:
-        if time.monotonic() < self._down_until:
+    @property
+    def available(self) -> bool:
+        """False while the circuit is open (calls are skipped after a recent failure)."""
+        return time.monotonic() >= self._down_until
+
+    def _call(self, what: str, fn, *args, short_budget: bool = True, **kwargs) -> Any:
+        if not self.available:
             return None
+        budget = (_short_http_budget() if self.fast_fail and short_budget
+                  else contextlib.nullcontext())
         try:
-            out = fn(*args, **kwargs)
+            with budget:
+                out = fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - tracking must never stop training
             self.failures += 1
             if self.ok:
@@ -236,7 +278,7 @@ class RunLogger:
                 mlflow.set_tracking_uri(previous)
             return info.model_uri
 
-        return self._call("log_model", _log)
+        return self._call("log_model", _log, short_budget=False)
 
     def end(self, status: str = "FINISHED") -> None:
         self._call("end", self.client.set_terminated, self.run_id, status)

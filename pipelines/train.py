@@ -12,6 +12,15 @@
    run is started again;
 3. after training, logs the final model with ``mlflow.pytorch`` and closes the run.
 
+A training that already finished (its final checkpoint, ``checkpoint_<last step>``, is in
+the storage path) is not started again: ``fit`` returns the result recorded in that
+checkpoint's ``meta.json``, and logs the model only if its MLflow run has none yet (the
+tracking server was down when it ended). Workflows and Tune can therefore rerun a pipeline
+without paying for, or duplicating, the trainings that are done.
+
+Every MLflow call of the driver goes through :class:`~pipelines.tracking.RunLogger`
+once the run exists, so a server that goes away mid-run costs a warning, not the training.
+
 The per-worker function lives in :mod:`pipelines.train_loop`, inside the installed
 package: Ray pickles it by reference, and a function the workers cannot import makes Ray
 keep their CPUs and hang the next run (PLATFORM.md).
@@ -19,21 +28,31 @@ keep their CPUs and hang the next run (PLATFORM.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from data_prep.storage import capture_s3_env, exists, read_bytes
 from pipelines import storage
 from pipelines.config import TrainConfig
 from pipelines.settings import dump_config, flatten
-from pipelines.tracking import RunLogger, create_run, resolve_tracking_uri
+from pipelines.tracking import (
+    RunLogger,
+    create_run,
+    find_run,
+    get_or_create_experiment,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
 # The figures every consumer of a training result can rely on (``--json``, Tune, workflow).
 HEADLINE = ("miou", "gflops", "tokens_mean", "halted_fraction")
+# Run tag with the logged model's URI: a rerun of a finished training finds it there.
+MODEL_URI_TAG = "step.model_uri"
 
 
 @dataclass
@@ -59,13 +78,39 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
+def ray_storage(storage_path: str):
+    """(storage_path, storage_filesystem) for ``RunConfig``, with the driver's S3 keys inside.
+
+    For a custom S3 endpoint (``AWS_ENDPOINT_URL``: MinIO, moto) Ray needs an explicit
+    pyarrow filesystem (``pipelines.storage.ray_storage``). Ray pickles it to the Train
+    controller and to the workers, processes that keep the environment Ray was started with,
+    which may predate the driver's ``AWS_*`` variables. Without keys the controller's
+    deletions of old checkpoints fail with ACCESS_DENIED, which Ray logs and ignores:
+    ``keep_last`` silently stops working (seen with a Ray started before the variables).
+    So the keys travel inside the filesystem object (its ``repr`` shows none; they are
+    never logged). On AWS itself (no custom endpoint) every node resolves its own
+    credentials, e.g. an instance role, and nothing is forwarded.
+    """
+    path, fs = storage.ray_storage(storage_path)
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if fs is None or not (key and secret):
+        return path, fs
+    import pyarrow.fs
+
+    # The filesystem's own settings (endpoint, scheme, region), as its pickle carries them.
+    options = fs.__reduce__()[1][0]
+    return path, pyarrow.fs.S3FileSystem(**{
+        **options, "access_key": key, "secret_key": secret,
+        "session_token": os.environ.get("AWS_SESSION_TOKEN", "")})
+
+
 def build_trainer(cfg: TrainConfig, train_loop_config: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train_loop import train_loop_per_worker
 
-    storage_path, filesystem = storage.ray_storage(cfg.storage.storage_path)
+    storage_path, filesystem = ray_storage(cfg.storage.storage_path)
     scaling = ScalingConfig(
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
@@ -103,21 +148,24 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None) -> TrainResult:
         if cfg.policy_checkpoint else None,
     })
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    link = {"ray.run_name": cfg.name, "ray.storage_path": cfg.storage.storage_path}
+    done = completed_checkpoint(cfg)
+    if done is not None:
+        return _completed_result(cfg, done, tracking_uri, parent_run_id)
+
     run_id = create_run(
         tracking_uri, cfg.mlflow.experiment, run_name=cfg.name,
-        tags={**link, "step.stage": cfg.stage, "step.kind": f"train-{cfg.stage}"},
-        parent_run_id=parent_run_id, resume_tags=link,
+        tags=_run_tags(cfg), parent_run_id=parent_run_id, resume_tags=_link_tags(cfg),
     )
-    # fast_fail=False: the driver may share its process with other MLflow users (Tune, the
-    # workflow); the short HTTP retry budget is for the training workers only.
-    tracker = RunLogger(run_id, tracking_uri, fast_fail=False)
+    tracker = RunLogger(run_id, tracking_uri)
     tracker.log_params(flatten(cfg))
     tracker.log_text(dump_config(cfg), "config.yaml")
 
     init_ray()
     trainer = build_trainer(cfg, {
         "cfg": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri,
+        # Values travel in the task arguments (S3Env hides them in repr), not in a
+        # runtime_env that the dashboard shows.
+        "s3_env": capture_s3_env(),
     })
     try:
         result = trainer.fit()
@@ -129,17 +177,85 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None) -> TrainResult:
         raise RuntimeError(f"training {cfg.name} ended without a checkpoint")
     ckpt = storage.checkpoint_uri(result.checkpoint.path, cfg.storage.storage_path)
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
-    for key in HEADLINE:
-        metrics.setdefault(key, None)
+    model_uri = _close_run(tracker, cfg, ckpt, model_uri=None)
+    return _result(cfg, run_id, tracking_uri, ckpt, metrics, model_uri)
+
+
+def completed_checkpoint(cfg: TrainConfig) -> str | None:
+    """``<storage_path>/<name>/checkpoint_<last step>`` if it exists (the training is done).
+
+    Only the last step writes that checkpoint, so it exists only once training finished.
+    A config with more steps has another last step, and resumes from its latest checkpoint.
+    """
+    # torch-importing modules: imported when needed (``pipelines.train`` is imported by
+    # Tune and workflow drivers that may never train).
+    from pipelines.checkpoint import META_FILE, MODEL_FILE, checkpoint_dir_name
+    from pipelines.train_loop import final_step
+
+    last = final_step(cfg, cfg.scaling.num_workers)
+    uri = storage.join(cfg.storage.storage_path, cfg.name, checkpoint_dir_name(last))
+    if exists(storage.join(uri, MODEL_FILE)) and exists(storage.join(uri, META_FILE)):
+        return uri
+    return None
+
+
+def _completed_result(cfg: TrainConfig, ckpt: str, tracking_uri: str,
+                      parent_run_id: str | None) -> TrainResult:
+    """The result of a finished training, from its final checkpoint, without training."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.checkpoint import META_FILE
+
+    meta = json.loads(read_bytes(storage.join(ckpt, META_FILE)))
+    metrics = dict(meta.get("metrics") or {})
+    log.warning("training %s is already complete (%s, step %s): returning its result "
+                "without training again", cfg.name, ckpt, metrics.get("step"))
+    exp_id = get_or_create_experiment(tracking_uri, cfg.mlflow.experiment)
+    run_id = find_run(tracking_uri, exp_id, _link_tags(cfg))
+    if run_id is None:  # a tracking store that never saw this training: record it there
+        run_id = create_run(tracking_uri, cfg.mlflow.experiment, run_name=cfg.name,
+                            tags=_run_tags(cfg), parent_run_id=parent_run_id)
+        tracker = RunLogger(run_id, tracking_uri)
+        tracker.log_params(flatten(cfg))
+        tracker.log_text(dump_config(cfg), "config.yaml")
+        model_uri = None
+    else:
+        tracker = RunLogger(run_id, tracking_uri)
+        model_uri = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MODEL_URI_TAG)
+    model_uri = _close_run(tracker, cfg, ckpt, model_uri=model_uri)
+    return _result(cfg, run_id, tracking_uri, ckpt, metrics, model_uri)
+
+
+def _link_tags(cfg: TrainConfig) -> dict[str, str]:
+    """Tags that tie an MLflow run to its Ray run (and find it again on a rerun)."""
+    return {"ray.run_name": cfg.name, "ray.storage_path": cfg.storage.storage_path}
+
+
+def _run_tags(cfg: TrainConfig) -> dict[str, str]:
+    return {**_link_tags(cfg), "step.stage": cfg.stage, "step.kind": f"train-{cfg.stage}"}
+
+
+def _close_run(tracker: RunLogger, cfg: TrainConfig, ckpt: str, *,
+               model_uri: str | None) -> str | None:
+    """Tag the checkpoint, log the model unless ``model_uri`` says it is logged, finish."""
     tracker.set_tags({"step.checkpoint": ckpt})
-    model_uri = None
-    if cfg.mlflow.log_model:
+    # ``available`` is False right after a failed call: skip the download and the upload.
+    if model_uri is None and cfg.mlflow.log_model and tracker.available:
         from pipelines.checkpoint import load_model
 
         model, model_config = load_model(ckpt)
         model_uri = tracker.log_model(model, name="model", metadata={"step_config": model_config,
                                                                      "checkpoint": ckpt})
+        if model_uri is not None:
+            tracker.set_tags({MODEL_URI_TAG: model_uri})
     tracker.end("FINISHED")
+    return model_uri
+
+
+def _result(cfg: TrainConfig, run_id: str, tracking_uri: str, ckpt: str,
+            metrics: dict[str, Any], model_uri: str | None) -> TrainResult:
+    for key in HEADLINE:
+        metrics.setdefault(key, None)
     return TrainResult(
         run_id=run_id, tracking_uri=tracking_uri, checkpoint=ckpt,
         metrics={k: _plain(v) for k, v in metrics.items()}, stage=cfg.stage,
