@@ -1,0 +1,145 @@
+"""Feasibility under an mIoU-drop limit, the cheapest feasible trial, and the Pareto front.
+
+Pure Python over trial records (dicts with at least ``miou`` and ``gflops``), so the rule
+that picks the answer of a search is unit-tested on known inputs, independently of Ray.
+
+Conventions (the unit of ``max_drop`` is the same in both modes: percent):
+
+* mIoU is a fraction in [0, 1] (what ``evaluate_checkpoint`` returns).
+* ``points``: drop = 100 * (baseline - miou), in mIoU points (2.0 = "two points").
+* ``relative``: drop = 100 * (baseline - miou) / baseline, in percent of the baseline.
+  The STEP papers quote "at most 2.0 %" without saying which; both are offered.
+* Feasible means drop <= max_drop (a tolerance of 1e-9 absorbs float noise; a trial that
+  *gains* mIoU has a negative drop and is feasible).
+* The answer is the feasible trial with the fewest GFLOPs; ties go to the higher mIoU.
+  With no feasible trial there is no answer; the *closest* trial (smallest drop, then
+  fewest GFLOPs) is reported instead, clearly marked as infeasible.
+* The Pareto front minimises GFLOPs and maximises mIoU over all finished trials.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DropMode = Literal["points", "relative"]
+TOL = 1e-9
+
+
+def miou_drop(baseline_miou: float, miou: float, mode: DropMode = "points") -> float:
+    """The drop of ``miou`` against the reference, in percent (see module docstring)."""
+    for name, v in (("baseline_miou", baseline_miou), ("miou", miou)):
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"{name} must be a fraction in [0, 1], got {v}")
+    if mode == "points":
+        return 100.0 * (baseline_miou - miou)
+    if mode == "relative":
+        if baseline_miou <= 0:
+            raise ValueError("relative drop needs a baseline mIoU > 0")
+        return 100.0 * (baseline_miou - miou) / baseline_miou
+    raise ValueError(f"drop mode must be 'points' or 'relative', got {mode!r}")
+
+
+def is_feasible(drop: float, max_drop: float) -> bool:
+    return drop <= max_drop + TOL
+
+
+def penalised_objective(gflops: float, drop: float, max_drop: float, ref_gflops: float) -> float:
+    """Scalar for a single-objective searcher (minimise).
+
+    Feasible trials score their relative cost ``gflops / ref_gflops`` (< ~1.1 even when the
+    policy network makes a trial dearer than the reference). Infeasible ones score
+    ``10 + violation / max(max_drop, 0.1)``: always worse than any feasible trial, yet still
+    ordered by how far they miss the limit, so the searcher is pulled back towards the
+    boundary instead of seeing a flat wall.
+    """
+    cost = gflops / ref_gflops if ref_gflops > 0 else gflops
+    if is_feasible(drop, max_drop):
+        return cost
+    return 10.0 + (drop - max_drop) / max(max_drop, 0.1) + 0.01 * cost
+
+
+def _valid(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for t in trials:
+        m, g = t.get("miou"), t.get("gflops")
+        if m is None or g is None or not math.isfinite(m) or not math.isfinite(g):
+            continue
+        out.append(t)
+    return out
+
+
+def pareto_front(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials not dominated in (fewer GFLOPs, higher mIoU), sorted by GFLOPs.
+
+    A trial is dominated when another has <= GFLOPs and >= mIoU with one strict; among
+    exact duplicates the first one is kept.
+    """
+    ordered = sorted(_valid(trials), key=lambda t: (t["gflops"], -t["miou"]))
+    front: list[dict[str, Any]] = []
+    best_miou = -math.inf
+    for t in ordered:
+        if t["miou"] > best_miou:
+            front.append(t)
+            best_miou = t["miou"]
+    return front
+
+
+@dataclass
+class Selection:
+    """The outcome of a search under a drop limit."""
+
+    baseline_miou: float
+    max_drop: float
+    drop_mode: DropMode
+    best: dict[str, Any] | None  # cheapest feasible trial, or None
+    closest: dict[str, Any] | None  # smallest drop, reported when nothing is feasible
+    front: list[dict[str, Any]] = field(default_factory=list)
+    n_trials: int = 0
+    n_feasible: int = 0
+
+    @property
+    def feasible(self) -> bool:
+        return self.best is not None
+
+    def message(self) -> str:
+        if self.best is not None:
+            b = self.best
+            return (f"{self.n_feasible}/{self.n_trials} trials within the {self.max_drop:g} "
+                    f"({self.drop_mode}) drop limit; cheapest: {b['gflops']:.3f} GFLOPs at "
+                    f"mIoU {b['miou']:.4f} (drop {b['drop']:.2f})")
+        if self.closest is None:
+            return f"no trial finished ({self.n_trials} evaluated): nothing to choose from"
+        c = self.closest
+        return (f"NO FEASIBLE CONFIGURATION: none of the {self.n_trials} trials keeps the mIoU "
+                f"drop within {self.max_drop:g} ({self.drop_mode}); the closest drops "
+                f"{c['drop']:.2f} (mIoU {c['miou']:.4f}, {c['gflops']:.3f} GFLOPs)")
+
+
+def annotate(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: float,
+             mode: DropMode = "points") -> list[dict[str, Any]]:
+    """Copies of the valid trials with ``drop`` and ``feasible`` filled in."""
+    out = []
+    for t in _valid(trials):
+        d = miou_drop(baseline_miou, t["miou"], mode)
+        out.append({**t, "drop": d, "feasible": is_feasible(d, max_drop)})
+    return out
+
+
+def select(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: float,
+           mode: DropMode = "points") -> Selection:
+    """Cheapest feasible trial, the Pareto front, and the closest one when none is feasible."""
+    if max_drop < 0:
+        raise ValueError(f"max_drop must be >= 0, got {max_drop}")
+    done = annotate(trials, baseline_miou, max_drop, mode)
+    feasible = [t for t in done if t["feasible"]]
+    best = min(feasible, key=lambda t: (t["gflops"], -t["miou"])) if feasible else None
+    closest = None
+    if best is None and done:
+        closest = min(done, key=lambda t: (t["drop"], t["gflops"]))
+    return Selection(
+        baseline_miou=baseline_miou, max_drop=max_drop, drop_mode=mode, best=best,
+        closest=closest, front=pareto_front(done), n_trials=len(done), n_feasible=len(feasible),
+    )

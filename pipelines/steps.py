@@ -1,0 +1,297 @@
+"""The six steps of ``step run``, each as (fingerprint payload, body, "outputs still there?").
+
+Kept apart from :mod:`pipelines.workflow` (which only sequences, fingerprints, skips and
+resumes) so that each step reads as the plain program it is. Every body receives the MLflow
+run id of its step and returns a small JSON-able dict of outputs (URIs and a few numbers):
+that dict is stored on the step's run (tag ``step.outputs``) and reused when the step is
+skipped. Bulky results (trial tables, evaluation dicts) are JSON files under the
+pipeline's storage, in folders named by the step's fingerprint so that a changed config
+never overwrites what an earlier, still valid, run points to.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipelines.workflow_config import PipelineConfig
+
+if TYPE_CHECKING:
+    from pipelines.workflow import Workflow
+
+
+def _fp_short(wf: Workflow, name: str) -> str:
+    return wf.fps[name][:12]
+
+
+# ---------------------------------------------------------------------------------------
+# prepare
+
+def _source_listing(cfg: PipelineConfig) -> dict[str, int]:
+    from data_prep import storage as files
+
+    try:
+        return files.list_files(cfg.data.src)
+    except Exception as err:  # noqa: BLE001 - reported with the field named
+        raise FileNotFoundError(f"data.src {cfg.data.src}: cannot list it ({err})") from None
+
+
+def prepare_payload(cfg: PipelineConfig) -> dict[str, Any]:
+    listing = _source_listing(cfg)
+    if not listing:
+        raise FileNotFoundError(f"data.src {cfg.data.src}: no files there")
+    layout = None
+    if cfg.data.layout:
+        from data_prep import storage as files
+
+        layout = files.read_bytes(cfg.data.layout).decode(errors="replace")
+    return {"data": cfg.data.model_dump(mode="json"), "listing": listing, "layout": layout,
+            "format": 1}
+
+
+def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
+    from data_prep.prep import prepare as prep
+    from pipelines.tracking import RunLogger
+
+    tracker = RunLogger(run_id, wf.tracking_uri)
+    d = cfg.data
+    src = d.src
+    base = wf.path("data", _fp_short(wf, "prepare"))
+    if d.tile is not None:
+        from pathlib import Path
+
+        from pipelines.storage import is_s3
+        from pipelines.tiles import tile_dataset
+
+        # tiles are a local staging area; shards may still go to S3
+        tiles = Path("runs/tiles" if is_s3(base) else base) / "tiles"
+        counts = tile_dataset(d.src, tiles, d.tile.size, d.tile.val_images,
+                              d.train_split, d.val_split, val=d.tile.val)
+        tracker.log_metrics({f"tiles_{k}": v for k, v in counts.items()})
+        src = str(tiles.resolve())
+    outputs: dict[str, Any] = {}
+    for role, split in (("train", d.train_split), ("val", d.val_split)):
+        out = wf.path("data", _fp_short(wf, "prepare"), role)
+        report = prep(d.dataset, src, out, split=split, samples_per_shard=d.samples_per_shard,
+                      shard_size=d.shard_size, max_side=d.max_side, layout=d.layout,
+                      progress=False)
+        if report.written == 0:
+            raise RuntimeError(f"prepare: split {split!r} of {src} produced no samples "
+                               f"(skipped: {report.skipped})")
+        tracker.log_metrics({f"{role}_written": report.written,
+                             f"{role}_skipped": sum(report.skipped.values()),
+                             f"{role}_shards": len(report.shards),
+                             f"{role}_seconds": report.seconds})
+        outputs[role] = out
+        outputs[f"{role}_samples"] = report.written
+    outputs["base"] = base
+    return outputs
+
+
+def prepare_done(outputs: dict[str, Any]) -> bool:
+    from data_prep import storage as files
+
+    return all(outputs.get(r) and _exists(files.join(outputs[r], "dataset.json"))
+               for r in ("train", "val"))
+
+
+# ---------------------------------------------------------------------------------------
+# the two trainings
+
+def _train_config(cfg: PipelineConfig, stage: str):
+    from pipelines.config import load_train_config
+
+    section = cfg.policy if stage == "policy" else cfg.step
+    overrides = list(section.set)
+    if stage == "step" and cfg.runs_policy:
+        overrides.append("policy_checkpoint=<from-policy-step>")
+    return load_train_config(section.config, overrides, stage=stage)
+
+
+def train_payload(cfg: PipelineConfig, stage: str, inputs: list[str | None]) -> dict[str, Any]:
+    tc = _train_config(cfg, stage).model_dump(mode="json")
+    # filled in by the workflow: not part of what the user configures
+    for key in ("name", "storage", "mlflow", "policy_checkpoint"):
+        tc.pop(key, None)
+    tc["data"].pop("train", None)
+    tc["data"].pop("val", None)
+    return {"train": tc, "inputs": inputs, "stage": stage}
+
+
+def train(cfg: PipelineConfig, stage: str, run_id: str, wf: Workflow,
+          data: dict[str, Any], policy_checkpoint: str | None) -> dict[str, Any]:
+    from pipelines.train import fit
+
+    tc = _train_config(cfg, stage)
+    step_name = "train_policy" if stage == "policy" else "train_step"
+    update: dict[str, Any] = {
+        # the fingerprint in the Ray run name: same inputs -> Ray resumes the same run
+        "name": f"{cfg.name}-{stage}-{_fp_short(wf, step_name)}",
+        "data": tc.data.model_copy(update={"train": data["train"], "val": data["val"]}),
+        "storage": tc.storage.model_copy(update={"storage_path": wf.path("ray")}),
+        "mlflow": tc.mlflow.model_copy(update={"tracking_uri": wf.tracking_uri,
+                                               "experiment": cfg.mlflow.experiment}),
+    }
+    if stage == "step":
+        update["policy_checkpoint"] = policy_checkpoint
+    tc = tc.model_copy(update=update)
+    result = fit(tc, parent_run_id=run_id)
+    metrics = {k: v for k, v in (result.metrics or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    from pipelines.tracking import RunLogger
+
+    RunLogger(run_id, wf.tracking_uri).log_metrics(metrics)
+    return {"checkpoint": result.checkpoint, "train_run_id": result.run_id,
+            "metrics": {k: metrics[k] for k in ("miou", "gflops", "tokens_mean",
+                                                "halted_fraction") if k in metrics}}
+
+
+def train_done(outputs: dict[str, Any]) -> bool:
+    from data_prep import storage as files
+
+    ckpt = outputs.get("checkpoint")
+    return bool(ckpt) and _exists(files.join(ckpt, "model.pt"))
+
+
+# ---------------------------------------------------------------------------------------
+# tune
+
+def _tune_settings(cfg: PipelineConfig, wf: Workflow, checkpoint: str | None,
+                   data: str | None):
+    from pipelines.tune import TuneSettings
+
+    values = cfg.tune.model_dump()
+    values.update(checkpoint=checkpoint, data=data, tracking_uri=wf.tracking_uri,
+                  experiment=cfg.mlflow.experiment, storage_path=wf.path("ray"),
+                  name=f"{cfg.name}-tune")
+    return TuneSettings.model_validate(values)
+
+
+def tune_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
+    from pipelines.search_space import load_space
+
+    return {"tune": cfg.tune.model_dump(mode="json"),
+            "space": load_space(cfg.tune.space).model_dump(mode="json"), "inputs": inputs}
+
+
+def tune(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
+         trained: dict[str, Any]) -> dict[str, Any]:
+    from pipelines.tune import search
+
+    settings = _tune_settings(cfg, wf, trained["checkpoint"], data["val"])
+    outcome = search(settings, run_id=run_id)
+    doc = outcome.to_json()
+    doc["trials"] = outcome.trials
+    result = wf.path("tune", _fp_short(wf, "tune"), "tune_result.json")
+    _write_json(result, doc)
+    return {"result": result, "feasible": doc["feasible"],
+            "best_inference": doc["best"]["inference"] if doc["best"] else None,
+            "registered_model": doc["registered_model"]}
+
+
+def json_done(outputs: dict[str, Any]) -> bool:
+    return bool(outputs.get("result")) and _exists(outputs["result"])
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate (a Ray task: on a cluster it lands on a GPU node)
+
+def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
+    return {"evaluate": cfg.evaluate.model_dump(mode="json"), "inputs": inputs,
+            "max_drop": cfg.tune.max_drop, "drop_mode": cfg.tune.drop_mode}
+
+
+def _evaluate_pair(checkpoint: str, data: str, tuned: dict[str, Any] | None,
+                   max_samples: int | None, device: str) -> dict[str, Any]:
+    from pipelines.tune import evaluate, model_num_exits, reference_inference
+
+    baseline = evaluate(checkpoint, data, reference_inference(model_num_exits(checkpoint)),
+                        max_samples=max_samples, device=device)
+    after = evaluate(checkpoint, data, tuned, max_samples=max_samples, device=device) \
+        if tuned is not None else None
+    return {"baseline": baseline, "tuned": after}
+
+
+def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
+             trained: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    from pipelines.pareto import is_feasible, miou_drop
+    from pipelines.tracking import RunLogger
+    from pipelines.train import init_ray
+
+    init_ray()
+    e = cfg.evaluate
+    task = ray.remote(num_cpus=e.cpus, num_gpus=e.gpus)(_evaluate_pair)
+    res = ray.get(task.remote(trained["checkpoint"], data["val"], tuned["best_inference"],
+                              e.max_samples, "cuda" if e.gpus > 0 else "cpu"))
+    tracker = RunLogger(run_id, wf.tracking_uri)
+    out: dict[str, Any] = {"baseline": _headline(res["baseline"]),
+                           "tuned": _headline(res["tuned"]) if res["tuned"] else None,
+                           "inference": tuned["best_inference"]}
+    tracker.log_metrics({f"baseline_{k}": v for k, v in out["baseline"].items()})
+    if res["tuned"] is not None:
+        drop = miou_drop(res["baseline"]["miou"], res["tuned"]["miou"], cfg.tune.drop_mode)
+        out["drop"] = drop
+        out["within_limit"] = is_feasible(drop, cfg.tune.max_drop)
+        tracker.log_metrics({f"tuned_{k}": v for k, v in out["tuned"].items()})
+        tracker.log_metrics({"drop": drop, "within_limit": float(out["within_limit"])})
+    tracker.log_dict(res, "evaluation.json")
+    result = wf.path("evaluate", _fp_short(wf, "evaluate"), "evaluation.json")
+    _write_json(result, {**res, **{k: out.get(k) for k in ("drop", "within_limit",
+                                                            "inference")}})
+    return {"result": result, "drop": out.get("drop"), "within_limit": out.get("within_limit")}
+
+
+def _headline(m: dict[str, Any]) -> dict[str, float]:
+    keys = ("miou", "gflops", "tokens_mean", "halted_fraction", "latency_ms", "pixel_accuracy")
+    return {k: float(m[k]) for k in keys if isinstance(m.get(k), (int, float))}
+
+
+# ---------------------------------------------------------------------------------------
+# report
+
+def report_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
+    return {"report": cfg.report.model_dump(mode="json"), "inputs": inputs, "format": 1}
+
+
+def report(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
+           trained: dict[str, Any], tuned: dict[str, Any],
+           evaluated: dict[str, Any]) -> dict[str, Any]:
+    from pipelines.report import build_report
+
+    tune_doc = _read_json(tuned["result"])
+    eval_doc = _read_json(evaluated["result"])
+    summary = build_report(
+        run_id=run_id, tracking_uri=wf.tracking_uri, tune_doc=tune_doc, eval_doc=eval_doc,
+        checkpoint=trained["checkpoint"], val_data=data["val"],
+        num_images=cfg.report.num_images,
+    )
+    summary.update(tracking_uri=wf.tracking_uri, parent_run_id=wf.parent_run_id,
+                   pipeline=cfg.name)
+    result = wf.path("report", _fp_short(wf, "report"), "summary.json")
+    _write_json(result, summary)
+    return {"result": result}
+
+
+# ---------------------------------------------------------------------------------------
+
+def _exists(uri: str) -> bool:
+    from pipelines.workflow import _exists as exists
+
+    return exists(uri)
+
+
+def _write_json(uri: str, data: Any) -> None:
+    from pipelines.workflow import _write_json as write
+
+    write(uri, data)
+
+
+def _read_json(uri: str) -> dict[str, Any]:
+    from pipelines.workflow import _read_json as read
+
+    doc = read(uri)
+    if doc is None:
+        raise FileNotFoundError(f"{uri}: missing (an earlier step's output was removed?)")
+    return doc
+

@@ -1,0 +1,417 @@
+"""``step run``: prepare data -> train policy -> train STEP -> tune -> evaluate -> report.
+
+One MLflow parent run per pipeline, one child run per step; under them the runs the steps
+make themselves (the training runs, the search's trial runs). The same code runs on a
+laptop (local Ray, SQLite MLflow, local storage) and as a Ray job on a cluster (S3
+storage, a shared tracking server): only the config and the environment differ.
+
+Design choices:
+
+* **Plain calls on one Ray driver**, no workflow engine: ``ray.workflow`` is gone from
+  Ray 2.60, and each step already is a Ray program of its own (Ray Data for ``prepare``,
+  Ray Train for the trainings, Ray Tune for the search, a Ray task for ``evaluate``), so a
+  sequential driver with explicit state is simpler and easier to reason about.
+* **Fingerprints decide what runs.** A step's fingerprint is the sha256 of its resolved
+  settings plus the fingerprints of the steps it reads from (and, for ``prepare``, the
+  listing of the source files). It is recorded as the ``step.fingerprint`` tag of the
+  step's child run (and in ``<storage>/<name>/pipeline_state.json``). A step is skipped
+  when a FINISHED run of the same pipeline and step carries the same fingerprint *and*
+  its outputs still exist; its outputs (URIs, a few numbers; the ``step.outputs`` tag) are
+  reused. A skipped step still gets a (FINISHED, ``step.skipped=true``) child run pointing
+  at the run it reuses, so every pipeline run shows all six steps.
+* **Resume.** A pipeline that died leaves its parent run and the running step's run
+  RUNNING and the state file saying ``running``. The next ``step run`` with the same
+  config (same resolved config, same tracking URI) reopens that parent run, marks the
+  dead step's runs FAILED, skips the finished steps by fingerprint, and restarts the
+  unfinished one; a training restarts from its
+  latest Ray Train checkpoint, because its Ray run name includes its fingerprint
+  (``<pipeline>-step-<fp8>``) and Ray Train resumes a run of the same name and storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.settings import ConfigError, dump_config
+from pipelines.workflow_config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+STEPS = ("prepare", "train_policy", "train_step", "tune", "evaluate", "report")
+STATE_FILE = "pipeline_state.json"
+SUMMARY_KEYS = ("miou", "gflops", "tokens_mean", "halted_fraction", "latency_ms")
+
+
+def fingerprint(payload: Any) -> str:
+    """sha256 of a JSON-able payload with sorted keys (stable across runs and machines)."""
+    blob = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# storage helpers (local or s3://)
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    from data_prep import storage as files
+
+    try:
+        return json.loads(files.read_bytes(uri))
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001 - a missing S3 key raises botocore errors
+        if "NoSuchKey" in type(err).__name__ or "404" in str(err) or "Not Found" in str(err):
+            return None
+        raise
+
+
+def _write_json(uri: str, data: Any) -> None:
+    from data_prep import storage as files
+
+    files.write_bytes(uri, json.dumps(data, indent=1, default=str).encode())
+
+
+def _exists(uri: str) -> bool:
+    """Does file ``uri`` exist (local or ``s3://``)? Lists its folder: cheap, and it does
+    not read the file (a checkpoint's ``model.pt`` can be gigabytes)."""
+    from data_prep import storage as files
+
+    if not files.is_s3(uri):
+        return Path(uri).is_file()
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    try:
+        return name in files.list_files(parent)
+    except Exception:  # noqa: BLE001 - a missing bucket or prefix means "no"
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class StepRecord:
+    name: str
+    fingerprint: str
+    run_id: str
+    status: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+    reused_run_id: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class PipelineResult:
+    tracking_uri: str
+    parent_run_id: str
+    steps: dict[str, StepRecord]
+    summary: dict[str, Any]
+    resumed: bool = False
+
+    @property
+    def skipped(self) -> list[str]:
+        return [n for n, s in self.steps.items() if s.skipped]
+
+    @property
+    def executed(self) -> list[str]:
+        return [n for n, s in self.steps.items() if not s.skipped]
+
+
+class Workflow:
+    """Runs one pipeline config; see the module docstring."""
+
+    def __init__(self, cfg: PipelineConfig, *, config_path: str | None = None,
+                 echo: Callable[[str], None] = print):
+        from pipelines.tracking import get_or_create_experiment, resolve_tracking_uri
+
+        self.cfg = cfg
+        self.config_path = config_path
+        self.echo = echo
+        self.root = cfg.root
+        self.state_uri = _join(self.root, STATE_FILE)
+        self.tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        self.experiment_id = get_or_create_experiment(self.tracking_uri, cfg.mlflow.experiment)
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(self.tracking_uri)
+        self.state: dict[str, Any] = _read_json(self.state_uri) or {}
+        self.records: dict[str, StepRecord] = {}
+        self.fps: dict[str, str] = {}
+        self.parent_run_id = ""
+        self.resumed = False
+
+    # ---- state ----------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        self.state.update(pipeline=self.cfg.name, tracking_uri=self.tracking_uri,
+                          parent_run_id=self.parent_run_id, updated=time.time())
+        _write_json(self.state_uri, self.state)
+
+    def _mark(self, rec: StepRecord) -> None:
+        self.state.setdefault("steps", {})[rec.name] = {
+            "fingerprint": rec.fingerprint, "run_id": rec.run_id, "status": rec.status,
+            "outputs": rec.outputs, "skipped": rec.skipped, "reused_run_id": rec.reused_run_id,
+        }
+        self._save_state()
+
+    # ---- MLflow runs -----------------------------------------------------------------
+
+    def _open_parent(self) -> None:
+        """Reopen the parent run of a pipeline that did not finish; else start a new one."""
+        prev = self.state.get("parent_run_id")
+        config_fp = fingerprint(self.cfg.model_dump(mode="json"))
+        same = (self.state.get("tracking_uri") == self.tracking_uri
+                and self.state.get("config_fingerprint") == config_fp)
+        self.state["config_fingerprint"] = config_fp
+        if prev and same:
+            try:
+                status = self.client.get_run(prev).info.status
+            except Exception:  # noqa: BLE001 - run deleted or other store
+                status = None
+            if status in ("RUNNING", "FAILED", "KILLED"):
+                self.parent_run_id = prev
+                self.resumed = True
+                self.client.update_run(prev, status="RUNNING")
+                self.client.set_tag(prev, "step.resumed", "true")
+                self._close_dead_steps()
+                self.echo(f"resuming pipeline run {prev} (it did not finish)")
+                return
+        tags = {"step.kind": "pipeline", "step.workflow": self.cfg.name,
+                "step.storage": self.root}
+        run = self.client.create_run(self.experiment_id, run_name=self.cfg.name, tags=tags)
+        self.parent_run_id = run.info.run_id
+        self.state["steps"] = {}
+        from pipelines.settings import flatten
+
+        params = flatten(self.cfg)
+        from pipelines.tracking import RunLogger
+
+        logger = RunLogger(self.parent_run_id, self.tracking_uri)
+        logger.log_params(params)
+        logger.log_text(dump_config(self.cfg), "pipeline_config.yaml")
+
+    def _close_dead_steps(self) -> None:
+        """Steps the dead process left ``running``: their runs (and open sub-runs) FAILED."""
+        for name, rec in (self.state.get("steps") or {}).items():
+            if rec.get("status") != "running":
+                continue
+            self.echo(f"step {name}: the previous process died while it ran; rerunning it")
+            self._fail_tree(rec["run_id"], "killed: the pipeline process died")
+            rec["status"] = "failed"
+        self._save_state()
+
+    def _fail_tree(self, run_id: str, why: str) -> None:
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001
+            return
+        if run.info.status == "RUNNING":
+            self.client.set_tag(run_id, "step.error", why)
+            self.client.set_terminated(run_id, "FAILED")
+        for child in self.client.search_runs(
+                [self.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
+                max_results=1000):
+            self._fail_tree(child.info.run_id, why)
+
+    def _finished_run(self, name: str, fp: str) -> tuple[str, dict[str, Any]] | None:
+        """A FINISHED, non-skipped run of this pipeline step with fingerprint ``fp``."""
+        query = (f"tags.`step.workflow` = '{self.cfg.name}' and tags.`step.name` = '{name}' "
+                 f"and tags.`step.fingerprint` = '{fp}' and attributes.status = 'FINISHED'")
+        for run in self.client.search_runs([self.experiment_id], query,
+                                           order_by=["attributes.start_time DESC"],
+                                           max_results=20):
+            if run.data.tags.get("step.skipped") == "true":
+                continue
+            outputs = json.loads(run.data.tags.get("step.outputs", "{}"))
+            return run.info.run_id, outputs
+        return None
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def step(self, name: str, payload: Any, fn: Callable[[str], dict[str, Any]],
+             outputs_exist: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        fp = fingerprint(payload)
+        self.fps[name] = fp
+        base_tags = {"mlflow.parentRunId": self.parent_run_id, "step.kind": "workflow-step",
+                     "step.workflow": self.cfg.name, "step.name": name,
+                     "step.fingerprint": fp}
+        found = self._finished_run(name, fp)
+        if found is not None and outputs_exist(found[1]):
+            reused, outputs = found
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"{name} (skipped)",
+                tags={**base_tags, "step.skipped": "true", "step.reused_run_id": reused,
+                      "step.outputs": json.dumps(outputs)})
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+            rec = StepRecord(name, fp, run.info.run_id, "finished", outputs, skipped=True,
+                             reused_run_id=reused)
+            self.records[name] = rec
+            self._mark(rec)
+            self.echo(f"[skip] {name}: unchanged (fingerprint {fp[:12]}, run {reused})")
+            return outputs
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=base_tags)
+        rec = StepRecord(name, fp, run.info.run_id, "running")
+        self.records[name] = rec
+        self._mark(rec)
+        self.echo(f"[run ] {name} (fingerprint {fp[:12]}, run {rec.run_id})")
+        t0 = time.monotonic()
+        try:
+            outputs = fn(rec.run_id)
+        except BaseException as err:
+            rec.status = "failed"
+            self._mark(rec)
+            self.client.set_tag(rec.run_id, "step.error", f"{type(err).__name__}: {err}"[:4000])
+            self._fail_tree(rec.run_id, f"step {name} failed")
+            raise
+        rec.seconds = time.monotonic() - t0
+        rec.outputs = outputs
+        rec.status = "finished"
+        self.client.set_tag(rec.run_id, "step.outputs", json.dumps(outputs, default=str))
+        self.client.log_metric(rec.run_id, "step_seconds", rec.seconds)
+        self.client.set_terminated(rec.run_id, "FINISHED")
+        self._mark(rec)
+        self.echo(f"[done] {name} in {rec.seconds:.1f}s")
+        return outputs
+
+    # ---- the pipeline ------------------------------------------------------------------
+
+    def run(self) -> PipelineResult:
+        if self.cfg.ray.address:
+            os.environ["RAY_ADDRESS"] = self.cfg.ray.address
+        self._open_parent()
+        self._save_state()
+        self.echo(f"pipeline {self.cfg.name}: MLflow run {self.parent_run_id} at "
+                  f"{self.tracking_uri}; storage {self.root}")
+        try:
+            # no ray.init here: every step that needs Ray starts (or joins) it itself, so
+            # a rerun whose steps are all unchanged costs seconds
+            summary = self._run_steps()
+        except BaseException as err:
+            self.client.set_tag(self.parent_run_id, "step.error",
+                                f"{type(err).__name__}: {err}"[:4000])
+            self.client.set_terminated(self.parent_run_id, "FAILED")
+            raise
+        self.client.set_terminated(self.parent_run_id, "FINISHED")
+        self.state["finished"] = True
+        self._save_state()
+        return PipelineResult(self.tracking_uri, self.parent_run_id, dict(self.records),
+                              summary, self.resumed)
+
+    def _run_steps(self) -> dict[str, Any]:
+        from pipelines import steps
+
+        cfg = self.cfg
+        data = self.step("prepare", steps.prepare_payload(cfg),
+                         lambda rid: steps.prepare(cfg, rid, self), steps.prepare_done)
+        policy: dict[str, Any] = {}
+        if cfg.runs_policy:
+            policy = self.step(
+                "train_policy", steps.train_payload(cfg, "policy", [self.fps["prepare"]]),
+                lambda rid: steps.train(cfg, "policy", rid, self, data, None),
+                steps.train_done)
+        step_fp_inputs = [self.fps["prepare"], self.fps.get("train_policy")]
+        trained = self.step(
+            "train_step", steps.train_payload(cfg, "step", step_fp_inputs),
+            lambda rid: steps.train(cfg, "step", rid, self, data, policy.get("checkpoint")),
+            steps.train_done)
+        tuned = self.step(
+            "tune", steps.tune_payload(cfg, [self.fps["train_step"], self.fps["prepare"]]),
+            lambda rid: steps.tune(cfg, rid, self, data, trained), steps.json_done)
+        evaluated = self.step(
+            "evaluate", steps.evaluate_payload(cfg, [self.fps["tune"]]),
+            lambda rid: steps.evaluate(cfg, rid, self, data, trained, tuned), steps.json_done)
+        reported = self.step(
+            "report", steps.report_payload(cfg, [self.fps["evaluate"], self.fps["tune"]]),
+            lambda rid: steps.report(cfg, rid, self, data, trained, tuned, evaluated),
+            steps.json_done)
+        summary = _read_json(reported["result"]) or {}
+        self._log_parent_summary(summary)
+        return summary
+
+    def _log_parent_summary(self, summary: dict[str, Any]) -> None:
+        from pipelines.tracking import RunLogger
+
+        logger = RunLogger(self.parent_run_id, self.tracking_uri)
+        for row in ("baseline", "tuned"):
+            vals = summary.get(row) or {}
+            logger.log_metrics({f"{row}_{k}": vals[k] for k in SUMMARY_KEYS
+                                if isinstance(vals.get(k), (int, float))})
+        if summary.get("table_md"):
+            logger.log_text(summary["table_md"], "summary.md")
+        logger.log_dict(summary, "summary.json")
+        reg = summary.get("registered_model")
+        if reg:
+            logger.set_tags({"step.registered_model": f"{reg['name']}/{reg['version']}"})
+
+    def plan(self) -> list[dict[str, Any]]:
+        """What ``run`` would do, without doing it: each step's fingerprint and whether a
+        finished run with that fingerprint (and its outputs) exists, i.e. would be skipped."""
+        from pipelines import steps
+
+        cfg = self.cfg
+        fps: dict[str, str] = {}
+        chain: list[tuple[str, Any, Callable[[dict[str, Any]], bool]]] = []
+        fps["prepare"] = fingerprint(steps.prepare_payload(cfg))
+        chain.append(("prepare", fps["prepare"], steps.prepare_done))
+        if cfg.runs_policy:
+            fps["train_policy"] = fingerprint(
+                steps.train_payload(cfg, "policy", [fps["prepare"]]))
+            chain.append(("train_policy", fps["train_policy"], steps.train_done))
+        fps["train_step"] = fingerprint(steps.train_payload(
+            cfg, "step", [fps["prepare"], fps.get("train_policy")]))
+        chain.append(("train_step", fps["train_step"], steps.train_done))
+        fps["tune"] = fingerprint(steps.tune_payload(cfg, [fps["train_step"], fps["prepare"]]))
+        chain.append(("tune", fps["tune"], steps.json_done))
+        fps["evaluate"] = fingerprint(steps.evaluate_payload(cfg, [fps["tune"]]))
+        chain.append(("evaluate", fps["evaluate"], steps.json_done))
+        fps["report"] = fingerprint(steps.report_payload(cfg, [fps["evaluate"], fps["tune"]]))
+        chain.append(("report", fps["report"], steps.json_done))
+        out = []
+        for name, fp, done in chain:
+            found = self._finished_run(name, fp)
+            skip = found is not None and done(found[1])
+            out.append({"step": name, "fingerprint": fp, "action": "skip" if skip else "run",
+                        "reuses_run": found[0] if skip else None})
+        return out
+
+    # ---- helpers for steps ------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        return _join(self.root, *parts)
+
+
+def _join(base: str, *parts: str) -> str:
+    from pipelines.storage import absolute, is_s3, join
+
+    base = base if is_s3(base) else absolute(base)
+    return join(base, *parts) if parts else base
+
+
+def run_pipeline(config: str | Path, overrides: list[str] | None = None, *,
+                 echo: Callable[[str], None] = print) -> PipelineResult:
+    """Load ``config`` and run it (the body of ``step run``)."""
+    from pipelines.workflow_config import load_pipeline_config
+
+    cfg = load_pipeline_config(config, overrides)
+    if not cfg.runs_policy:
+        _check_policy_free(cfg)
+    return Workflow(cfg, config_path=str(config), echo=echo).run()
+
+
+def _check_policy_free(cfg: PipelineConfig) -> None:
+    from pipelines.config import load_train_config
+    from pipelines.model_config import policy_mode
+
+    tc = load_train_config(cfg.step.config, [*cfg.step.set, "policy_checkpoint=x"],
+                           stage="step")
+    if policy_mode(tc.model) in ("threshold", "budget"):
+        raise ConfigError(
+            f"step.config {cfg.step.config}: model.policy.mode={policy_mode(tc.model)!r} needs "
+            "a trained policy, but the pipeline's policy step is disabled (enable `policy`, "
+            "or use policy mode 'oracle')")

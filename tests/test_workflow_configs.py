@@ -1,0 +1,119 @@
+"""Every shipped pipeline config and ray_cluster.yaml validates; fingerprints pick exactly
+the steps a change affects (no Ray, no training: a dry-run plan over a SQLite store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.settings import ConfigError
+from pipelines.workflow import Workflow, fingerprint
+from pipelines.workflow_config import load_pipeline_config
+
+REPO = Path(__file__).resolve().parents[1]
+LOVEDA = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
+PIPELINES = ["configs/demo.yaml", "configs/tiny/pipeline.yaml",
+             "configs/pipeline_loveda_cluster.yaml"]
+
+
+@pytest.fixture(autouse=True)
+def _at_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # configs name their training configs relative to the repo
+
+
+@pytest.mark.parametrize("path", PIPELINES)
+def test_shipped_pipeline_config_validates(path):
+    cfg = load_pipeline_config(path)
+    assert cfg.step.config and Path(cfg.step.config).is_file()
+    assert cfg.tune.max_drop >= 0
+
+
+def test_demo_uses_bundled_real_data():
+    cfg = load_pipeline_config("configs/demo.yaml")
+    assert Path(cfg.data.src).resolve() == LOVEDA.resolve()
+    assert cfg.runs_policy and "model.policy.mode=threshold" in cfg.step.set
+
+
+def test_ray_cluster_yaml_is_a_valid_launcher_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))
+    assert cfg["head_node_type"] == "head"
+    workers = [n for n in cfg["available_node_types"] if n != "head"]
+    assert workers and all("g5" in cfg["available_node_types"][w]["node_config"]["InstanceType"]
+                           for w in workers)
+    setup = " ".join(cfg["setup_commands"])
+    assert "pip install" in setup and "-e ." in setup
+    assert "MLFLOW_TRACKING_URI" in " ".join(cfg["head_setup_commands"])
+
+
+BAD = {
+    "unknown key": ("tune: {max_dorp: 1}", "tune.max_dorp: unknown key"),
+    "negative limit": ("tune: {max_drop: -1}", "tune.max_drop"),
+    "bad drop mode": ("tune: {drop_mode: percent}", "tune.drop_mode"),
+    "missing step config": ("step: {config: nope.yaml}", "step.config: file not found"),
+    "bad space": ("tune: {space: nope}", "tune.space"),
+    "bad train override": ("step: {config: configs/tiny/step.yaml, set: [optim.lr=-1]}",
+                           "optim.lr"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_pipeline_config_names_the_field(tmp_path, case):
+    body, expected = BAD[case]
+    base = yaml.safe_load(Path("configs/tiny/pipeline.yaml").read_text())
+    base.update(yaml.safe_load(body))
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(base))
+    with pytest.raises(ConfigError) as err:
+        load_pipeline_config(f)
+    assert expected in str(err.value)
+
+
+def test_fingerprint_is_stable_and_order_free():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def _plan(tmp_path, *overrides):
+    cfg = load_pipeline_config("configs/tiny/pipeline.yaml", [
+        f"data.src={LOVEDA}", f"storage={tmp_path / 'store'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", *overrides])
+    return {p["step"]: p for p in Workflow(cfg, echo=lambda _: None).plan()}
+
+
+def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
+    base = _plan(tmp_path)
+    assert [p["action"] for p in base.values()] == ["run"] * 6
+    fps = {k: v["fingerprint"] for k, v in base.items()}
+    assert _plan(tmp_path) == base  # deterministic
+
+    def changed(*overrides):
+        new = _plan(tmp_path, *overrides)
+        return sorted(k for k in fps if new[k]["fingerprint"] != fps[k])
+
+    downstream_of_tune = ["evaluate", "report", "tune"]
+    assert changed("tune.max_drop=1.0") == downstream_of_tune
+    assert changed("tune.space=exits_only") == downstream_of_tune
+    assert changed("step.set=[model.policy.mode=threshold, train.steps=9]") == \
+        sorted(["train_step", *downstream_of_tune])
+    assert changed("report.num_images=2") == ["report"]
+    assert changed("data.tile.size=256") == sorted(fps)  # new data: everything reruns
+    # where results go (storage, tracking) is not part of what a step computes
+    assert changed("mlflow.experiment=other") == []
+
+
+def test_state_and_outputs_on_s3(s3_bucket):
+    """Pipeline state and step outputs live on S3 as well as on disk (real moto server)."""
+    from pipelines.workflow import _exists, _read_json, _write_json
+
+    uri = f"s3://{s3_bucket}/pipelines/demo/pipeline_state.json"
+    assert _read_json(uri) is None and not _exists(uri)
+    _write_json(uri, {"steps": {"prepare": {"status": "finished"}}})
+    assert _exists(uri)
+    assert _read_json(uri) == {"steps": {"prepare": {"status": "finished"}}}
+    assert not _exists(f"s3://{s3_bucket}/pipelines/demo/pipeline_state.jso")
+    assert not _exists(f"s3://{s3_bucket}-missing/x.json")
