@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.settings import ConfigError, StrictModel, load_config
+from pipelines.settings import ConfigError, PatchMultiple, StrictModel, load_config
 
 Stage = Literal["policy", "step"]
 
@@ -29,7 +29,7 @@ class DataConfig(StrictModel):
     val: str | None = None
     batch_size: int = Field(8, ge=1, description="per worker")
     val_batch_size: int = Field(1, ge=1)
-    crop_size: int = Field(512, ge=16, description="square training crop, multiple of 16")
+    crop_size: PatchMultiple = Field(512, ge=16, description="square training crop, multiple of 16")
     num_workers: int = Field(2, ge=0, description="DataLoader workers per training worker")
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
@@ -37,13 +37,6 @@ class DataConfig(StrictModel):
     resample: bool | Literal["auto"] = Field(
         "auto", description="sample shards with replacement; auto = only when there are "
         "fewer shards than ranks x loader workers")
-
-    @field_validator("crop_size")
-    @classmethod
-    def _multiple_of_16(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"must be a multiple of the 16-pixel patch, got {v}")
-        return v
 
     @field_validator("scale_range")
     @classmethod
@@ -107,17 +100,9 @@ class EvalSection(StrictModel):
 
     mode: Literal["whole", "slide"] = Field(
         "whole", description="whole image at its own resolution, or sliding windows")
-    crop_size: int | None = Field(None, ge=16, description="slide window (default: data.crop_size)")
+    crop_size: PatchMultiple | None = Field(None, ge=16, description="slide window (default: data.crop_size)")
     stride: int | None = Field(None, ge=1, description="slide stride (default: 2/3 of the window)")
     max_samples: int | None = Field(None, ge=1, description="cap on validation images")
-
-    @field_validator("crop_size")
-    @classmethod
-    def _multiple_of_16(cls, v: int | None) -> int | None:
-        if v is not None and v % 16:
-            raise ValueError(f"must be a multiple of 16, got {v}")
-        return v
-
 
 class ScalingSection(StrictModel):
     num_workers: int = Field(1, ge=1)

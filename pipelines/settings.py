@@ -8,10 +8,10 @@ one line per problem, naming the dotted field, what was given and what is allowe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -20,6 +20,16 @@ class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, not silently dropped."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _whole_patches(v: int | None) -> int | None:
+    if v is not None and v % 16:
+        raise ValueError(f"must be a multiple of the 16-pixel patch, got {v}")
+    return v
+
+
+PatchMultiple = Annotated[int, AfterValidator(_whole_patches)]
+"""A size in pixels that the ViT sees as whole 16 x 16 patches (crops, windows, tiles)."""
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.settings import ConfigError, StrictModel, load_config
+from pipelines.settings import ConfigError, PatchMultiple, StrictModel, load_config
 from pipelines.tune import TuneSettings
 
 
@@ -31,17 +31,9 @@ class TileSection(StrictModel):
     (a scene shift: with three fixtures, the held-out scene is 87 % forest, a class the
     other two barely contain)."""
 
-    size: int = Field(256, ge=32, description="tile side in pixels (multiple of 16)")
+    size: PatchMultiple = Field(256, ge=32, description="tile side in pixels (multiple of 16)")
     val: Literal["checkerboard", "images"] = "checkerboard"
     val_images: int = Field(1, ge=1, description="with val=images: source images for val")
-
-    @field_validator("size")
-    @classmethod
-    def _mult16(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"must be a multiple of 16, got {v}")
-        return v
-
 
 class DataSection(StrictModel):
     dataset: Literal["ade20k", "cityscapes", "coco_stuff", "loveda", "folder"] = "loveda"
