@@ -231,12 +231,30 @@ class RunLogger:
             self._call("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params that the run does not hold yet.
+
+        MLflow params are immutable, and a resumed run (same run, reopened) may come with a
+        changed config (more steps, another tracking URI): re-logging a changed value would
+        be rejected as a whole batch, which must not read as a server outage. Changed keys
+        keep their first value; their names go to the ``step.params_changed_on_resume`` tag
+        and the resolved config artifact of the resume holds the new values.
+        """
         from mlflow.entities import Param
 
-        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        run = self._call("get_run", self.client.get_run, self.run_id)
+        if run is None:
+            return
+        existing = run.data.params
+        wanted = {k: _param_str(v) for k, v in params.items()}
+        changed = sorted(k for k, v in wanted.items() if k in existing and existing[k] != v)
+        items = [Param(k, v) for k, v in wanted.items() if k not in existing]
         # MLflow caps a batch at 100 params.
         for i in range(0, len(items), 100):
             self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+        if changed:
+            log.warning("run %s resumed with changed params (MLflow keeps the first values): %s",
+                        self.run_id, ", ".join(changed))
+            self.set_tags({"step.params_changed_on_resume": ",".join(changed)[:5000]})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,27 @@ def test_params_are_made_loggable(value, tmp_path) -> None:
     logger.log_params({f"k{i}": value for i in range(150)})  # > 100: several batches
     assert logger.ok
     assert len(MlflowClient(uri).get_run(run_id).data.params) == 150
+
+
+def test_resumed_run_with_changed_params_keeps_logging(tmp_path) -> None:
+    """A reopened run whose config changed must not lose its params, artifacts or metrics
+    (MLflow rejects a changed param value; that is no outage)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = create_run(uri, "resume", run_name="r")
+    RunLogger(run_id, uri).log_params({"train.steps": 12, "mlflow.tracking_uri": "http://a"})
+
+    resumed = RunLogger(run_id, uri)
+    resumed.log_params({"train.steps": 24, "mlflow.tracking_uri": "http://b", "new.key": 1})
+    resumed.log_text("train: {steps: 24}", "config.yaml")
+    resumed.log_metrics({"loss": 0.5}, step=13)
+    assert resumed.ok and resumed.failures == 0
+
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params == {"train.steps": "12", "mlflow.tracking_uri": "http://a",
+                               "new.key": "1"}
+    assert run.data.tags["step.params_changed_on_resume"] == "mlflow.tracking_uri,train.steps"
+    assert run.data.metrics["loss"] == 0.5
+    local = MlflowClient(uri).download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))
+    assert Path(local).read_text() == "train: {steps: 24}"
