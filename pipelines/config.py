@@ -10,13 +10,12 @@ flattened form is the run's params.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.settings import ConfigError, PatchMultiple, StrictModel, load_config
+from pipelines.settings import ConfigError, PatchMultiple, RunName, StrictModel, load_config
 
 Stage = Literal["policy", "step"]
 
@@ -122,7 +121,7 @@ class MlflowSection(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    name: str = Field("step-train", description="deterministic Ray run name: a rerun with "
+    name: RunName = Field("step-train", description="deterministic Ray run name: a rerun with "
                       "the same name and storage path resumes")
     stage: Stage | None = None
     model: dict[str, Any] = Field(default_factory=dict,
@@ -138,13 +137,6 @@ class TrainConfig(StrictModel):
     policy_checkpoint: str | None = Field(
         None, description="stage 2: a stage-1 checkpoint whose (frozen) policy is used; "
         "not needed with model.policy.mode oracle or none")
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError("use letters, digits, '_', '.', '-' (it names a folder)")
-        return v
 
     @field_validator("model")
     @classmethod

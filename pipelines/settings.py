@@ -7,6 +7,7 @@ one line per problem, naming the dotted field, what was given and what is allowe
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -30,6 +31,16 @@ def _whole_patches(v: int | None) -> int | None:
 
 PatchMultiple = Annotated[int, AfterValidator(_whole_patches)]
 """A size in pixels that the ViT sees as whole 16 x 16 patches (crops, windows, tiles)."""
+
+
+def _folder_safe(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+        raise ValueError("use letters, digits, '_', '.', '-' (it names a folder)")
+    return v
+
+
+RunName = Annotated[str, AfterValidator(_folder_safe)]
+"""A run or pipeline name: it names folders (storage paths, Ray run directories)."""
 
 
 class ConfigError(ValueError):

@@ -13,13 +13,12 @@ the repository as the job's working directory.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from pipelines.settings import ConfigError, PatchMultiple, StrictModel, load_config
+from pipelines.settings import ConfigError, PatchMultiple, RunName, StrictModel, load_config
 from pipelines.tune import TuneSettings
 
 
@@ -82,7 +81,7 @@ class PipelineTune(TuneSettings):
 
 
 class PipelineConfig(StrictModel):
-    name: str = "step-pipeline"
+    name: RunName = "step-pipeline"
     storage: str = Field("runs/pipelines", description="root for shards, checkpoints and "
                          "pipeline state (local or s3://); this pipeline uses <storage>/<name>")
     mlflow: MlflowSection = MlflowSection()
@@ -93,13 +92,6 @@ class PipelineConfig(StrictModel):
     tune: PipelineTune = PipelineTune()
     evaluate: EvaluateSection = EvaluateSection()
     report: ReportSection = ReportSection()
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError("use letters, digits, '_', '.', '-' (it names a folder)")
-        return v
 
     @model_validator(mode="after")
     def _configs_exist(self) -> PipelineConfig:
