@@ -58,3 +58,17 @@ def test_resolved_config_round_trips(tmp_path):
     path.write_text(dump_config(cfg))
     assert load_config(Cfg, path) == cfg
     assert flatten(cfg)["optim.lr"] == 0.5
+
+
+def test_shared_field_types_reject_unsafe_names_and_partial_patches():
+    from pipelines.settings import PatchMultiple, RunName
+
+    class Named(StrictModel):
+        name: RunName = "run"
+        crop: PatchMultiple = 512
+
+    assert Named(name="tiny-step_1.0", crop=256).crop == 256
+    with pytest.raises(ConfigError, match=r"name: .*names a folder"):
+        load_config(Named, None, ["name=../escape"])
+    with pytest.raises(ConfigError, match=r"crop: .*multiple of the 16-pixel patch"):
+        load_config(Named, None, ["crop=100"])
