@@ -12,6 +12,7 @@ then a rank could otherwise get no shard at all.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import re
 import warnings
@@ -33,25 +34,14 @@ def resolve_data_uri(uri: str) -> tuple[str, str | None]:
     picks the split. A pattern stands for its whole split: the loader splits shards itself.
     """
     uri = str(uri).rstrip("/")
-    head, name = posixpath.split(uri) if "://" in uri else (str(_parent(uri)), _name(uri))
+    head, name = (posixpath if "://" in uri else os.path).split(uri)
+    head = head or "."
     if name in ("manifest.parquet", "sizes.json", "dataset.json"):
         return head, None
     m = _SHARD_PATTERN.match(name)
     if m:
         return head, m.group("split")
     return uri, None
-
-
-def _parent(path: str):
-    from pathlib import Path
-
-    return Path(path).parent
-
-
-def _name(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).name
 
 
 def batch_to_device(images, labels, device):
