@@ -5,99 +5,19 @@ Each is started once per test session, bound to 127.0.0.1, and only when a test 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "real"
-LOVEDA = FIXTURES / "loveda"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+from helpers import FIXTURES, LOVEDA, REPO, free_port, start_mlflow_server, stop_process
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     assert FIXTURES.is_dir(), f"real fixtures missing at {FIXTURES}"
     return FIXTURES
-
-
-def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
-    """Start ``mlflow server`` on 127.0.0.1 with its SQLite store and artifacts in ``root``.
-
-    Returns (process, URI) once ``/health`` answers. Starting it again on the same ``root``
-    serves the same runs (tests that kill a server and bring it back).
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    with open(root / "server.log", "ab") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            [
-                mlflow_bin, "server",
-                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                "--default-artifact-root", str(root / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            ],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-            # `mlflow server` serves from a child (uvicorn): a process group of its own lets
-            # stop_process / kill_process end the server, not only the launcher.
-            start_new_session=True,
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(uri + "/health", timeout=90, proc=proc)
-    except BaseException:
-        stop_process(proc)
-        raise
-    return proc, uri
-
-
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Signal the process group of ``proc`` (started with ``start_new_session``); SIGKILL
-    it if it has not ended within 15 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def kill_process(proc: subprocess.Popen) -> None:
-    """A crash, not a shutdown: SIGKILL to the whole group."""
-    stop_process(proc, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,8 @@ import pytest
 from pipelines.checkpoint import load_model, state_digest
 from pipelines.config import TrainConfig, load_train_config
 from pipelines.train import TrainResult, fit
-from tests.conftest import kill_process, start_mlflow_server, stop_process
+
+from helpers import kill_process, start_mlflow_server, stop_process
 
 pytestmark = pytest.mark.timeout(300)
 

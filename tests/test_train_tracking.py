@@ -46,7 +46,7 @@ def test_embedded_store_puts_artifacts_next_to_the_database(tmp_path) -> None:
 def test_logger_warns_and_continues_when_the_server_is_gone(mlflow_server) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tests.conftest import free_port
+    from helpers import free_port
 
     run_id = create_run(mlflow_server, "resilience", run_name="r")
     alive = RunLogger(run_id, mlflow_server)
