@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipelines.settings import ConfigError, StrictModel, load_config
 
@@ -114,6 +114,22 @@ class SearchSpace(StrictModel):
     budget: Dim | None = None
     top_k: Dim | None = None
     exit_policy: Dim | None = None
+
+    @field_validator("merge_thresholds", mode="before")
+    @classmethod
+    def _int_levels(cls, value: Any) -> Any:
+        """Level keys as ints, also when they arrive as strings: JSON (``model_dump(mode=
+        "json")``, Ray, MLflow's ``search_space.json``) and ``--set`` overrides turn the
+        YAML's ``2:`` into ``"2"``. Anything that is not a level is left for the
+        validation error."""
+        if not isinstance(value, dict):
+            return value
+        out: dict[Any, Any] = {}
+        for key, dim in value.items():
+            if isinstance(key, str) and key.strip().isdigit():
+                key = int(key.strip())
+            out[key] = dim
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> SearchSpace:

@@ -28,18 +28,32 @@ Design choices:
 * **Objective for the searchers**: ``pareto.penalised_objective`` (relative GFLOPs when
   feasible, 10 + normalised violation otherwise), minimised. Optuna's TPE sees a smooth
   pull towards the feasible boundary instead of a flat wall.
+* **Credentials never reach Ray's records.** Ray Tune copies the driver's AWS keys into
+  every trial's ``runtime_env``, which ``runtime_env_agent.log`` prints, and pickles its
+  storage filesystem into ``tuner.pkl`` and the searcher's state. So the driver starts
+  Ray and runs ``Tuner.fit()`` with the keys out of its environment
+  (:func:`keys_out_of_env`), hands them to the trials inside their arguments (``S3Env``),
+  and lets Tune write to local storage, uploaded to an ``s3://`` storage path afterwards
+  (:func:`tune_storage`). See docs/pipeline.md, "Credentials on a cluster".
+* **Progress and failures**: one line per finished trial (parameters, mIoU, GFLOPs,
+  elapsed, ETA, or the trial's exception); a search in which every trial failed raises
+  :class:`TrialsFailed` with the first trial's error instead of reporting "0 trials".
 * **Grid search** runs the exhaustive product of the (discretised) space in one sample;
   it is the blind baseline that Optuna has to beat (see docs/pipeline.md for numbers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import math
+import os
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +65,12 @@ from pipelines.search_space import SearchSpace, load_space
 from pipelines.settings import StrictModel
 
 log = logging.getLogger(__name__)
+
+
+class TrialsFailed(RuntimeError):
+    """Every trial of a search failed: there is nothing to choose from (``step tune``
+    exits 1 naming the first trial's error; the search's MLflow run ends FAILED)."""
+
 
 Search = Literal["optuna", "random", "grid"]
 # What a trial reports, and what the Pareto CSV carries per trial.
@@ -191,12 +211,167 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from data_prep.storage import apply_s3_env
+
+    # The driver runs the Tuner without AWS keys in its environment (see keys_out_of_env):
+    # they arrive here inside the trainable's arguments, never through a runtime_env.
+    apply_s3_env(ctx.get("s3_env"))
     torch.set_num_threads(max(1, int(ctx["cpus"])))
     space = SearchSpace.model_validate(ctx["space"])
     inference = space.to_inference(config, ctx["num_exits"])
     m = evaluate(ctx["checkpoint"], ctx["data"], inference,
                  max_samples=ctx["max_samples"], device=ctx["device"])
     tune.report(trial_metrics(m, ctx["baseline"], ctx["max_drop"], ctx["drop_mode"]))
+
+
+# ---------------------------------------------------------------------------------------
+# credentials: never in a trial's runtime_env
+
+# Ray Tune copies these from the driver's environment into every trial's runtime_env
+# (ray/tune/execution/class_cache.py, ENV_VARS_TO_PROPAGATE), and Ray's
+# runtime_env_agent.log prints runtime_envs in plain text.
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                   "AWS_SECURITY_TOKEN")
+
+
+@contextlib.contextmanager
+def keys_out_of_env() -> Iterator[None]:
+    """Remove the AWS keys from this process's environment for the block, then restore
+    them (also on errors). The trials get them in their arguments (``ctx["s3_env"]``);
+    Tune's storage is local meanwhile (:func:`tune_storage`)."""
+    saved = {k: os.environ.pop(k) for k in SECRET_ENV_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ[k] = v
+
+
+def tune_storage(storage_path: str) -> tuple[str, str | None]:
+    """(local storage_path for Tune's ``RunConfig``, the ``s3://`` URI to upload it to).
+
+    Tune never gets an S3 filesystem with keys inside: it pickles its ``RunConfig`` into
+    ``tuner.pkl`` and its searcher's state (with the storage filesystem) into
+    ``*-state-*.json``, in the Ray session directory and in the storage itself, so keys
+    in the filesystem object end up in plain files (measured with Ray 2.60). For an
+    ``s3://`` storage path Tune therefore writes to a local staging directory on the
+    driver and :func:`search` uploads it with the driver's credentials once the trials
+    are done. The trials need no storage: they only report metrics (no checkpoints), and
+    Tune's loggers and error files are written by the driver.
+    """
+    from pipelines import storage
+
+    if storage.is_s3(storage_path):
+        import tempfile
+
+        return tempfile.mkdtemp(prefix="step-tune-"), storage_path.rstrip("/")
+    return storage.absolute(storage_path), None
+
+
+def _upload_results(local: Path, uri: str) -> None:
+    """Tune's experiment directory to ``uri`` (best effort: the search's record is in
+    MLflow, Tune's files are for inspection)."""
+    from pipelines import storage
+
+    if not local.is_dir():
+        return
+    try:
+        storage.upload_dir(local, uri)
+    except Exception as err:  # a failed copy must not hide the result
+        log.warning("tune: could not upload Ray Tune's results to %s: %s", uri, err)
+
+
+# ---------------------------------------------------------------------------------------
+# trial errors and progress
+
+# ``pydantic_core._pydantic_core.ValidationError: ...`` -> ("ValidationError", ": ...")
+_EXC_LINE = re.compile(
+    r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))\b(.*)$")
+
+
+def error_summary(error: BaseException | str | None) -> str:
+    """The exception a trial died of, as ``Type: message``, from a Ray error or the text
+    of a trial's error file (whose traceback and Ray wrapper lines are dropped)."""
+    if error is None:
+        return "unknown error"
+    cause = getattr(error, "cause", None)  # RayTaskError / RayActorError
+    if isinstance(cause, BaseException):
+        error = cause
+    if isinstance(error, BaseException) and not type(error).__name__.startswith(
+            ("RayTaskError", "TuneError")):
+        return f"{type(error).__name__}: {error}".strip()[:4000]
+    lines = [ln.rstrip() for ln in str(error).strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        m = _EXC_LINE.match(lines[i])
+        if m and not m.group(1).startswith(("RayTaskError", "TuneError")):
+            rest = "\n".join([m.group(1) + m.group(2), *lines[i + 1:]])
+            return rest.strip()[:4000]
+    return next((ln for ln in reversed(lines) if ln.strip()), "unknown error")[:4000]
+
+
+def _trial_error(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        return error_summary(Path(path).read_text(errors="replace"))
+    return "trial error (no error file)"
+
+
+def _short(params: dict[str, Any]) -> str:
+    """``exit=0.9,0.8 merge=0.5 top_k=5``: a trial's parameters on one line."""
+    groups: dict[str, list[str]] = {}
+    for name, value in params.items():
+        key = {"exit_threshold": "exit", "merge_threshold": "merge"}.get(
+            re.sub(r"_\d+$", "", name), name)
+        groups.setdefault(key, []).append(f"{value:g}" if isinstance(value, float)
+                                          else str(value))
+    return " ".join(f"{k}={','.join(v)}" for k, v in groups.items() if k != "exit_policy")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _make_progress(total: int, space: SearchSpace, start: float):
+    """One line per finished trial: ``trial 3/24: exit=.. merge=.. miou=.. gflops=..
+    (elapsed 1m05s, ETA 7m30s)``; failed trials print their error instead."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self) -> None:
+            self.done = 0
+            self.errors: dict[str, str] = {}
+
+        def _line(self, trial, tail: str) -> None:
+            self.done += 1
+            elapsed = time.monotonic() - start
+            eta = elapsed / self.done * max(0, total - self.done)
+            try:
+                params = _short(space.normalise(trial.config))
+            except Exception:  # a config the space cannot read: show the error anyway
+                params = ""
+            print(f"trial {self.done}/{total}: {params} {tail} "
+                  f"(elapsed {_duration(elapsed)}, ETA {_duration(eta)})", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            if "miou" not in r:
+                self._line(trial, "FAILED: reported no metrics")
+                return
+            self._line(trial, f"miou={100 * r['miou']:.2f} drop={r['drop']:.2f} "
+                              f"gflops={r['gflops']:.3f}"
+                              + ("" if r.get("feasible") else " (infeasible)"))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            err = _trial_error(trial)
+            self.errors[trial.trial_id] = err
+            one_line = " ".join(err.split())
+            self._line(trial, "FAILED: " + (one_line[:160] + "..." if len(one_line) > 160
+                                            else one_line))
+
+    return Progress()
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,7 +431,7 @@ def _make_callback(tracking_uri: str, experiment_id: str, parent_run_id: str,
                       None if trial.trial_id in self.last else "trial reported no metrics")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._end(trial, "FAILED", str(getattr(trial, "error_file", "") or "trial error"))
+            self._end(trial, "FAILED", _trial_error(trial))
 
         def close_all(self) -> None:
             for rid in list(self.open):
@@ -312,6 +487,7 @@ def search(settings: TuneSettings, *, parent_run_id: str | None = None,
     """
     from ray import tune
 
+    from data_prep.storage import capture_s3_env
     from pipelines import storage
     from pipelines.tracking import (
         RunLogger,
@@ -345,7 +521,11 @@ def search(settings: TuneSettings, *, parent_run_id: str | None = None,
 
     cpus, gpus = settings.resources_per_trial.cpu, settings.resources_per_trial.gpu
     device = "cuda" if gpus > 0 else "cpu"
-    init_ray()
+    s3_env = capture_s3_env()  # before the keys leave the environment
+    with keys_out_of_env():
+        # a local Ray started here does not inherit the keys either: trials get them
+        # from their arguments only
+        init_ray()
 
     # 1. the reference: the unpruned model, evaluated once
     log.info("tune: reference evaluation of %s (unpruned)", checkpoint)
@@ -359,11 +539,19 @@ def search(settings: TuneSettings, *, parent_run_id: str | None = None,
     ctx = {"space": space.model_dump(mode="json"), "num_exits": num_exits,
            "checkpoint": checkpoint, "data": data, "max_samples": settings.max_samples,
            "device": device, "cpus": cpus, "baseline": baseline,
-           "max_drop": settings.max_drop, "drop_mode": settings.drop_mode}
+           "max_drop": settings.max_drop, "drop_mode": settings.drop_mode,
+           # S3Env: its repr shows names only; never logged, never in a runtime_env
+           "s3_env": s3_env}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": cpus, "gpu": gpus})
     callback = _make_callback(tracking_uri, exp_id, run_id, space)
-    ray_storage, fs = storage.ray_storage(settings.storage_path)
+    total = grid_size if settings.search == "grid" else settings.num_samples
+    progress = _make_progress(total, space, time.monotonic())
+    ray_storage, upload_to = tune_storage(settings.storage_path)
+    experiment = f"{settings.name}-{run_id[:8]}"
+    print(f"tune: {total} trials over space {space.name!r} ({settings.search}), "
+          f"up to {settings.max_concurrent} at a time; reference mIoU "
+          f"{100 * baseline['miou']:.2f}, GFLOPs {baseline['gflops']:.3f}", flush=True)
     tuner = tune.Tuner(
         trainable,
         param_space=space.tune_param_space(settings.search),
@@ -374,27 +562,47 @@ def search(settings: TuneSettings, *, parent_run_id: str | None = None,
             metric="objective", mode="min",
         ),
         run_config=tune.RunConfig(
-            name=f"{settings.name}-{run_id[:8]}", storage_path=ray_storage,
-            storage_filesystem=fs, callbacks=[callback], verbose=0,
+            name=experiment, storage_path=ray_storage, callbacks=[callback, progress],
+            verbose=0,
         ),
     )
     try:
-        grid = tuner.fit()
+        with keys_out_of_env():
+            grid = tuner.fit()
     finally:
         callback.close_all()
+        if upload_to is not None:
+            import shutil
+
+            _upload_results(Path(ray_storage, experiment), f"{upload_to}/{experiment}")
+            shutil.rmtree(ray_storage, ignore_errors=True)
 
     trials: list[dict[str, Any]] = []
     failed = 0
+    first_error: str | None = None
     for result in grid:
         tid = result.metrics.get("trial_id") if result.metrics else None
         tid = tid or _trial_id_of(result)
         metrics = callback.last.get(tid) or (result.metrics or {})
         if result.error is not None or "miou" not in metrics:
             failed += 1
+            if first_error is None:
+                first_error = progress.errors.get(tid) or (
+                    error_summary(result.error) if result.error is not None
+                    else "the trial reported no metrics")
             continue
         trials.append({"trial_id": tid, "run_id": callback.run_ids.get(tid),
                        "params": space.normalise(result.config),
                        **{k: metrics[k] for k in TRIAL_METRICS if k in metrics}})
+    if not trials:
+        msg = (f"all {failed} trials failed; the first one's error: {first_error}"
+               if failed else "the search ran no trials")
+        tracker.log_metrics({"n_trials": 0, "failed_trials": failed})
+        tracker.set_tags({"step.tune.result": "failed", "step.tune.message": msg[:4000]})
+        raise TrialsFailed(msg)
+    if failed:
+        print(f"warning: {failed} of {failed + len(trials)} trials failed; the first one's "
+              f"error: {first_error}", flush=True)
 
     # 3. the answer
     selection = select(trials, baseline["miou"], settings.max_drop, settings.drop_mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -37,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipelines.settings import ConfigError, validate
     from pipelines.tracking import resolve_tracking_uri
-    from pipelines.tune import TuneSettings
+    from pipelines.tune import TrialsFailed, TuneSettings
 
     try:
         settings = validate(TuneSettings, {
@@ -53,8 +54,11 @@ def run(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"tracking_uri": tracking_uri})
         outcome = _search_in_run(settings)
     except ConfigError as err:
-        print(f"error: {err}")
+        print(f"step tune: error: {err}", file=sys.stderr)
         return 2
+    except TrialsFailed as err:  # nothing to choose from; the parent run is FAILED
+        print(f"step tune: error: {err}", file=sys.stderr)
+        return 1
     doc = outcome.to_json()
     _print_summary(doc)
     if args.json:

@@ -81,3 +81,34 @@ def test_grid_needs_steps(tmp_path: Path):
 def test_unknown_space_name_lists_shipped():
     with pytest.raises(ConfigError, match="shipped: exits_only"):
         load_space("no_such_space")
+
+
+@pytest.mark.parametrize("name", tune_spaces.names())
+def test_shipped_space_survives_json(name):
+    """Trials get the space through JSON, where the YAML's integer level keys (``2:``)
+    become strings: the model reads them back as the same levels (issue 9)."""
+    import json
+
+    from pipelines.search_space import SearchSpace
+
+    space = load_space(name)
+    back = SearchSpace.model_validate(json.loads(json.dumps(space.model_dump(mode="json"))))
+    assert back == space
+    if isinstance(space.merge_thresholds, dict):
+        assert set(back.merge_thresholds) <= {2, 4, 8, 16}
+        params = {n: d.grid()[0] for n, d in back.dims.items()}
+        assert set(back.to_inference(params, num_exits=2)["merge_thresholds"]) == set(
+            space.merge_thresholds)
+
+
+def test_string_level_keys_are_levels_and_bad_ones_still_fail(tmp_path: Path):
+    from pipelines.search_space import SearchSpace
+
+    space = SearchSpace.model_validate(
+        {"name": "s", "merge_thresholds": {"2": {"type": "choice", "values": [0.5, 0.9]},
+                                           "16": {"type": "fixed", "value": 0.7}}})
+    assert sorted(space.merge_thresholds) == [2, 16]
+    f = tmp_path / "space.yaml"
+    f.write_text("name: bad\nmerge_thresholds: {'3': {type: choice, values: [0.5, 0.9]}}\n")
+    with pytest.raises(ConfigError, match="merge_thresholds"):
+        load_space(f)

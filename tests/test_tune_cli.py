@@ -97,4 +97,158 @@ def test_step_tune_rejects_bad_space(tiny_case, tmp_path, capsys):
                "--space", str(bad), "--max-drop", "1",
                "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert rc == 2
-    assert "3 thresholds but the model has 2 exit heads" in capsys.readouterr().out
+    assert "3 thresholds but the model has 2 exit heads" in capsys.readouterr().err
+
+
+# ---- issue 9: every shipped space runs; a search in which every trial failed fails ------
+
+
+@pytest.mark.parametrize("space", __import__("tune_spaces").names())
+def test_every_shipped_space_runs_trials(tiny_case, space, tmp_path, capsys):
+    """Each space of tune_spaces/, 2 Optuna trials on the tiny checkpoint: the trials must
+    succeed (per-level merge thresholds used to fail in every trial: JSON turned the level
+    keys into strings) and the search prints one line per finished trial."""
+    from pipelines.cli import main
+
+    out = tmp_path / "tune.json"
+    rc = main(["tune", "--checkpoint", tiny_case["ckpt"], "--data", tiny_case["val"],
+               "--space", space, "--max-drop", "100", "--num-samples", "2",
+               "--max-samples", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+               "--register-name", "", "--storage-path", str(tmp_path / "ray"),
+               "--json", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    doc = json.loads(out.read_text())
+    assert doc["n_trials"] == 2 and doc["failed_trials"] == 0, printed.out
+    assert doc["best"] is not None and doc["best"]["inference"]
+    assert "trial 1/2: " in printed.out and "trial 2/2: " in printed.out
+    assert "miou=" in printed.out and "gflops=" in printed.out and "ETA" in printed.out
+
+
+def test_all_trials_failing_exits_nonzero_naming_the_error(tiny_case, tmp_path, capsys,
+                                                           monkeypatch):
+    """What the trials receive does not validate (as with the string level keys): the
+    command exits non-zero, names the first trial's error on stderr, and the search's
+    MLflow run ends FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import main
+    from pipelines.search_space import SearchSpace
+
+    dump = SearchSpace.model_dump
+    monkeypatch.setattr(SearchSpace, "model_dump",
+                        lambda self, **kw: {**dump(self, **kw), "bogus_key": 1})
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    rc = main(["tune", "--checkpoint", tiny_case["ckpt"], "--data", tiny_case["val"],
+               "--space", tiny_case["space"], "--max-drop", "100", "--search", "random",
+               "--num-samples", "2", "--max-samples", "1", "--tracking-uri", uri,
+               "--experiment", "all-fail",
+               "--storage-path", str(tmp_path / "ray")])
+    printed = capsys.readouterr()
+    assert rc == 1
+    assert "step tune: error: all 2 trials failed" in printed.err
+    assert "ValidationError" in printed.err and "bogus_key" in printed.err
+    assert "FAILED: ValidationError" in printed.out  # the progress lines
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("all-fail")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("step.kind") == "tune"]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert "bogus_key" in parents[0].data.tags["step.tune.message"]
+    kids = [r for r in runs if r.data.tags.get("step.kind") == "tune-trial"]
+    assert len(kids) == 2 and {k.info.status for k in kids} == {"FAILED"}
+    assert all("bogus_key" in k.data.tags["step.error"] for k in kids)
+
+
+# ---- issue 9: AWS keys never reach Ray's logs ---------------------------------------------
+
+
+def test_aws_keys_stay_out_of_ray_logs(tiny_case, s3_bucket, tmp_path):
+    """``step tune`` with AWS keys in its environment, checkpoint, data and Tune storage on
+    S3 (moto), on a local Ray whose temp dir the test owns: the trials read S3 with the
+    keys forwarded in their arguments, and no file of the Ray session (runtime_env agent
+    log included), no output line and no stored result holds the secret."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import uuid
+
+    import boto3
+
+    from pipelines import storage
+
+    bucket = f"s3://{s3_bucket}"
+    ckpt = storage.upload_dir(tiny_case["ckpt"], f"{bucket}/ckpt")
+    val = storage.upload_dir(tiny_case["val"], f"{bucket}/val")
+    secret, token = f"secret-{uuid.uuid4().hex}", f"token-{uuid.uuid4().hex}"
+    key_id = f"KEYID{uuid.uuid4().hex[:12].upper()}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: unix socket paths
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(RAY_TMPDIR=str(ray_tmp), AWS_ACCESS_KEY_ID=key_id,
+               AWS_SECRET_ACCESS_KEY=secret, AWS_SESSION_TOKEN=token,
+               PYTHONPATH=str(REPO))
+    out = tmp_path / "tune.json"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "tune", "--checkpoint", ckpt,
+             "--data", val, "--space", tiny_case["space"], "--max-drop", "100",
+             "--search", "random", "--num-samples", "2", "--max-samples", "1",
+             "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--register-name", "",
+             "--storage-path", f"{bucket}/ray", "--json", str(out)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        printed = proc.stdout + proc.stderr
+        assert proc.returncode == 0, printed[-4000:]
+        doc = json.loads(out.read_text())
+        assert doc["n_trials"] == 2 and doc["failed_trials"] == 0, printed[-4000:]
+        assert "trial 2/2: " in proc.stdout
+
+        sessions = list((ray_tmp / "ray").glob("session_2*"))  # Ray's temp dir: $RAY_TMPDIR/ray
+        assert sessions and any((s / "logs").is_dir() for s in sessions)
+        logs = [p for s in sessions for p in (s / "logs").rglob("*") if p.is_file()]
+        assert any(p.name.startswith("runtime_env_agent") for p in logs)
+        needles = [v.encode() for v in (secret, token, key_id)]
+        leaked = [str(p) for p in ray_tmp.rglob("*") if p.is_file() and not p.is_symlink()
+                  and any(n in p.read_bytes() for n in needles)]
+        assert not leaked, f"AWS keys in Ray's files: {leaked}"
+        assert not any(n.decode() in printed for n in needles)
+        assert not any(n in (tmp_path / "m.db").read_bytes() for n in needles)
+        s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        stored = s3.list_objects_v2(Bucket=s3_bucket, Prefix="ray/").get("Contents", [])
+        names = {Path(o["Key"]).name for o in stored}
+        assert "tuner.pkl" in names and "result.json" in names  # Tune's files reached S3
+        for obj in stored:
+            body = s3.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
+            assert not any(n in body for n in needles), obj["Key"]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_keys_out_of_env_restores_and_error_summary(monkeypatch):
+    """Unit level: the keys leave the environment for the block only (also on errors), and
+    a trial's error file becomes ``Type: message`` without Ray's wrapper lines."""
+    import os
+
+    from pipelines.tune import error_summary, keys_out_of_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "t0k3n")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    with pytest.raises(KeyError), keys_out_of_env():
+        assert "AWS_SECRET_ACCESS_KEY" not in os.environ
+        assert "AWS_SESSION_TOKEN" not in os.environ
+        assert os.environ["AWS_DEFAULT_REGION"] == "eu-west-1"  # not a secret: stays
+        raise KeyError("boom")
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert os.environ["AWS_SESSION_TOKEN"] == "t0k3n"
+
+    text = ("Failure # 1 (occurred at 2026-12-01_05-28-49)\n"
+            "ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1, repr=run_trial)\n"
+            '  File "/x/pipelines/tune.py", line 9, in run_trial\n'
+            "    space = SearchSpace.model_validate(ctx['space'])\n"
+            "pydantic_core._pydantic_core.ValidationError: 1 validation error for SearchSpace\n"
+            "merge_thresholds.2.[key]\n  Input should be 2, 4, 8 or 16\n")
+    assert error_summary(text) == ("ValidationError: 1 validation error for SearchSpace\n"
+                                   "merge_thresholds.2.[key]\n  Input should be 2, 4, 8 or 16")
+    assert error_summary(ValueError("bad value")) == "ValueError: bad value"
