@@ -3,14 +3,24 @@
 ``build_loader`` returns a :class:`SegLoader`, a thin wrapper around a
 ``torch.utils.data.DataLoader`` over a webdataset pipeline. Each dataloader worker:
 
-1. takes its shards: the shard list is shuffled with ``Random(seed + epoch)`` (the same
-   order on every rank), split by rank (``shards[rank::world]``), then by worker
-   (``[worker::num_workers]``), so ranks and workers see disjoint shards that together
-   cover the epoch (:func:`split_shards`);
+1. takes its share of the data:
+
+   * training splits *shards*: the shard list is shuffled with ``Random(seed + epoch)``
+     (the same order on every rank), split by rank (``shards[rank::world]``), then by
+     worker (``[worker::num_workers]``), so ranks and workers see disjoint shards that
+     together cover the epoch (:func:`split_shards`);
+   * evaluation splits *samples*: the split's samples, numbered in shard (directory) order
+     then tar order (offsets from ``sizes.json``), optionally capped to the first
+     ``max_samples``, are cut into contiguous ranges, one per rank, then one per worker,
+     whose sizes differ by at most 1 (:func:`split_samples`). Every rank has work as soon
+     as there are at least as many samples as ranks, even when the whole split is one
+     shard (ADE20K val: 2,000 images, one shard). A worker reads only the shards its range
+     touches, and stops reading a shard at the end of its range (the samples before its
+     range are streamed past, not decoded);
 2. streams each shard with ``webdataset.tarfile_samples`` (``s3://`` through a boto3
    streaming opener registered as a webdataset gopen scheme);
-3. shuffles samples in a buffer, decodes (torchvision/libpng: ~30% faster than PIL here),
-   augments (train) and batches.
+3. shuffles samples in a buffer (train), decodes (torchvision/libpng: ~30% faster than
+   PIL here), augments (train) and batches.
 
 Rank and world size come from ``torch.distributed`` when it is initialised (Ray Train
 workers under DDP), else rank 0 of 1; both can be passed explicitly.
@@ -24,6 +34,8 @@ replacement instead, for datasets with fewer shards than ranks x workers.
 Nothing bad is skipped silently: a corrupt sample, or a tar that is truncated or unreadable
 (detected also when a shard yields fewer samples than ``sizes.json`` promises), is logged
 with its shard and counted in :attr:`SegLoader.skipped` (shared across worker processes).
+In evaluation, damage is counted by the worker whose sample range it hits (a truncated
+shard read by two workers counts once per worker that lost samples).
 """
 
 from __future__ import annotations
@@ -54,6 +66,48 @@ def split_shards(shards: list[str], rank: int, world_size: int, worker: int, num
     if not 0 <= rank < world_size or not 0 <= worker < num_workers:
         raise ValueError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
     return shards[rank::world_size][worker::num_workers]
+
+
+def _balanced(start: int, count: int, part: int, parts: int) -> tuple[int, int]:
+    """Range ``part`` of ``parts`` contiguous ranges over [start, start + count), sizes
+    differing by at most 1 (the first ``count % parts`` ranges get one more)."""
+    q, r = divmod(count, parts)
+    lo = start + part * q + min(part, r)
+    return lo, lo + q + (part < r)
+
+
+def rank_sample_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of the global sample numbers that ``rank`` evaluates, out of ``total``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank}/{world_size} out of range")
+    return _balanced(0, total, rank, world_size)
+
+
+def split_samples(sizes: list[int], rank: int, world_size: int, worker: int, num_workers: int,
+                  max_samples: int | None = None) -> list[tuple[int, int, int]]:
+    """The evaluation share of one (rank, worker): ``(shard index, lo, hi)`` pieces, i.e.
+    positions ``lo..hi-1`` inside that shard, in shard order.
+
+    Samples are numbered across shards in ``sizes`` order; the first ``max_samples`` of
+    them (all when None) are split into contiguous per-rank ranges, then per-worker ranges,
+    with sizes differing by at most 1 at each level. Together the (rank, worker) shares
+    cover each of those samples exactly once.
+    """
+    if not 0 <= rank < world_size or not 0 <= worker < num_workers:
+        raise ValueError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
+    total = sum(sizes) if max_samples is None else min(sum(sizes), max(0, max_samples))
+    r_lo, r_hi = rank_sample_range(total, rank, world_size)
+    lo, hi = _balanced(r_lo, r_hi - r_lo, worker, num_workers)
+    pieces = []
+    offset = 0
+    for idx, size in enumerate(sizes):
+        a, b = max(lo, offset), min(hi, offset + size)
+        if a < b:
+            pieces.append((idx, a - offset, b - offset))
+        offset += size
+        if offset >= hi:
+            break
+    return pieces
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -100,6 +154,7 @@ class _Plan:
     rank: int
     world_size: int
     num_workers: int
+    max_samples: int | None = None  # eval: the first max_samples samples of the split only
 
     def order(self, seed: int, epoch: int, shuffle: bool) -> list[int]:
         idx = list(range(len(self.shards)))
@@ -109,6 +164,15 @@ class _Plan:
 
     def worker_indices(self, seed: int, epoch: int, shuffle: bool, rank: int, worker: int) -> list[int]:
         return split_shards(self.order(seed, epoch, shuffle), rank, self.world_size, worker, self.num_workers)
+
+    @property
+    def eval_total(self) -> int:
+        """Samples an evaluation visits over all ranks (the split, capped to max_samples)."""
+        total = sum(self.sizes)
+        return total if self.max_samples is None else min(total, self.max_samples)
+
+    def eval_pieces(self, rank: int, worker: int, num_workers: int) -> list[tuple[int, int, int]]:
+        return split_samples(self.sizes, rank, self.world_size, worker, num_workers, self.max_samples)
 
 
 class SegShards(IterableDataset):
@@ -153,8 +217,9 @@ class SegShards(IterableDataset):
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def _samples_from(self, idx: int) -> Iterator[dict]:
-        """The samples of shard ``idx``; damage is counted, never silent."""
+    def _samples_from(self, idx: int, lo: int = 0, hi: int | None = None) -> Iterator[dict]:
+        """The samples of shard ``idx`` (positions ``lo..hi-1`` only, when ``hi`` is given:
+        evaluation ranges); damage is counted, never silent."""
         import webdataset as wds
 
         url = self.plan.shards[idx]
@@ -164,25 +229,38 @@ class SegShards(IterableDataset):
             errors.append(exn)
             return True  # keep going: later members / shards are still good
 
+        whole = hi is None
+        expected = self.plan.sizes[idx] if whole else hi - lo
         n = 0  # complete samples: a cut tar may end in a sample missing its label
-        for sample in wds.tarfile_samples([{"url": url}], handler=handler):
-            if LABEL_EXT not in sample or not any(e in sample for e in IMAGE_EXTS):
-                self.skipped.add("incomplete_sample", f"{url}:{sample.get('__key__')}")
-                continue
-            n += 1
-            yield sample
-        expected = self.plan.sizes[idx]
-        if errors:
+        pos = 0  # position in the tar (complete or not), to match sizes.json offsets
+        stream = wds.tarfile_samples([{"url": url}], handler=handler)
+        try:
+            for sample in stream:
+                mine = pos >= lo
+                pos += 1
+                if mine:
+                    if LABEL_EXT not in sample or not any(e in sample for e in IMAGE_EXTS):
+                        self.skipped.add("incomplete_sample", f"{url}:{sample.get('__key__')}")
+                    else:
+                        n += 1
+                        yield sample
+                if not whole and pos >= hi:
+                    break  # the rest of the shard belongs to other workers / ranks
+        finally:
+            stream.close()
+        if errors and (whole or n < expected):
             import tarfile
 
             truncated = any(isinstance(e, tarfile.ReadError | EOFError) for e in errors)
             self.skipped.add(
                 "truncated_tar" if truncated else "unreadable_shard",
-                f"{url}: {errors[0]!r}; {n} of {expected} samples read",
+                f"{url}: {errors[0]!r}; {n} of {expected} samples read"
+                + ("" if whole else f" (positions {lo}..{hi - 1})"),
             )
         elif n < expected:
             # tarfile ends quietly when a tar is cut at a member boundary; sizes.json does not
-            self.skipped.add("truncated_tar", f"{url}: {n} of {expected} samples read")
+            self.skipped.add("truncated_tar", f"{url}: {n} of {expected} samples read"
+                             + ("" if whole else f" (positions {lo}..{hi - 1})"))
 
     def _sample_stream(self, rank: int, worker: int, nw: int) -> Iterator[dict]:
         if self.resample:
@@ -200,6 +278,10 @@ class SegShards(IterableDataset):
                 if barren > 2 * len(self.plan.shards):  # never spin on unreadable shards
                     raise RuntimeError(f"no readable samples in {barren} shard draws in a row "
                                        f"(see loader.skipped)")
+            return
+        if not self.train:  # evaluation: contiguous sample ranges (split_samples)
+            for idx, lo, hi in self.plan.eval_pieces(rank, worker, nw):
+                yield from self._samples_from(idx, lo, hi)
             return
         for idx in self.plan.worker_indices(self.seed, self.epoch, self.train, rank, worker):
             yield from self._samples_from(idx)
@@ -320,12 +402,14 @@ class SegLoader:
     """Iterable of (images float [0,1] (B,3,h,w), labels int64 (B,h,w), 255 = ignore)."""
 
     def __init__(self, dataset: SegShards, info: DatasetInfo, num_workers: int, steps: int | None,
-                 num_samples: int):
+                 num_samples: int, total_samples: int | None = None):
         self.dataset = dataset
         self.info = info
         self.num_workers = num_workers
         self.steps = steps  # batches per rank per epoch (None: until the shards end)
         self.num_samples = num_samples  # samples this rank visits per epoch (before drops)
+        # samples all ranks visit together per epoch (eval: the split, capped to max_samples)
+        self.total_samples = total_samples
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -374,6 +458,7 @@ def build_loader(
     pad_to_multiple: int | None = None,
     with_keys: bool = False,
     to_float: bool = True,
+    max_samples: int | None = None,
 ) -> SegLoader:
     """A loader over the shards of ``split`` in ``uri`` (a ``step prep`` output, local or S3).
 
@@ -387,6 +472,14 @@ def build_loader(
     ``with_keys=True`` adds the list of sample keys as a third batch element (e.g. to save
     per-image predictions in eval). ``to_float=False`` yields uint8 images (0..255) and
     uint8 labels instead, to convert on the GPU: 4x / 8x fewer bytes to build and copy.
+
+    Evaluation splits samples, not shards, across ranks and workers (:func:`split_samples`):
+    each rank gets a contiguous range of the split's samples (sizes differ by at most 1),
+    so no rank is left without data while there are at least as many samples as ranks.
+    ``max_samples`` (eval only) is a *global* cap: the first ``max_samples`` samples of
+    the split (shard order, then tar order), split across ranks like the whole split,
+    i.e. the same images whatever the number of ranks. ``num_samples`` is this rank's
+    share, ``total_samples`` the count over all ranks.
     """
     info = read_dataset_info(uri)
     split = info.pick_split(split, train)
@@ -397,21 +490,28 @@ def build_loader(
     cfg = augment if isinstance(augment, AugmentConfig) else AugmentConfig.model_validate(augment or {})
     if train and not crop_size:
         raise ValueError("crop_size is required for training batches")
+    if train and max_samples is not None:
+        raise ValueError("max_samples caps evaluation loaders only (train=False)")
+    if max_samples is not None and max_samples < 0:
+        raise ValueError(f"max_samples must be >= 0, got {max_samples}")
+    plan = _Plan(shards, sizes, rank, world_size, 1, max_samples if not train else None)
     if not train:
-        # eval: a worker without shards would just idle; never start more than this rank has
-        num_workers = min(num_workers, len(shards[rank::world_size]))
+        # eval: a worker without samples would just idle; never start more than this rank has
+        r_lo, r_hi = rank_sample_range(plan.eval_total, rank, world_size)
+        num_workers = min(num_workers, r_hi - r_lo)
     nw = max(1, num_workers)
+    plan.num_workers = nw
     if train and not resample and len(shards) < world_size * nw:
         raise ValueError(
             f"{uri}: {len(shards)} shard(s) of split {split!r} for {world_size} rank(s) x {nw} "
             "worker(s): every worker needs a shard. Reshard with a smaller --samples-per-shard/"
             "--shard-size, use fewer workers, or pass resample=True."
         )
-    plan = _Plan(shards, sizes, rank, world_size, nw)
 
     def samples_of(r: int, w: int) -> int:
         return sum(sizes[i] for i in plan.worker_indices(seed, epoch, train, r, w))
 
+    total_samples: int | None = None
     if resample:
         quota = math.ceil(sum(sizes) / (world_size * nw))
         steps = nw * (quota // batch_size) if train else None
@@ -421,11 +521,13 @@ def build_loader(
         num_samples = sum(samples_of(rank, w) for w in range(nw))
     else:
         steps = None
-        num_samples = sum(samples_of(rank, w) for w in range(nw))
+        r_lo, r_hi = rank_sample_range(plan.eval_total, rank, world_size)
+        num_samples = r_hi - r_lo
+        total_samples = plan.eval_total
     dataset = SegShards(
         plan, batch_size=batch_size, crop_size=crop_size, train=train, seed=seed, epoch=epoch,
         augment_cfg=cfg, resample=resample, shuffle_buffer=shuffle_buffer,
         eval_long_side=eval_long_side, pad_to_multiple=pad_to_multiple, skipped=SkipCounter(),
         with_keys=with_keys, to_float=to_float,
     )
-    return SegLoader(dataset, info, num_workers, steps, num_samples)
+    return SegLoader(dataset, info, num_workers, steps, num_samples, total_samples)

@@ -101,7 +101,7 @@ class EvalSection(StrictModel):
         "whole", description="whole image at its own resolution, or sliding windows")
     crop_size: PatchMultiple | None = Field(None, ge=16, description="slide window (default: data.crop_size)")
     stride: int | None = Field(None, ge=1, description="slide stride (default: 2/3 of the window)")
-    max_samples: int | None = Field(None, ge=1, description="cap on validation images")
+    max_samples: int | None = Field(None, ge=1, description="cap on validation images (global: split across ranks)")
 
 class ScalingSection(StrictModel):
     num_workers: int = Field(1, ge=1)

@@ -1,7 +1,9 @@
 """Training and evaluation batches from ``step prep`` shards, through ``data_prep``'s loader.
 
-One loader per Ray Train worker, built inside the worker: the loader splits shards by
-``torch.distributed`` rank, then by DataLoader worker. (Ray Data feeding Ray Train
+One loader per Ray Train worker, built inside the worker: the training loader splits
+shards by ``torch.distributed`` rank, then by DataLoader worker; the evaluation loader
+splits *samples* (contiguous ranges, balanced to within one sample), so that every rank has
+work even when the validation split is a single shard. (Ray Data feeding Ray Train
 deadlocks with 2 workers on 2 CPUs: its read tasks never get a CPU; PLATFORM.md.)
 
 ``data.resample: auto`` switches to sampling shards with replacement, with a warning,
@@ -86,15 +88,23 @@ def train_loader(cfg: TrainConfig, *, epoch: int):
 
 
 def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
-                rank: int | None = None, world_size: int | None = None):
-    """Every sample of ``uri`` once, whole images at their own resolution; under DDP each
-    rank reads its own shards (the confusion matrices are summed afterwards)."""
+                rank: int | None = None, world_size: int | None = None,
+                max_samples: int | None = None):
+    """Every sample of ``uri`` once, whole images at their own resolution.
+
+    Under DDP each rank reads its own contiguous range of samples, sizes differing by at
+    most 1 across ranks (the confusion matrices are summed afterwards). ``max_samples`` is
+    a global cap: the first ``max_samples`` samples of the split, split across the ranks,
+    the same images whatever the number of ranks (pass the same value to
+    ``evaluate_model``). The loader's ``num_samples`` is this rank's share and
+    ``total_samples`` the count over all ranks.
+    """
     from data_prep.loader import build_loader
 
     uri, split = resolve_data_uri(uri)
     return build_loader(uri, split=split, batch_size=batch_size, crop_size=None, train=False,
                         num_workers=num_workers, rank=rank, world_size=world_size,
-                        to_float=False)
+                        to_float=False, max_samples=max_samples)
 
 
 def dataset_info(uri: str):

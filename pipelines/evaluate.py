@@ -17,6 +17,13 @@ Inference runs at any resolution: ``whole`` feeds the image as it is (the model 
 multiple of 16 and crops back); ``slide`` averages the logits of overlapping square
 windows (Segmenter / mmseg ``slide`` mode), for images larger than the training crop.
 With the oracle policy the windows get their label crops, as the oracle needs them.
+
+Under DDP the validation *samples* (not shards) are split across ranks, balanced to within
+one image (:func:`pipelines.data.eval_loader`), so a one-shard validation split still
+gives every rank work; a rank with no data at all still joins every reduction with tensors
+of the same shapes. ``max_samples`` is a global cap, split across the ranks. Progress goes
+to stderr on rank 0: a tqdm bar on a terminal, plain lines every 30 s elsewhere (Ray
+worker logs).
 """
 
 from __future__ import annotations
@@ -206,6 +213,123 @@ def _per_class_cells(flow, labels_window: torch.Tensor, num_classes: int,
         table[:, j] += torch.bincount(major[m].flatten().cpu(), minlength=num_classes).double()
 
 
+ALL_LEVELS = (1, 2, 4, 8, 16)  # supertoken sides (grid cells) any model can use: 1 + LEVELS
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _model_layout(model) -> tuple[list[int], int, tuple[int, ...]]:
+    """(exit blocks, encoder depth, reported supertoken levels) from the model itself, not
+    from the forwards seen: a rank without data must reduce tensors of the same shapes."""
+    m = getattr(model, "module", model)  # a DDP wrapper
+    exit_blocks = [int(b) for b in getattr(m, "exit_blocks", [])]
+    encoder = getattr(m, "encoder", None)
+    depth = int(getattr(encoder, "depth", 0) or len(getattr(encoder, "blocks", ()))) \
+        if encoder is not None else 0
+    cfg_levels = getattr(getattr(getattr(m, "cfg", None), "policy", None), "levels", None)
+    levels = tuple(sorted({1, *map(int, cfg_levels)})) if cfg_levels is not None else ALL_LEVELS
+    return exit_blocks, depth, levels
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class _Progress:
+    """Evaluation progress on stderr, from one rank (rank 0 by default).
+
+    On a terminal: a tqdm bar. Anywhere else (Ray worker logs, files, CI): one plain line
+    at the start, one every ``every_s`` seconds, and one at the end; no carriage returns.
+    Counts are this rank's images; under DDP the other ranks run the same share (to
+    within one image), which the lines say.
+    """
+
+    def __init__(self, *, enabled: bool, total: int | None, total_all: int | None, rank: int,
+                 world: int, every_s: float, stream=None) -> None:
+        import sys
+
+        self.enabled = enabled
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_s = every_s
+        self.where = f" [rank {rank} of {world}]" if world > 1 else ""
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if not enabled:
+            return
+        if _isatty(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc=f"eval{self.where}", file=self.stream,
+                            dynamic_ncols=True, leave=False)
+            return
+        what = _images(total) if total is not None else "images until the data ends"
+        if world > 1:
+            what += f" on rank {rank} of {world}"
+            if total_all is not None:
+                what += f" ({_images(total_all)} on all ranks)"
+        self._line(f"eval: {what}")
+
+    def _line(self, text: str) -> None:
+        # stream.write, not print: Ray Train patches print and tees a wrapped sys.stderr to
+        # its logger too, which prints every line twice in the worker's log
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def update(self, n: int) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        text = f"eval: {self.done}"
+        if self.total:
+            text += f"/{self.total} images ({100 * self.done / self.total:.0f}%)"
+        else:
+            text += " images"
+        text += f", {rate:.2f} images/s"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f", {_duration((self.total - self.done) / rate)} left"
+        self._line(text + self.where)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elapsed = time.perf_counter() - self.t0
+        self._line(f"eval: done, {_images(self.done)} in {_duration(elapsed)} "
+                   f"({self.done / max(elapsed, 1e-9):.2f} images/s){self.where}")
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def evaluate_model(
     model: torch.nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -220,78 +344,119 @@ def evaluate_model(
     latency_samples: int = 0,
     class_names: list[str] | None = None,
     precision: str = "fp32",
+    progress: bool | None = None,
+    progress_every_s: float = 30.0,
 ) -> EvalResult:
     """Evaluate ``model`` (a StepSegmenter, already configured) on ``loader`` batches.
 
-    Under torch.distributed every rank passes its own loader (its own shards) and all
-    ranks get the same, globally reduced result. ``max_samples`` caps images per rank.
+    Under torch.distributed every rank passes its own loader (its own share of the
+    samples: :func:`pipelines.data.eval_loader` splits samples, not shards) and all ranks
+    get the same, globally reduced result. Every rank joins every collective with tensors
+    of the same shapes, whatever data it saw (none included): the exits, depth and
+    supertoken levels come from the model, not from the forwards.
+
+    ``max_samples`` is a *global* cap: rank ``r`` of ``W`` evaluates at most
+    ``max_samples // W + (r < max_samples % W)`` images, so that ``max_samples`` images
+    are evaluated in all (when the data has them). With a loader built with the same cap
+    (``eval_loader(..., max_samples=N)``) these are exactly the first ``N`` images of the
+    split, the same as in a single-process evaluation.
+
+    ``progress`` (default: on rank 0 only) writes progress to stderr: a tqdm bar on a
+    terminal, else a plain line every ``progress_every_s`` seconds (see :class:`_Progress`).
+    ``latency_ms`` is the mean over the timed batches of all ranks.
     """
+    from data_prep.loader import rank_sample_range
+
     device = torch.device(device)
+    rank, world = _dist_rank_world()
+    exit_blocks, depth, report_levels = _model_layout(model)
+    n_exits = len(exit_blocks)
+    cap: int | None = None
+    if max_samples is not None:
+        lo, hi = rank_sample_range(max(0, max_samples), rank, world)
+        cap = hi - lo
+    rank_total = getattr(loader, "num_samples", None)
+    all_total = getattr(loader, "total_samples", None)
+    if cap is not None:
+        rank_total = cap if rank_total is None else min(rank_total, cap)
+        all_total = max_samples if all_total is None else min(all_total, max_samples)
+    bar = _Progress(enabled=rank == 0 if progress is None else progress, total=rank_total,
+                    total_all=all_total, rank=rank, world=world, every_s=progress_every_s)
+
     was_training = model.training
     model.eval()
     meter = ConfusionMeter(num_classes)
     counter = _Counter()
-    depth = len(model.encoder.blocks) if hasattr(model, "encoder") else 0
-    class_table: torch.Tensor | None = None
+    class_table = torch.zeros(num_classes, n_exits + 1, dtype=torch.float64)
     seen = 0
     timed: list[float] = []
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if precision == "bf16" and device.type == "cuda" else _null())
-    with torch.no_grad():
-        for images, labels in loader:
-            if max_samples is not None and seen >= max_samples:
-                break
-            if max_samples is not None:
-                images, labels = images[: max_samples - seen], labels[: max_samples - seen]
-            images, labels = batch_to_device(images, labels, device)
-            with autocast:
-                logits, outs = predict(model, images, labels, mode=mode, crop_size=crop_size,
-                                       stride=stride, counter=counter, count_flops=count_flops)
-                if len(timed) < latency_samples:
-                    if not timed:  # warm-up (allocator, kernel selection)
+    try:
+        with torch.no_grad():
+            for batch in ([] if cap == 0 else loader):
+                images, labels = batch[0], batch[1]
+                if cap is not None:
+                    images, labels = images[: cap - seen], labels[: cap - seen]
+                images, labels = batch_to_device(images, labels, device)
+                with autocast:
+                    logits, outs = predict(model, images, labels, mode=mode, crop_size=crop_size,
+                                           stride=stride, counter=counter, count_flops=count_flops)
+                    if len(timed) < latency_samples:
+                        if not timed:  # warm-up (allocator, kernel selection)
+                            predict(model, images, labels, mode=mode, crop_size=crop_size,
+                                    stride=stride)
+                        _sync(device)
+                        t0 = time.perf_counter()
                         predict(model, images, labels, mode=mode, crop_size=crop_size,
                                 stride=stride)
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    predict(model, images, labels, mode=mode, crop_size=crop_size, stride=stride)
-                    _sync(device)
-                    timed.append((time.perf_counter() - t0) * 1000 / images.shape[0])
-            meter.update(logits.argmax(1), labels)
-            blocks = outs[0][0].flow.exit_blocks
-            if class_table is None:
-                class_table = torch.zeros(num_classes, len(blocks) + 1, dtype=torch.float64)
-            for out, (y, x) in outs:
-                win = labels[..., y:y + out.logits.shape[-2], x:x + out.logits.shape[-1]]
-                _per_class_cells(out.flow, win, num_classes, blocks, depth, class_table)
-            seen += images.shape[0]
-    if was_training:
-        model.train()
+                        _sync(device)
+                        timed.append((time.perf_counter() - t0) * 1000 / images.shape[0])
+                meter.update(logits.argmax(1), labels)
+                for out, (y, x) in outs:
+                    win = labels[..., y:y + out.logits.shape[-2], x:x + out.logits.shape[-1]]
+                    _per_class_cells(out.flow, win, num_classes, exit_blocks, depth, class_table)
+                seen += images.shape[0]
+                bar.update(images.shape[0])
+                if cap is not None and seen >= cap:
+                    break
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
 
-    # One reduction for everything: confusion matrix + sums of the compute figures.
+    # Two reductions, of fixed shapes on every rank: the confusion matrix (int64) and one
+    # float64 vector of every sum (compute figures, per-class halting, latency).
     scores = meter.compute()
-    n_exits = len(counter.exit_blocks)
     flops_keys = ["policy", "encoder", "exits", "decoder", "total"]
-    vec = torch.tensor(
-        [seen, counter.tokens, counter.tokens_in]
-        + [counter.flops.get(k, 0.0) for k in flops_keys]
-        + (counter.halted.tolist() if counter.halted is not None else [0.0] * n_exits),
-        dtype=torch.float64)
-    vec = all_reduce_sum(vec)
-    per_block = all_reduce_sum(counter.per_block if counter.per_block is not None
-                               else torch.zeros(depth, dtype=torch.float64))
-    levels = sorted(counter.levels, key=int)
-    level_sums = all_reduce_sum(torch.tensor([counter.levels[k] for k in levels],
-                                             dtype=torch.float64))
-    if class_table is None:
-        class_table = torch.zeros(num_classes, n_exits + 1, dtype=torch.float64)
-    class_table = all_reduce_sum(class_table)
+    per_block = counter.per_block if counter.per_block is not None \
+        else torch.zeros(depth, dtype=torch.float64)
+    halted = counter.halted if counter.halted is not None \
+        else torch.zeros(n_exits, dtype=torch.float64)
+    if per_block.numel() != depth or halted.numel() != n_exits:
+        raise RuntimeError(f"the forwards report {per_block.numel()} blocks / {halted.numel()} "
+                           f"exits, the model {depth} / {n_exits}")
+    unknown = set(counter.levels) - {str(s) for s in ALL_LEVELS}
+    if unknown:
+        raise RuntimeError(f"supertoken levels {sorted(unknown)} outside {ALL_LEVELS}")
+    parts = [
+        torch.tensor([seen, counter.tokens, counter.tokens_in, sum(timed), len(timed)],
+                     dtype=torch.float64),
+        torch.tensor([counter.flops.get(k, 0.0) for k in flops_keys], dtype=torch.float64),
+        halted.double(),
+        per_block.double(),
+        torch.tensor([counter.levels.get(str(s), 0.0) for s in ALL_LEVELS], dtype=torch.float64),
+        class_table.flatten(),
+    ]
+    sizes = [p.numel() for p in parts]
+    head, flops, halted, per_block, level_sums, table = all_reduce_sum(torch.cat(parts)).split(sizes)
+    class_table = table.reshape(num_classes, n_exits + 1)
 
-    n = float(vec[0])
-    tokens, tokens_in = float(vec[1]), float(vec[2])
-    flops = vec[3:8]
-    halted = vec[8:8 + n_exits]
+    n = float(head[0])
+    tokens, tokens_in = float(head[1]), float(head[2])
+    timed_sum, timed_n = float(head[3]), float(head[4])
     names = class_names or [str(i) for i in range(num_classes)]
-    exit_names = [f"exit_{b}" for b in counter.exit_blocks]
+    exit_names = [f"exit_{b}" for b in exit_blocks]
     per_class_halting: dict[str, dict[str, float | None]] = {}
     for c in range(num_classes):
         total_c = float(class_table[c].sum())
@@ -299,6 +464,8 @@ def evaluate_model(
             per_class_halting[names[c]] = {
                 name: float(class_table[c, j]) / total_c
                 for j, name in enumerate([*exit_names, "final"])}
+    levels = {str(s): float(v) for s, v in zip(ALL_LEVELS, level_sums, strict=True)
+              if s in report_levels}
     return EvalResult(
         miou=scores.miou,
         per_class_iou={names[i]: v for i, v in enumerate(scores.per_class_iou)},
@@ -311,13 +478,12 @@ def evaluate_model(
         tokens_in=tokens_in / n if n else None,
         tokens_mean=tokens / n if n else None,
         tokens_per_block=[float(v) / n for v in per_block] if n else [],
-        supertokens_per_level={k: float(v) / n for k, v in zip(levels, level_sums, strict=True)}
-        if n else {},
+        supertokens_per_level={k: v / n for k, v in levels.items()} if n else {},
         halted_fraction=float(halted.sum()) / tokens if tokens else None,
         halted_per_exit={name: float(h) / tokens for name, h in zip(exit_names, halted, strict=True)}
         if tokens else {},
         per_class_halting=per_class_halting,
-        latency_ms=sum(timed) / len(timed) if timed else None,
+        latency_ms=timed_sum / timed_n if timed_n else None,
         inference={"mode": mode, "crop_size": crop_size, "stride": stride},
     )
 
@@ -349,8 +515,11 @@ def evaluate_checkpoint(
     num_workers: int = 1,
     count_flops: bool = True,
     latency_samples: int = 3,
+    progress: bool | None = None,
 ) -> EvalResult:
-    """Load a checkpoint, apply ``model.set_inference(**inference)``, evaluate ``data_uri``."""
+    """Load a checkpoint, apply ``model.set_inference(**inference)``, evaluate ``data_uri``
+    (the first ``max_samples`` images of it when given; progress on stderr unless
+    ``progress=False``)."""
     from pipelines.checkpoint import load_model
     from pipelines.data import dataset_info, eval_loader
 
@@ -363,11 +532,12 @@ def evaluate_checkpoint(
         raise ValueError(f"{data_uri} has {info.num_classes} classes but the checkpoint "
                          f"{checkpoint_uri} predicts {num_classes}")
     loader = eval_loader(data_uri, batch_size=batch_size, num_workers=num_workers,
-                         rank=0, world_size=1)
+                         rank=0, world_size=1, max_samples=max_samples)
     result = evaluate_model(
         model, loader, num_classes=num_classes, device=device, mode=mode, crop_size=crop_size,
         stride=stride, max_samples=max_samples, count_flops=count_flops,
         latency_samples=latency_samples, class_names=list(info.class_names),
+        progress=progress,
     )
     result.inference.update(inference or {})
     return result

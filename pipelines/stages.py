@@ -37,17 +37,11 @@ def _freeze_bn(module: torch.nn.Module) -> None:
 def _val_loader(cfg: TrainConfig):
     from pipelines.data import eval_loader
 
+    # samples (not shards) are split across ranks; the cap is global, so every world
+    # size evaluates the same images
     return eval_loader(cfg.data.val, batch_size=cfg.data.val_batch_size,
-                       num_workers=min(1, cfg.data.num_workers))
-
-
-def _per_rank_cap(cfg: TrainConfig) -> int | None:
-    import torch.distributed as dist
-
-    if cfg.eval.max_samples is None:
-        return None
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return max(1, -(-cfg.eval.max_samples // world))
+                       num_workers=min(1, cfg.data.num_workers),
+                       max_samples=cfg.eval.max_samples)
 
 
 class PolicyStage:
@@ -76,8 +70,7 @@ class PolicyStage:
                            num_classes=model.cfg.num_classes)
 
     def evaluate(self, model, cfg: TrainConfig, device) -> dict[str, Any]:
-        return evaluate_policy(model, _val_loader(cfg), device=device,
-                               max_samples=_per_rank_cap(cfg))
+        return evaluate_policy(model, _val_loader(cfg), device=device)
 
     def extra_files(self, model, directory: str | Path) -> None:
         from pipelines.checkpoint import unwrap
@@ -119,7 +112,7 @@ class StepStage:
         result = evaluate_model(
             model, _val_loader(cfg), num_classes=model.cfg.num_classes, device=device,
             mode=cfg.eval.mode, crop_size=cfg.eval.crop_size or cfg.data.crop_size,
-            stride=cfg.eval.stride, max_samples=_per_rank_cap(cfg), count_flops=True,
+            stride=cfg.eval.stride, max_samples=cfg.eval.max_samples, count_flops=True,
             precision="fp32" if cfg.train.precision == "fp32" else "bf16",  # bf16 on CUDA only
         )
         return {k: v for k, v in result.headline().items() if v is not None}

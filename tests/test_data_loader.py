@@ -14,7 +14,7 @@ import torch
 
 from data_prep import AugmentConfig, build_loader, fixtures, prepare, split_shards
 from data_prep.augment import augment
-from data_prep.loader import decode_image, decode_label
+from data_prep.loader import decode_image, decode_label, rank_sample_range, split_samples
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,61 @@ def test_decoders_and_eval_mode(shards: str, fixtures_dir: Path) -> None:
     images, labels = next(iter(raw))
     assert images.dtype == labels.dtype == torch.uint8
     assert torch.equal(images.float() / 255, float_images)
+
+
+# ---- evaluation splits samples, not shards (issue 9) -------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [[3], [2, 2, 2, 2, 2], [5, 1, 0, 4], [1]])
+@pytest.mark.parametrize("max_samples", [None, 2, 7])
+def test_eval_sample_split_covers_every_sample_once_and_balances(sizes: list[int],
+                                                                 max_samples: int | None) -> None:
+    total = sum(sizes) if max_samples is None else min(sum(sizes), max_samples)
+    for world in (1, 2, 3, 4, 8):
+        for workers in (1, 2, 3):
+            per_rank = []
+            seen: list[tuple[int, int]] = []
+            for r in range(world):
+                n = 0
+                for w in range(workers):
+                    pieces = split_samples(sizes, r, world, w, workers, max_samples)
+                    assert all(0 <= lo < hi <= sizes[i] for i, lo, hi in pieces)
+                    got = [(i, p) for i, lo, hi in pieces for p in range(lo, hi)]
+                    seen += got
+                    n += len(got)
+                per_rank.append(n)
+                assert rank_sample_range(total, r, world)[1] - rank_sample_range(total, r, world)[0] == n
+            # every sample exactly once, and the first `total` of the split (shard order)
+            assert len(seen) == len(set(seen)) == total
+            flat = [(i, p) for i, s in enumerate(sizes) for p in range(s)]
+            assert sorted(seen) == flat[:total]
+            assert max(per_rank) - min(per_rank) <= 1, (world, workers, per_rank)
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 2), (3, 2), (4, 1), (12, 2)])
+def test_eval_loader_gives_every_rank_its_share_of_samples(shards: str, world: int,
+                                                           workers: int) -> None:
+    """Real eval loaders (dataloader workers included): more ranks than shards still
+    covers every sample exactly once, each rank within one sample of the others."""
+    keys: list[list[str]] = []
+    for r in range(world):
+        loader = build_loader(shards, batch_size=2, crop_size=None, train=False,
+                              num_workers=workers, rank=r, world_size=world, with_keys=True)
+        keys.append([k for *_, ks in loader for k in ks])
+        assert loader.num_samples == len(keys[-1]) and loader.total_samples == 10
+    flat = [k for ks in keys for k in ks]
+    assert sorted(flat) == sorted(_all_keys(shards))  # 10 samples, each exactly once
+    counts = [len(ks) for ks in keys]
+    assert max(counts) - min(counts) <= 1, counts
+    assert loader.skipped == {}  # reading part of a shard is not damage
+
+    # a global cap: the same first samples whatever the number of ranks
+    capped = [k for r in range(world) for *_, ks in build_loader(
+        shards, batch_size=1, crop_size=None, train=False, num_workers=workers, rank=r,
+        world_size=world, with_keys=True, max_samples=3) for k in ks]
+    single = [k for *_, ks in build_loader(shards, batch_size=1, crop_size=None, train=False,
+                                           num_workers=0, rank=0, world_size=1, with_keys=True,
+                                           max_samples=3) for k in ks]
+    assert sorted(capped) == sorted(single) and len(single) == 3
+    with pytest.raises(ValueError, match="max_samples"):
+        build_loader(shards, batch_size=1, crop_size=16, train=True, max_samples=3)
