@@ -21,7 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-side", type=int, default=None, metavar="N",
                         help="downscale images whose long side exceeds N (labels: nearest)")
     parser.add_argument("--strict", action="store_true",
-                        help="fail on the first bad pair instead of skipping and counting it")
+                        help="fail on the first bad pair instead of skipping it and listing it "
+                             "in OUT/skipped.parquet")
     parser.add_argument("--layout", default=None, metavar="FILE.yaml",
                         help="layout description for --dataset folder")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
@@ -44,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"step prep: error: {err}", file=sys.stderr)
         return 2
     summary = report.to_dict()
-    skipped = ", ".join(f"{k}={v}" for k, v in report.skipped.items()) or "none"
+    skipped = str(report.skipped_total)
+    if report.skipped_total:
+        reasons = ", ".join(f"{k}={v}" for k, v in report.skipped.items())
+        skipped += f" ({reasons}; see {report.skipped_file})"
     print(
         f"step prep: {report.dataset}/{report.split}: read {report.read}, written {report.written}, "
         f"skipped {skipped}; {len(report.shards)} shards ({report.shards_written} written, "

@@ -9,8 +9,8 @@ Flow:
    and move it under its final name only when complete, and write the shard's manifest
    part (``_parts/<shard>.parquet``) just before that move. Ray Data gives the progress bar,
    the scheduling across the cluster and task retries.
-3. The driver concatenates the parts into ``manifest.parquet`` and writes ``sizes.json`` and
-   ``dataset.json``.
+3. The driver concatenates the parts into ``manifest.parquet`` and ``skipped.parquet`` (every
+   bad pair: path, reason, detail) and writes ``sizes.json`` and ``dataset.json``.
 
 Design choices:
 
@@ -23,6 +23,12 @@ Design choices:
   members hash to the part's sha256 columns. Anything else is rewritten. The manifest is
   only ever assembled from parts, so killing the job at any moment and rerunning it
   finishes the job with the same bytes as an uninterrupted run.
+- *Skipped pairs travel with their shard.* Each part carries the list of its shard's bad
+  pairs in its metadata (``skipped``, JSON), written in the same atomic write as the
+  part's rows. ``skipped.parquet`` is assembled from the parts exactly like the manifest,
+  so a resumed run neither loses the entries of shards it keeps nor repeats those of
+  shards it redoes. It is written on every run, empty (schema only) when nothing was
+  skipped, so a file from an earlier run never outlives the data it described.
 - *Several splits, one directory.* Shard names carry the split; ``manifest.parquet`` (with a
   ``split`` column) and ``sizes.json`` cover every split in the directory. Prepare one split
   at a time per directory.
@@ -50,6 +56,7 @@ from data_prep.shards import SHARD_RE, plan_digest, plan_shards, shard_name, tar
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.parquet"
+SKIPPED = "skipped.parquet"
 SIZES = "sizes.json"
 DATASET = "dataset.json"
 PARTS = "_parts"
@@ -68,13 +75,15 @@ class PrepReport:
     out: str
     read: int = 0
     written: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> pairs skipped
+    skipped_total: int = 0  # = rows of ``skipped_file`` for this split
+    skipped_file: str = ""  # skipped.parquet: split, shard, key, path, reason, detail
     shards: list[str] = field(default_factory=list)
     shards_reused: int = 0
     shards_written: int = 0
     manifest: str = ""
     seconds: float = 0.0
-    examples: dict[str, str] = field(default_factory=dict)  # reason -> one offending file
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> first offending file
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,15 +109,32 @@ def _manifest_schema(num_classes: int):
     ])
 
 
-def _part_bytes(rows: list[dict], num_classes: int, meta: dict[str, str]) -> bytes:
+def _skipped_schema():
     import pyarrow as pa
+
+    return pa.schema([
+        ("split", pa.string()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("path", pa.string()),  # the offending file (the image when its label is missing)
+        ("reason", pa.string()),  # one of data_prep.samples.REASONS
+        ("detail", pa.string()),
+    ])
+
+
+def _parquet_bytes(table) -> bytes:
     import pyarrow.parquet as pq
 
-    schema = _manifest_schema(num_classes).with_metadata(meta)
-    table = pa.Table.from_pylist(rows, schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
+
+
+def _part_bytes(rows: list[dict], num_classes: int, meta: dict[str, str]) -> bytes:
+    import pyarrow as pa
+
+    schema = _manifest_schema(num_classes).with_metadata(meta)
+    return _parquet_bytes(pa.Table.from_pylist(rows, schema=schema))
 
 
 def _read_part(uri: str) -> tuple[list[dict], dict[str, str]] | None:
@@ -128,7 +154,8 @@ def _shard_is_done(out: str, name: str, digest: str) -> dict | None:
     if part is None:
         return None
     rows, meta = part
-    if meta.get("plan") != digest:
+    # a part without its skipped list (an older format) cannot say which pairs it dropped
+    if meta.get("plan") != digest or "skipped" not in meta:
         return None
     try:
         found = tar_digests(storage.read_bytes(storage.join(out, name)))
@@ -151,7 +178,7 @@ def write_shard(
         return {**done, "reused": True}
 
     rows: list[dict] = []
-    skipped: Counter[str] = Counter()
+    bad_rows: list[dict] = []  # every skipped pair: the shard's part keeps them all
     examples: dict[str, str] = {}
 
     def converted() -> Iterator[dict[str, bytes]]:
@@ -163,7 +190,8 @@ def write_shard(
                 if strict:
                     raise
                 log.warning("skipping %s", bad)
-                skipped[bad.reason] += 1
+                bad_rows.append({"split": split, "shard": name, "key": pair.key,
+                                 "path": bad.file, "reason": bad.reason, "detail": bad.detail})
                 examples.setdefault(bad.reason, str(bad))
                 continue
             rows.append({
@@ -186,9 +214,11 @@ def write_shard(
         except BadSample as bad:  # --strict
             return {"name": name, "error": str(bad)}
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; shards are meant to be shared
+        skipped = Counter(r["reason"] for r in bad_rows)
         stats = {"name": name, "read": len(pairs), "written": len(rows),
-                 "skipped": dict(skipped), "examples": examples, "error": None}
-        meta = {"plan": digest, "stats": json.dumps(stats, sort_keys=True)}
+                 "skipped": dict(sorted(skipped.items())), "examples": examples, "error": None}
+        meta = {"plan": digest, "stats": json.dumps(stats, sort_keys=True),
+                "skipped": json.dumps(bad_rows, sort_keys=True)}
         # The part goes first: a tar under its final name always has a part beside it, and
         # a part whose tar never arrived just makes the rerun redo the shard.
         storage.write_bytes(storage.join(out, PARTS, name + ".parquet"),
@@ -234,25 +264,30 @@ def _cleanup_stale(out: str, split: str, keep: set[str]) -> None:
             storage.delete(storage.join(out, rel))
 
 
-def _finalize(out: str, split: str, spec: DatasetSpec, names: list[str]) -> str:
-    """Assemble ``manifest.parquet`` from every split's parts; write sizes and dataset info."""
+def _finalize(out: str, split: str, spec: DatasetSpec, names: list[str]) -> tuple[str, str]:
+    """Assemble ``manifest.parquet`` and ``skipped.parquet`` from every split's parts; write
+    sizes and dataset info. Returns the URIs of the manifest and of the skipped list."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = storage.list_files(out)
     tables = []
+    bad_rows: list[dict] = []
     for rel in sorted(files):
         if rel.startswith(PARTS + "/") and rel.endswith(".parquet"):
             name = rel[len(PARTS) + 1 : -len(".parquet")]
             m = SHARD_RE.match(name)
             if m and (m.group("split") != split or name in names) and name in files:
                 table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, rel))))
+                meta = table.schema.metadata or {}
+                bad_rows += json.loads(meta.get(b"skipped", b"[]"))
                 tables.append(table.replace_schema_metadata(None))
     manifest = pa.concat_tables(tables) if tables else _manifest_schema(spec.num_classes).empty_table()
-    buf = io.BytesIO()
-    pq.write_table(manifest, buf)
     manifest_uri = storage.join(out, MANIFEST)
-    storage.write_bytes(manifest_uri, buf.getvalue())
+    storage.write_bytes(manifest_uri, _parquet_bytes(manifest))
+    skipped_uri = storage.join(out, SKIPPED)
+    storage.write_bytes(skipped_uri, _parquet_bytes(
+        pa.Table.from_pylist(bad_rows, schema=_skipped_schema())))
 
     sizes: dict[str, int] = {}
     for shard, n in Counter(manifest.column("shard").to_pylist()).items():
@@ -272,7 +307,7 @@ def _finalize(out: str, split: str, spec: DatasetSpec, names: list[str]) -> str:
         "splits": dict(sorted(splits.items())),
     }
     storage.write_bytes(storage.join(out, DATASET), json.dumps(info, indent=1).encode())
-    return manifest_uri
+    return manifest_uri, skipped_uri
 
 
 def prepare(
@@ -324,10 +359,14 @@ def prepare(
 
     report = PrepReport(dataset=spec.name, split=split, out=out)
     skipped: Counter[str] = Counter()
+    results = []
     for row in ds.iter_rows():
         result = json.loads(row["result"])
-        if result.get("error"):
+        if result.get("error"):  # --strict: stop at once, not after every other shard
             raise PrepError(f"--strict: bad pair {result['error']}")
+        results.append(result)
+    # in shard order, so that the examples are the first bad pair of each reason
+    for result in sorted(results, key=lambda r: r["name"]):
         report.read += result["read"]
         report.written += result["written"]
         skipped.update(result["skipped"])
@@ -338,7 +377,8 @@ def prepare(
         else:
             report.shards_written += 1
     report.skipped = dict(sorted(skipped.items()))
+    report.skipped_total = sum(skipped.values())
     report.shards = [storage.join(out, n) for n in names]
-    report.manifest = _finalize(out, split, spec, names)
+    report.manifest, report.skipped_file = _finalize(out, split, spec, names)
     report.seconds = round(time.perf_counter() - t0, 3)
     return report

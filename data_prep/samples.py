@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,13 +78,19 @@ def _read(uri: str) -> bytes:
         raise BadSample("unreadable_file", uri, type(err).__name__) from None
 
 
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def _decode(data: bytes, uri: str, reason: str) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
         im.load()  # decode fully now: truncation shows up here, not in the loader
         return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadSample(reason, uri, str(err) or type(err).__name__) from None
+        # PIL names the in-memory buffer with its address: drop it, so that the detail (kept
+        # in skipped.parquet) is the same on every run
+        detail = _BUFFER_REPR.sub("", str(err)).strip()
+        raise BadSample(reason, uri, detail or type(err).__name__) from None
 
 
 def label_to_train_ids(label: np.ndarray, spec: DatasetSpec, uri: str = "<label>") -> np.ndarray:

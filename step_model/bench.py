@@ -19,7 +19,8 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "loveda"
+# the demo's LoveDA scenes, shipped in the repository (relative to its root, like configs/)
+DEFAULT_IMAGES = Path("demo_data/loveda")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -60,6 +60,11 @@ def test_two_runs_are_byte_identical_and_manifest_checks_out(tiny_src: Path, tmp
 
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert [r["key"] for r in manifest] == [f"s{i:03d}" for i in range(8)]
+    # nothing skipped: the list is still written, empty, with its schema
+    assert a.skipped_total == 0 and a.skipped_file == str(out / "skipped.parquet")
+    skipped = pq.read_table(out / "skipped.parquet")
+    assert skipped.num_rows == 0
+    assert skipped.column_names == ["split", "shard", "key", "path", "reason", "detail"]
     by_key = {r["key"]: r for r in manifest}
     for shard in a.shards:
         members = []

@@ -32,7 +32,7 @@ def test_shipped_pipeline_config_validates(path):
 
 def test_demo_uses_bundled_real_data():
     cfg = load_pipeline_config("configs/demo.yaml")
-    assert Path(cfg.data.src).resolve() == LOVEDA.resolve()
+    assert Path(cfg.data.src).resolve() == (REPO / "demo_data" / "loveda").resolve()
     assert cfg.runs_policy and "model.policy.mode=threshold" in cfg.step.set
 
 
