@@ -51,23 +51,25 @@ def prepare_payload(cfg: PipelineConfig) -> dict[str, Any]:
 def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
     from data_prep.prep import prepare as prep
     from pipelines.tracking import RunLogger
+    from pipelines.train import init_ray
 
+    # Ray is started (or joined) here, before data_prep would start its own quiet one:
+    # the trainings' progress lines reach the pipeline's output only with log_to_driver.
+    init_ray()
     tracker = RunLogger(run_id, wf.tracking_uri)
     d = cfg.data
     src = d.src
     base = wf.path("data", _fp_short(wf, "prepare"))
     if d.tile is not None:
-        from pathlib import Path
-
-        from pipelines.storage import is_s3
+        from data_prep import storage as files
         from pipelines.tiles import tile_dataset
 
-        # tiles are a local staging area; shards may still go to S3
-        tiles = Path("runs/tiles" if is_s3(base) else base) / "tiles"
-        counts = tile_dataset(d.src, tiles, d.tile.size, d.tile.val_images,
-                              d.train_split, d.val_split, val=d.tile.val)
+        # under the pipeline's storage: prep's Ray Data tasks on other nodes read them
+        src = files.join(base, "tiles")
+        counts = tile_dataset(d.src, src, d.tile.size, d.tile.val_images,
+                              d.train_split, d.val_split, val=d.tile.val,
+                              dataset=d.dataset, layout=d.layout)
         tracker.log_metrics({f"tiles_{k}": v for k, v in counts.items()})
-        src = str(tiles.resolve())
     outputs: dict[str, Any] = {}
     for role, split in (("train", d.train_split), ("val", d.val_split)):
         out = wf.path("data", _fp_short(wf, "prepare"), role)

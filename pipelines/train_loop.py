@@ -108,6 +108,16 @@ def train_batches(cfg: TrainConfig, state: LoopState) -> Iterator[tuple[torch.Te
         state.batches_in_epoch = 0
 
 
+def progress_line(stage: str, step: int, last_step: int, loss: float, samples_per_s: float,
+                  seconds_per_step: float) -> str:
+    """One line of training progress: step out of total, loss, samples/s and the ETA."""
+    eta = max(last_step - step, 0) * seconds_per_step
+    hours, rest = divmod(int(round(eta)), 3600)
+    return (f"[train {stage}] step {step}/{last_step} ({100 * step / max(last_step, 1):.0f}%)"
+            f"  loss {loss:.4f}  {samples_per_s:.1f} samples/s"
+            f"  ETA {hours:d}:{rest // 60:02d}:{rest % 60:02d}")
+
+
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     import torch.distributed as dist
 
@@ -189,6 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = {"loss_sum": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter()}
     metrics: dict[str, Any] = {}
     may_crash = checkpoint is None  # the injected failure fires once: never after a restore
+    # The ETA is timed from this (re)start, so a resumed run does not count restored steps.
+    started = {"step": state.step, "t": time.perf_counter()}
 
     while state.step < last_step:
         if state.step == base_steps and ft_steps:
@@ -234,6 +246,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(logged)
             if tracker:
                 tracker.log_metrics(logged, step=state.step)
+            if rank == 0:  # Ray forwards worker stdout to the driver: long runs are not silent
+                done = state.step - started["step"]
+                per_step = (time.perf_counter() - started["t"]) / max(done, 1)
+                print(progress_line(cfg.stage, state.step, last_step, logged["train/loss_avg"],
+                                    logged["train/samples_per_s"], per_step), flush=True)
             window = {"loss_sum": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter()}
 
         do_eval = is_last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)

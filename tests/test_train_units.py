@@ -89,3 +89,12 @@ def test_finetune_phase_halts_tokens_in_training() -> None:
     opt.step()
     sched.step()
     assert torch.isfinite(loss)
+
+
+def test_progress_line_says_step_loss_speed_and_eta() -> None:
+    from pipelines.train_loop import progress_line
+
+    line = progress_line("step", 300, 1500, 0.51234, 7.25, seconds_per_step=1.5)
+    assert line == ("[train step] step 300/1500 (20%)  loss 0.5123  7.2 samples/s"
+                    "  ETA 0:30:00")
+    assert progress_line("policy", 10, 10, 1.0, 1.0, 9.0).endswith("ETA 0:00:00")
