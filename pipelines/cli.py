@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "model"): ("step_model.bench", "plain ViT vs STEP: GFLOPs, tokens, latency (JSON)"),
     ("bench", "data"): ("data_prep.bench", "shard writing and loader throughput, local and S3 (JSON)"),
     ("bench", "train"): ("pipelines.bench_train", "training samples/s, plain vs STEP (JSON)"),
+    ("bench", "gpu"): ("pipelines.bench_gpu", "GPU readiness: bf16/NCCL training, varlen kernels, model bench (JSON)"),
 }
 
 
