@@ -6,7 +6,7 @@ through a plain dict (``cfg.model_dump(mode="json")`` / ``StepConfig.model_valid
 the training code saves that dict as ``model_config.yaml`` next to ``model.pt``.
 
 ``step_model`` must not import ``pipelines`` (see docs/architecture.md), so the strict
-base class is repeated here rather than shared with ``pipelines.settings``.
+base class is repeated here rather than shared with ``pipelines.common.settings``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import TrainConfig, load_train_config
-from pipelines.settings import ConfigError
+from pipelines.common.settings import ConfigError
+from pipelines.train.config import TrainConfig, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Training configs (configs/ also holds pipeline configs, validated by their own tests).

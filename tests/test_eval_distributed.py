@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from data_prep.loader import build_loader
-from pipelines.data import eval_loader
-from pipelines.evaluate import evaluate_model
-from pipelines.model_config import build_model
+from pipelines.common.data import eval_loader
+from pipelines.common.model import build_model
+from pipelines.evaluate.evaluator import evaluate_model
 
 REPO = Path(__file__).resolve().parents[1]
 LOVEDA = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
@@ -37,9 +37,9 @@ MODEL_CFG = {"backbone": "vit_tiny_patch16_384", "num_classes": 7,
 RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from data_prep.loader import build_loader
-from pipelines.data import eval_loader
-from pipelines.evaluate import evaluate_model
-from pipelines.model_config import build_model
+from pipelines.common.data import eval_loader
+from pipelines.evaluate.evaluator import evaluate_model
+from pipelines.common.model import build_model
 
 rank, world, workers = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 store, uri, model_path, cfg, out = sys.argv[4:9]

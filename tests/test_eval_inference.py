@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipelines.evaluate import evaluate_model, predict
-from pipelines.model_config import build_model
+from pipelines.common.model import build_model
+from pipelines.evaluate.evaluator import evaluate_model, predict
 
 
 @pytest.fixture(scope="module")

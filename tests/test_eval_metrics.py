@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from pipelines.metrics import ConfusionMeter, confusion_matrix, scores_from_confusion
+from pipelines.evaluate.metrics import ConfusionMeter, confusion_matrix, scores_from_confusion
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

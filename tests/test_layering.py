@@ -39,7 +39,7 @@ def test_package_does_not_import_upper_layers(package: str) -> None:
 
 
 def test_cli_commands_point_at_existing_modules() -> None:
-    from pipelines.cli import COMMANDS
+    from pipelines.cli.app import COMMANDS
 
     missing = [
         module for module, _ in COMMANDS.values()

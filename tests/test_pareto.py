@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.pareto import miou_drop, pareto_front, penalised_objective, select
+from pipelines.tune.pareto import miou_drop, pareto_front, penalised_objective, select
 
 # baseline 0.50; drops in points: a 0.0, b 1.0, c 2.0, d 3.0, e 0.5, f -0.5 (a gain)
 TRIALS = [

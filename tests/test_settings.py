@@ -7,7 +7,7 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from pipelines.settings import ConfigError, StrictModel, dump_config, flatten, load_config
+from pipelines.common.settings import ConfigError, StrictModel, dump_config, flatten, load_config
 
 
 class Optim(StrictModel):
@@ -61,7 +61,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_shared_field_types_reject_unsafe_names_and_partial_patches():
-    from pipelines.settings import PatchMultiple, RunName
+    from pipelines.common.settings import PatchMultiple, RunName
 
     class Named(StrictModel):
         name: RunName = "run"

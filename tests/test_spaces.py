@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import tune_spaces
-from pipelines.search_space import load_space
-from pipelines.settings import ConfigError
+from pipelines.common.settings import ConfigError
+from pipelines.tune.space import load_space
 
 
 @pytest.mark.parametrize("name", tune_spaces.names())
@@ -89,7 +89,7 @@ def test_shipped_space_survives_json(name):
     become strings: the model reads them back as the same levels (issue 9)."""
     import json
 
-    from pipelines.search_space import SearchSpace
+    from pipelines.tune.space import SearchSpace
 
     space = load_space(name)
     back = SearchSpace.model_validate(json.loads(json.dumps(space.model_dump(mode="json"))))
@@ -102,7 +102,7 @@ def test_shipped_space_survives_json(name):
 
 
 def test_string_level_keys_are_levels_and_bad_ones_still_fail(tmp_path: Path):
-    from pipelines.search_space import SearchSpace
+    from pipelines.tune.space import SearchSpace
 
     space = SearchSpace.model_validate(
         {"name": "s", "merge_thresholds": {"2": {"type": "choice", "values": [0.5, 0.9]},

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep import storage as files
-from pipelines.tiles import tile_dataset
+from pipelines.workflow.tiles import tile_dataset
 
 from helpers import LOVEDA
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.checkpoint import load_model, load_state_dict, state_digest
 from pipelines.cli import main
-from pipelines.config import load_train_config
-from pipelines.train import fit
+from pipelines.common.checkpoint import load_model, load_state_dict, state_digest
+from pipelines.train.config import load_train_config
+from pipelines.train.trainer import fit
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -109,10 +109,10 @@ def test_step_training_is_tracked_in_mlflow_server(crashed_step_run, tiny_shards
 
 
 def test_policy_run_stopped_then_resumed_and_learns(tiny_shards, tmp_path) -> None:
-    from pipelines.checkpoint import local_dir
-    from pipelines.data import eval_loader
-    from pipelines.model_config import build_model
-    from pipelines.stages import evaluate_policy
+    from pipelines.common.checkpoint import local_dir
+    from pipelines.common.data import eval_loader
+    from pipelines.common.model import build_model
+    from pipelines.train.stages import evaluate_policy
 
     overrides = _overrides(tiny_shards, tmp_path, "train.inject_failure_at_step=8",
                            "train.max_failures=0", "mlflow.log_model=false",

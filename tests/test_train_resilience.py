@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.checkpoint import load_model, state_digest
-from pipelines.config import TrainConfig, load_train_config
-from pipelines.train import TrainResult, fit
+from pipelines.common.checkpoint import load_model, state_digest
+from pipelines.train.config import TrainConfig, load_train_config
+from pipelines.train.trainer import TrainResult, fit
 
 from helpers import kill_process, start_mlflow_server, stop_process
 
@@ -212,7 +212,7 @@ def test_rerun_of_a_finished_training_returns_its_result(outage_run, caplog) -> 
     try:
         cfg = run.cfg.model_copy(update={
             "mlflow": run.cfg.mlflow.model_copy(update={"tracking_uri": uri})})
-        with caplog.at_level(logging.WARNING, logger="pipelines.train"):
+        with caplog.at_level(logging.WARNING, logger="pipelines.train.trainer"):
             again = fit(cfg)
             once_more = fit(cfg)
         client = MlflowClient(uri)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.tracking import (
+from pipelines.tracking.runs import (
     RunLogger,
     create_run,
     get_or_create_experiment,

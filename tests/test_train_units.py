@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.checkpoint import load_model, save_checkpoint, state_digest
-from pipelines.config import load_train_config
-from pipelines.model_config import build_model
-from pipelines.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from pipelines.stages import StepStage, load_policy_weights, resolve_checkpoint_dir
+from pipelines.common.checkpoint import load_model, save_checkpoint, state_digest
+from pipelines.common.model import build_model
+from pipelines.train.config import load_train_config
+from pipelines.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from pipelines.train.stages import StepStage, load_policy_weights, resolve_checkpoint_dir
 
 TINY = {"backbone": "vit_tiny_patch16_384", "num_classes": 4,
         "policy": {"mode": "oracle", "pretrained": False, "levels": [2, 4]},
@@ -92,7 +92,7 @@ def test_finetune_phase_halts_tokens_in_training() -> None:
 
 
 def test_progress_line_says_step_loss_speed_and_eta() -> None:
-    from pipelines.train_loop import progress_line
+    from pipelines.train.loop import progress_line
 
     line = progress_line("step", 300, 1500, 0.51234, 7.25, seconds_per_step=1.5)
     assert line == ("[train step] step 300/1500 (20%)  loss 0.5123  7.2 samples/s"

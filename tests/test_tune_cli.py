@@ -24,8 +24,8 @@ def tiny_case(tmp_path_factory, ray_local):
     import torch
 
     from data_prep.prep import prepare
-    from pipelines.checkpoint import save_checkpoint
-    from pipelines.model_config import build_model, normalize_model_config
+    from pipelines.common.checkpoint import save_checkpoint
+    from pipelines.common.model import build_model, normalize_model_config
 
     root = tmp_path_factory.mktemp("tune")
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_all_trials_failing_exits_nonzero_naming_the_error(tiny_case, tmp_path, 
     from mlflow.tracking import MlflowClient
 
     from pipelines.cli import main
-    from pipelines.search_space import SearchSpace
+    from pipelines.tune.space import SearchSpace
 
     dump = SearchSpace.model_dump
     monkeypatch.setattr(SearchSpace, "model_dump",
@@ -177,7 +177,7 @@ def test_aws_keys_stay_out_of_ray_logs(tiny_case, s3_bucket, tmp_path):
 
     import boto3
 
-    from pipelines import storage
+    from pipelines.common import storage
 
     bucket = f"s3://{s3_bucket}"
     ckpt = storage.upload_dir(tiny_case["ckpt"], f"{bucket}/ckpt")
@@ -230,7 +230,7 @@ def test_keys_out_of_env_restores_and_error_summary(monkeypatch):
     a trial's error file becomes ``Type: message`` without Ray's wrapper lines."""
     import os
 
-    from pipelines.tune import error_summary, keys_out_of_env
+    from pipelines.tune.search import error_summary, keys_out_of_env
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "t0k3n")

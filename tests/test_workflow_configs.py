@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.settings import ConfigError
-from pipelines.workflow import Workflow, fingerprint
-from pipelines.workflow_config import load_pipeline_config
+from pipelines.common.settings import ConfigError
+from pipelines.workflow.config import load_pipeline_config
+from pipelines.workflow.runner import Workflow, fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 LOVEDA = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
@@ -108,7 +108,7 @@ def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
 
 def test_state_and_outputs_on_s3(s3_bucket):
     """Pipeline state and step outputs live on S3 as well as on disk (real moto server)."""
-    from pipelines.workflow import _exists, _read_json, _write_json
+    from pipelines.workflow.runner import _exists, _read_json, _write_json
 
     uri = f"s3://{s3_bucket}/pipelines/demo/pipeline_state.json"
     assert _read_json(uri) is None and not _exists(uri)

@@ -171,7 +171,7 @@ def test_registered_model_and_thresholds_hold_on_reevaluation(pipeline):
     assert json.loads(version.tags["inference"]) == doc["best"]["inference"]
 
     # re-evaluate the chosen thresholds independently of the search
-    from pipelines.tune import evaluate, model_num_exits, reference_inference
+    from pipelines.tune.search import evaluate, model_num_exits, reference_inference
 
     ckpt = doc["steps"]["train_step"]["outputs"]["checkpoint"]
     val = doc["steps"]["prepare"]["outputs"]["val"]

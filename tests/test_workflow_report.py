@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipelines.pareto import select
-from pipelines.report import (
+from pipelines.tune.pareto import select
+from pipelines.tune.search import pareto_plot, trials_csv
+from pipelines.workflow.report import (
     per_class_halting_md,
     per_class_halting_rows,
     summary_csv,
     summary_table,
     token_map_figure,
 )
-from pipelines.tune import pareto_plot, trials_csv
 
 EVAL = {
     "baseline": {"miou": 0.5, "gflops": 10.0, "tokens_mean": 256.0, "halted_fraction": 0.0,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 def test_step_ui_serves_the_embedded_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import get_or_create_experiment
+    from pipelines.tracking.runs import get_or_create_experiment
 
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     (tmp_path / "runs").mkdir()

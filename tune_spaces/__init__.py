@@ -1,4 +1,4 @@
-"""Shipped search spaces for ``step tune`` (YAML data; loaded by ``pipelines.search_space``).
+"""Shipped search spaces for ``step tune`` (YAML data; loaded by ``pipelines.tune.space``).
 
 * ``exits_only``: exit thresholds per head and top-k; merging stays as the checkpoint has it.
 * ``merge_only``: merge thresholds per superpatch level; exits stay as the checkpoint has them.

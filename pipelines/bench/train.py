@@ -82,7 +82,7 @@ def _fixture_batches(crop: int, batch: int, n: int, seed: int = 0):
 
 
 def _shard_batches(cfg, uri: str, n: int):
-    from pipelines.data import train_loader
+    from pipelines.common.data import train_loader
 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": uri})})
     out = []
@@ -99,7 +99,7 @@ def _shard_batches(cfg, uri: str, n: int):
 def _loadable(uri: str | None) -> str | None:
     if not uri:
         return None
-    from pipelines.stages import resolve_checkpoint_dir
+    from pipelines.train.stages import resolve_checkpoint_dir
 
     try:
         return resolve_checkpoint_dir(uri)
@@ -112,11 +112,11 @@ def _loadable(uri: str | None) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pipelines.config import load_train_config
-    from pipelines.data import batch_to_device
-    from pipelines.model_config import build_model
-    from pipelines.optim import build_optimizer
-    from pipelines.train_loop import _autocast
+    from pipelines.common.data import batch_to_device
+    from pipelines.common.model import build_model
+    from pipelines.train.config import load_train_config
+    from pipelines.train.loop import _autocast
+    from pipelines.train.optim import build_optimizer
     from step_model import step_loss
 
     cfg = load_train_config(args.config, args.overrides)
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(cfg.train.seed)
         model = build_model(mcfg).to(device)
         if policy_uri and name != "plain":
-            from pipelines.stages import load_policy_weights
+            from pipelines.train.stages import load_policy_weights
 
             load_policy_weights(model, policy_uri)
         model.policy.requires_grad_(False)

@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
-from pipelines import checkpoint as ckpt_io
-from pipelines.config import TrainConfig
-from pipelines.data import batch_to_device
-from pipelines.model_config import build_model
+from pipelines.common import checkpoint as ckpt_io
+from pipelines.common.data import batch_to_device
+from pipelines.common.model import build_model
+from pipelines.train.config import TrainConfig
 
 
 @dataclass
@@ -66,7 +66,7 @@ def total_steps(cfg: TrainConfig, world_size: int) -> int:
     """Base-phase optimizer steps (``train.steps``, or ``train.epochs`` over the data)."""
     if cfg.train.steps is not None:
         return cfg.train.steps
-    from pipelines.data import dataset_info, resolve_data_uri
+    from pipelines.common.data import dataset_info, resolve_data_uri
 
     info = dataset_info(cfg.data.train)
     samples = info.num_samples[info.pick_split(resolve_data_uri(cfg.data.train)[1], train=True)]
@@ -90,7 +90,7 @@ def _autocast(device: torch.device, precision: str):
 
 def train_batches(cfg: TrainConfig, state: LoopState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless training batches; epochs advance ``state`` so that a resume can skip ahead."""
-    from pipelines.data import train_loader
+    from pipelines.common.data import train_loader
 
     while True:
         loader = train_loader(cfg, epoch=state.epoch)
@@ -137,9 +137,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from data_prep.storage import apply_s3_env
-    from pipelines import stages
-    from pipelines.optim import build_optimizer, build_scheduler
-    from pipelines.tracking import RunLogger
+    from pipelines.tracking.runs import RunLogger
+    from pipelines.train import stages
+    from pipelines.train.optim import build_optimizer, build_scheduler
 
     # Workers keep the environment they were started with, which may predate the driver's
     # AWS_* variables (data, policy checkpoints on s3://).
@@ -284,7 +284,7 @@ def _report(rank: int, model: torch.nn.Module, cfg: TrainConfig, train_state: di
     """Every rank reports (it is a barrier); only rank 0 writes the checkpoint."""
     import ray.train
 
-    from pipelines import stages
+    from pipelines.train import stages
 
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)

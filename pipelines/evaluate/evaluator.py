@@ -1,6 +1,6 @@
 """Evaluation: accuracy and compute figures of a STEP model over a validation set.
 
-Accuracy comes from one confusion matrix (:mod:`pipelines.metrics`), summed across DDP
+Accuracy comes from one confusion matrix (:mod:`pipelines.evaluate.metrics`), summed across DDP
 ranks when evaluation runs inside Ray Train, so mIoU is exact, not an average of averages.
 Compute figures come from what the model actually executed:
 
@@ -19,7 +19,7 @@ windows (Segmenter / mmseg ``slide`` mode), for images larger than the training 
 With the oracle policy the windows get their label crops, as the oracle needs them.
 
 Under DDP the validation *samples* (not shards) are split across ranks, balanced to within
-one image (:func:`pipelines.data.eval_loader`), so a one-shard validation split still
+one image (:func:`pipelines.common.data.eval_loader`), so a one-shard validation split still
 gives every rank work; a rank with no data at all still joins every reduction with tensors
 of the same shapes. ``max_samples`` is a global cap, split across the ranks. Progress goes
 to stderr on rank 0: a tqdm bar on a terminal, plain lines every 30 s elsewhere (Ray
@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipelines.data import batch_to_device
-from pipelines.metrics import IGNORE_INDEX, ConfusionMeter, all_reduce_sum
+from pipelines.common.data import batch_to_device
+from pipelines.evaluate.metrics import IGNORE_INDEX, ConfusionMeter, all_reduce_sum
 
 
 @dataclass
@@ -350,7 +350,7 @@ def evaluate_model(
     """Evaluate ``model`` (a StepSegmenter, already configured) on ``loader`` batches.
 
     Under torch.distributed every rank passes its own loader (its own share of the
-    samples: :func:`pipelines.data.eval_loader` splits samples, not shards) and all ranks
+    samples: :func:`pipelines.common.data.eval_loader` splits samples, not shards) and all ranks
     get the same, globally reduced result. Every rank joins every collective with tensors
     of the same shapes, whatever data it saw (none included): the exits, depth and
     supertoken levels come from the model, not from the forwards.
@@ -520,8 +520,8 @@ def evaluate_checkpoint(
     """Load a checkpoint, apply ``model.set_inference(**inference)``, evaluate ``data_uri``
     (the first ``max_samples`` images of it when given; progress on stderr unless
     ``progress=False``)."""
-    from pipelines.checkpoint import load_model
-    from pipelines.data import dataset_info, eval_loader
+    from pipelines.common.checkpoint import load_model
+    from pipelines.common.data import dataset_info, eval_loader
 
     model, model_config = load_model(checkpoint_uri, device=device)
     if inference:

@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: config {args.config}: file not found")
         return 2
     # validate here: a broken config should fail in a second, not after the upload
-    from pipelines.settings import ConfigError
-    from pipelines.workflow_config import load_pipeline_config
+    from pipelines.common.settings import ConfigError
+    from pipelines.workflow.config import load_pipeline_config
 
     try:
         load_pipeline_config(args.config, args.overrides)

@@ -9,7 +9,7 @@
    its thresholds; nothing is trained. Trials run in parallel within the resources given
    (``resources_per_trial``: CPUs here, a GPU each on a cluster). Each reports mIoU, drop,
    GFLOPs, tokens, halted fraction and latency;
-3. picks the answer over *all* finished trials with :mod:`pipelines.pareto` (cheapest
+3. picks the answer over *all* finished trials with :mod:`pipelines.tune.pareto` (cheapest
    feasible, Pareto front, closest when nothing is feasible) rather than trusting the
    searcher's own "best": the searcher optimises a penalised scalar, the answer follows the
    rule the user asked for;
@@ -60,9 +60,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipelines.pareto import Selection, miou_drop, penalised_objective, select
-from pipelines.search_space import SearchSpace, load_space
-from pipelines.settings import StrictModel
+from pipelines.common.settings import StrictModel
+from pipelines.tune.pareto import Selection, miou_drop, penalised_objective, select
+from pipelines.tune.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def reference_inference(num_exits: int) -> dict[str, Any]:
 
 def evaluate(checkpoint: str, data: str, inference: dict[str, Any] | None, *,
              max_samples: int | None, device: str) -> dict[str, Any]:
-    from pipelines.evaluate import evaluate_checkpoint
+    from pipelines.evaluate.evaluator import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, inference=inference,
                                  max_samples=max_samples, device=device)
@@ -180,7 +180,7 @@ def evaluate(checkpoint: str, data: str, inference: dict[str, Any] | None, *,
 def model_num_exits(checkpoint: str) -> int:
     """Exit heads of the checkpoint's model (from its config; builds it only when the
     exit blocks follow the backbone's depth)."""
-    from pipelines.checkpoint import load_model, local_dir, read_model_config
+    from pipelines.common.checkpoint import load_model, local_dir, read_model_config
 
     exits = (read_model_config(local_dir(checkpoint)).get("exits") or {})
     if exits.get("blocks") is not None:
@@ -259,7 +259,7 @@ def tune_storage(storage_path: str) -> tuple[str, str | None]:
     are done. The trials need no storage: they only report metrics (no checkpoints), and
     Tune's loggers and error files are written by the driver.
     """
-    from pipelines import storage
+    from pipelines.common import storage
 
     if storage.is_s3(storage_path):
         import tempfile
@@ -271,7 +271,7 @@ def tune_storage(storage_path: str) -> tuple[str, str | None]:
 def _upload_results(local: Path, uri: str) -> None:
     """Tune's experiment directory to ``uri`` (best effort: the search's record is in
     MLflow, Tune's files are for inspection)."""
-    from pipelines import storage
+    from pipelines.common import storage
 
     if not local.is_dir():
         return
@@ -462,7 +462,7 @@ def _searcher(settings: TuneSettings):
 
 def preflight(settings: TuneSettings) -> tuple[SearchSpace, int]:
     """Check what can be checked before any run or trial starts; (space, exits)."""
-    from pipelines.settings import ConfigError
+    from pipelines.common.settings import ConfigError
 
     if not settings.checkpoint or not settings.data:
         raise ConfigError("tune: both checkpoint and data are required "
@@ -488,14 +488,14 @@ def search(settings: TuneSettings, *, parent_run_id: str | None = None,
     from ray import tune
 
     from data_prep.storage import capture_s3_env
-    from pipelines import storage
-    from pipelines.tracking import (
+    from pipelines.common import storage
+    from pipelines.tracking.runs import (
         RunLogger,
         create_run,
         get_or_create_experiment,
         resolve_tracking_uri,
     )
-    from pipelines.train import init_ray
+    from pipelines.train.trainer import init_ray
 
     t0 = time.monotonic()
     space, num_exits = preflight(settings)
@@ -735,7 +735,7 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
     import mlflow
     import mlflow.pytorch
 
-    from pipelines.checkpoint import load_model
+    from pipelines.common.checkpoint import load_model
 
     best = selection.best
     model, _ = load_model(checkpoint)

@@ -1,6 +1,6 @@
 """The pipeline config of ``step run``: one YAML for prepare -> train -> tune -> evaluate -> report.
 
-The two trainings keep their own configs (``pipelines.config.TrainConfig`` files, the same
+The two trainings keep their own configs (``pipelines.train.config.TrainConfig`` files, the same
 ones ``step train`` takes); the pipeline config points at them and adds ``--set``-style
 overrides, so a recipe is written once and used both ways. The data paths, storage path,
 policy checkpoint and MLflow settings of the trainings are filled in by the workflow from
@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.settings import ConfigError, PatchMultiple, RunName, StrictModel, load_config
-from pipelines.tune import TuneSettings
+from pipelines.common.settings import ConfigError, PatchMultiple, RunName, StrictModel, load_config
+from pipelines.tune.search import TuneSettings
 
 
 class TileSection(StrictModel):
@@ -103,7 +103,7 @@ class PipelineConfig(StrictModel):
 
     @property
     def root(self) -> str:
-        from pipelines.storage import join
+        from pipelines.common.storage import join
 
         return join(self.storage, self.name)
 
@@ -115,8 +115,8 @@ class PipelineConfig(StrictModel):
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Load + validate the pipeline config and the training configs it points at."""
     cfg = load_config(PipelineConfig, path, overrides)
-    from pipelines.config import load_train_config
-    from pipelines.search_space import load_space
+    from pipelines.train.config import load_train_config
+    from pipelines.tune.space import load_space
 
     for stage in ("policy", "step"):
         section = getattr(cfg, stage)
@@ -137,7 +137,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
 def _validate_step_config(section: TrainStepSection) -> None:
     """Stage-2 configs in threshold/budget mode need a policy checkpoint, which the
     workflow supplies; validate with a placeholder so the rest is still checked."""
-    from pipelines.config import load_train_config
+    from pipelines.train.config import load_train_config
 
     load_train_config(section.config, [*section.set, "policy_checkpoint=<from-policy-step>"],
                       stage="step")

@@ -104,8 +104,8 @@ def bench_varlen(device, backbone: str, tokens: int, batch: int, repeats: int) -
 
 def bench_train(device_type: str, steps: int) -> dict[str, Any]:
     from data_prep.prep import prepare
-    from pipelines.config import load_train_config
-    from pipelines.train import fit, init_ray
+    from pipelines.train.config import load_train_config
+    from pipelines.train.trainer import fit, init_ray
 
     init_ray()
     with tempfile.TemporaryDirectory(prefix="step-bench-gpu-") as tmp:

@@ -164,8 +164,8 @@ def token_maps(checkpoint: str, val_data: str, inference: dict[str, Any] | None,
     """Run the tuned model on the first ``num_images`` validation images; one figure each."""
     import torch
 
-    from pipelines.checkpoint import load_model
-    from pipelines.data import batch_to_device, eval_loader
+    from pipelines.common.checkpoint import load_model
+    from pipelines.common.data import batch_to_device, eval_loader
 
     if num_images <= 0:
         return []
@@ -196,9 +196,9 @@ def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
                  eval_doc: dict[str, Any], checkpoint: str, val_data: str,
                  num_images: int) -> dict[str, Any]:
     """Write every artifact to the report run; return the summary (what ``--json`` shows)."""
-    from pipelines.pareto import select
-    from pipelines.tracking import RunLogger
-    from pipelines.tune import pareto_plot, trials_csv
+    from pipelines.tracking.runs import RunLogger
+    from pipelines.tune.pareto import select
+    from pipelines.tune.search import pareto_plot, trials_csv
 
     tracker = RunLogger(run_id, tracking_uri)
     table = summary_table(eval_doc)

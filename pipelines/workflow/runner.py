@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.settings import ConfigError, dump_config
-from pipelines.workflow_config import PipelineConfig
+from pipelines.common.settings import ConfigError, dump_config
+from pipelines.workflow.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Workflow:
 
     def __init__(self, cfg: PipelineConfig, *, config_path: str | None = None,
                  echo: Callable[[str], None] = print):
-        from pipelines.tracking import get_or_create_experiment, resolve_tracking_uri
+        from pipelines.tracking.runs import get_or_create_experiment, resolve_tracking_uri
 
         self.cfg = cfg
         self.config_path = config_path
@@ -187,10 +187,10 @@ class Workflow:
         run = self.client.create_run(self.experiment_id, run_name=self.cfg.name, tags=tags)
         self.parent_run_id = run.info.run_id
         self.state["steps"] = {}
-        from pipelines.settings import flatten
+        from pipelines.common.settings import flatten
 
         params = flatten(self.cfg)
-        from pipelines.tracking import RunLogger
+        from pipelines.tracking.runs import RunLogger
 
         logger = RunLogger(self.parent_run_id, self.tracking_uri)
         logger.log_params(params)
@@ -304,7 +304,7 @@ class Workflow:
                               summary, self.resumed)
 
     def _run_steps(self) -> dict[str, Any]:
-        from pipelines import steps
+        from pipelines.workflow import steps
 
         cfg = self.cfg
         data = self.step("prepare", steps.prepare_payload(cfg),
@@ -335,7 +335,7 @@ class Workflow:
         return summary
 
     def _log_parent_summary(self, summary: dict[str, Any]) -> None:
-        from pipelines.tracking import RunLogger
+        from pipelines.tracking.runs import RunLogger
 
         logger = RunLogger(self.parent_run_id, self.tracking_uri)
         for row in ("baseline", "tuned"):
@@ -352,7 +352,7 @@ class Workflow:
     def plan(self) -> list[dict[str, Any]]:
         """What ``run`` would do, without doing it: each step's fingerprint and whether a
         finished run with that fingerprint (and its outputs) exists, i.e. would be skipped."""
-        from pipelines import steps
+        from pipelines.workflow import steps
 
         cfg = self.cfg
         fps: dict[str, str] = {}
@@ -387,7 +387,7 @@ class Workflow:
 
 
 def _join(base: str, *parts: str) -> str:
-    from pipelines.storage import absolute, is_s3, join
+    from pipelines.common.storage import absolute, is_s3, join
 
     base = base if is_s3(base) else absolute(base)
     return join(base, *parts) if parts else base
@@ -396,7 +396,7 @@ def _join(base: str, *parts: str) -> str:
 def run_pipeline(config: str | Path, overrides: list[str] | None = None, *,
                  echo: Callable[[str], None] = print) -> PipelineResult:
     """Load ``config`` and run it (the body of ``step run``)."""
-    from pipelines.workflow_config import load_pipeline_config
+    from pipelines.workflow.config import load_pipeline_config
 
     cfg = load_pipeline_config(config, overrides)
     if not cfg.runs_policy:
@@ -405,8 +405,8 @@ def run_pipeline(config: str | Path, overrides: list[str] | None = None, *,
 
 
 def _check_policy_free(cfg: PipelineConfig) -> None:
-    from pipelines.config import load_train_config
-    from pipelines.model_config import policy_mode
+    from pipelines.common.model import policy_mode
+    from pipelines.train.config import load_train_config
 
     tc = load_train_config(cfg.step.config, [*cfg.step.set, "policy_checkpoint=x"],
                            stage="step")

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from pipelines.config import TrainConfig
+from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

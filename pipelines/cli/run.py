@@ -18,9 +18,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.settings import ConfigError
-    from pipelines.workflow import Workflow, run_pipeline
-    from pipelines.workflow_config import load_pipeline_config
+    from pipelines.common.settings import ConfigError
+    from pipelines.workflow.config import load_pipeline_config
+    from pipelines.workflow.runner import Workflow, run_pipeline
 
     try:
         if args.dry_run:

@@ -18,10 +18,10 @@ checkpoint's ``meta.json``, and logs the model only if its MLflow run has none y
 tracking server was down when it ended). Workflows and Tune can therefore rerun a pipeline
 without paying for, or duplicating, the trainings that are done.
 
-Every MLflow call of the driver goes through :class:`~pipelines.tracking.RunLogger`
+Every MLflow call of the driver goes through :class:`~pipelines.tracking.runs.RunLogger`
 once the run exists, so a server that goes away mid-run costs a warning, not the training.
 
-The per-worker function lives in :mod:`pipelines.train_loop`, inside the installed
+The per-worker function lives in :mod:`pipelines.train.loop`, inside the installed
 package: Ray pickles it by reference, and a function the workers cannot import makes Ray
 keep their CPUs and hang the next run (PLATFORM.md).
 """
@@ -36,16 +36,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from data_prep.storage import capture_s3_env, exists, read_bytes
-from pipelines import storage
-from pipelines.config import TrainConfig
-from pipelines.settings import dump_config, flatten
-from pipelines.tracking import (
+from pipelines.common import storage
+from pipelines.common.settings import dump_config, flatten
+from pipelines.tracking.runs import (
     RunLogger,
     create_run,
     find_run,
     get_or_create_experiment,
     resolve_tracking_uri,
 )
+from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def ray_storage(storage_path: str):
     """(storage_path, storage_filesystem) for ``RunConfig``, with the driver's S3 keys inside.
 
     For a custom S3 endpoint (``AWS_ENDPOINT_URL``: MinIO, moto) Ray needs an explicit
-    pyarrow filesystem (``pipelines.storage.ray_storage``). Ray pickles it to the Train
+    pyarrow filesystem (``pipelines.common.storage.ray_storage``). Ray pickles it to the Train
     controller and to the workers, processes that keep the environment Ray was started with,
     which may predate the driver's ``AWS_*`` variables. Without keys the controller's
     deletions of old checkpoints fail with ACCESS_DENIED, which Ray logs and ignores:
@@ -108,7 +108,7 @@ def build_trainer(cfg: TrainConfig, train_loop_config: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.train.loop import train_loop_per_worker
 
     storage_path, filesystem = ray_storage(cfg.storage.storage_path)
     scaling = ScalingConfig(
@@ -187,10 +187,10 @@ def completed_checkpoint(cfg: TrainConfig) -> str | None:
     Only the last step writes that checkpoint, so it exists only once training finished.
     A config with more steps has another last step, and resumes from its latest checkpoint.
     """
-    # torch-importing modules: imported when needed (``pipelines.train`` is imported by
+    # torch-importing modules: imported when needed (``pipelines.train.trainer`` is imported by
     # Tune and workflow drivers that may never train).
-    from pipelines.checkpoint import META_FILE, MODEL_FILE, checkpoint_dir_name
-    from pipelines.train_loop import final_step
+    from pipelines.common.checkpoint import META_FILE, MODEL_FILE, checkpoint_dir_name
+    from pipelines.train.loop import final_step
 
     last = final_step(cfg, cfg.scaling.num_workers)
     uri = storage.join(cfg.storage.storage_path, cfg.name, checkpoint_dir_name(last))
@@ -204,7 +204,7 @@ def _completed_result(cfg: TrainConfig, ckpt: str, tracking_uri: str,
     """The result of a finished training, from its final checkpoint, without training."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.checkpoint import META_FILE
+    from pipelines.common.checkpoint import META_FILE
 
     meta = json.loads(read_bytes(storage.join(ckpt, META_FILE)))
     metrics = dict(meta.get("metrics") or {})
@@ -241,7 +241,7 @@ def _close_run(tracker: RunLogger, cfg: TrainConfig, ckpt: str, *,
     tracker.set_tags({"step.checkpoint": ckpt})
     # ``available`` is False right after a failed call: skip the download and the upload.
     if model_uri is None and cfg.mlflow.log_model and tracker.available:
-        from pipelines.checkpoint import load_model
+        from pipelines.common.checkpoint import load_model
 
         model, model_config = load_model(ckpt)
         model_uri = tracker.log_model(model, name="model", metadata={"step_config": model_config,

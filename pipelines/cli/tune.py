@@ -36,9 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.settings import ConfigError, validate
-    from pipelines.tracking import resolve_tracking_uri
-    from pipelines.tune import TrialsFailed, TuneSettings
+    from pipelines.common.settings import ConfigError, validate
+    from pipelines.tracking.runs import resolve_tracking_uri
+    from pipelines.tune.search import TrialsFailed, TuneSettings
 
     try:
         settings = validate(TuneSettings, {
@@ -72,8 +72,8 @@ def _search_in_run(settings):
     """Own the parent run: FINISHED on success, FAILED on any error (never left RUNNING)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import create_run
-    from pipelines.tune import preflight, search
+    from pipelines.tracking.runs import create_run
+    from pipelines.tune.search import preflight, search
 
     preflight(settings)  # a bad space or checkpoint fails before any run is created
     run_id = create_run(settings.tracking_uri, settings.experiment, run_name=settings.name,

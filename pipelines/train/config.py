@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.settings import ConfigError, PatchMultiple, RunName, StrictModel, load_config
+from pipelines.common.settings import ConfigError, PatchMultiple, RunName, StrictModel, load_config
 
 Stage = Literal["policy", "step"]
 
@@ -141,13 +141,13 @@ class TrainConfig(StrictModel):
     @field_validator("model")
     @classmethod
     def _valid_model(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.model_config import normalize_model_config
+        from pipelines.common.model import normalize_model_config
 
         return normalize_model_config(v)
 
     @model_validator(mode="after")
     def _stage_rules(self) -> TrainConfig:
-        from pipelines.model_config import policy_mode
+        from pipelines.common.model import policy_mode
 
         if self.stage == "policy":
             if self.policy_checkpoint:
@@ -178,7 +178,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
                               f"{cfg.stage!r} but the command is 'train {stage}'")
         data = cfg.model_dump()
         data["stage"] = stage
-        from pipelines.settings import validate
+        from pipelines.common.settings import validate
 
         cfg = validate(TrainConfig, data, str(path))
     return cfg

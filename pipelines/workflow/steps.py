@@ -1,6 +1,6 @@
 """The six steps of ``step run``, each as (fingerprint payload, body, "outputs still there?").
 
-Kept apart from :mod:`pipelines.workflow` (which only sequences, fingerprints, skips and
+Kept apart from :mod:`pipelines.workflow.runner` (which only sequences, fingerprints, skips and
 resumes) so that each step reads as the plain program it is. Every body receives the MLflow
 run id of its step and returns a small JSON-able dict of outputs (URIs and a few numbers):
 that dict is stored on the step's run (tag ``step.outputs``) and reused when the step is
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipelines.workflow_config import PipelineConfig
+from pipelines.workflow.config import PipelineConfig
 
 if TYPE_CHECKING:
-    from pipelines.workflow import Workflow
+    from pipelines.workflow.runner import Workflow
 
 
 def _fp_short(wf: Workflow, name: str) -> str:
@@ -50,8 +50,8 @@ def prepare_payload(cfg: PipelineConfig) -> dict[str, Any]:
 
 def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
     from data_prep.prep import prepare as prep
-    from pipelines.tracking import RunLogger
-    from pipelines.train import init_ray
+    from pipelines.tracking.runs import RunLogger
+    from pipelines.train.trainer import init_ray
 
     # Ray is started (or joined) here, before data_prep would start its own quiet one:
     # the trainings' progress lines reach the pipeline's output only with log_to_driver.
@@ -62,7 +62,7 @@ def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
     base = wf.path("data", _fp_short(wf, "prepare"))
     if d.tile is not None:
         from data_prep import storage as files
-        from pipelines.tiles import tile_dataset
+        from pipelines.workflow.tiles import tile_dataset
 
         # under the pipeline's storage: prep's Ray Data tasks on other nodes read them
         src = files.join(base, "tiles")
@@ -100,7 +100,7 @@ def prepare_done(outputs: dict[str, Any]) -> bool:
 # the two trainings
 
 def _train_config(cfg: PipelineConfig, stage: str):
-    from pipelines.config import load_train_config
+    from pipelines.train.config import load_train_config
 
     section = cfg.policy if stage == "policy" else cfg.step
     overrides = list(section.set)
@@ -121,7 +121,7 @@ def train_payload(cfg: PipelineConfig, stage: str, inputs: list[str | None]) -> 
 
 def train(cfg: PipelineConfig, stage: str, run_id: str, wf: Workflow,
           data: dict[str, Any], policy_checkpoint: str | None) -> dict[str, Any]:
-    from pipelines.train import fit
+    from pipelines.train.trainer import fit
 
     tc = _train_config(cfg, stage)
     step_name = "train_policy" if stage == "policy" else "train_step"
@@ -139,7 +139,7 @@ def train(cfg: PipelineConfig, stage: str, run_id: str, wf: Workflow,
     result = fit(tc, parent_run_id=run_id)
     metrics = {k: v for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    from pipelines.tracking import RunLogger
+    from pipelines.tracking.runs import RunLogger
 
     RunLogger(run_id, wf.tracking_uri).log_metrics(metrics)
     return {"checkpoint": result.checkpoint, "train_run_id": result.run_id,
@@ -159,7 +159,7 @@ def train_done(outputs: dict[str, Any]) -> bool:
 
 def _tune_settings(cfg: PipelineConfig, wf: Workflow, checkpoint: str | None,
                    data: str | None):
-    from pipelines.tune import TuneSettings
+    from pipelines.tune.search import TuneSettings
 
     values = cfg.tune.model_dump()
     values.update(checkpoint=checkpoint, data=data, tracking_uri=wf.tracking_uri,
@@ -169,7 +169,7 @@ def _tune_settings(cfg: PipelineConfig, wf: Workflow, checkpoint: str | None,
 
 
 def tune_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
-    from pipelines.search_space import load_space
+    from pipelines.tune.space import load_space
 
     return {"tune": cfg.tune.model_dump(mode="json"),
             "space": load_space(cfg.tune.space).model_dump(mode="json"), "inputs": inputs}
@@ -177,7 +177,7 @@ def tune_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any
 
 def tune(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
          trained: dict[str, Any]) -> dict[str, Any]:
-    from pipelines.tune import search
+    from pipelines.tune.search import search
 
     settings = _tune_settings(cfg, wf, trained["checkpoint"], data["val"])
     outcome = search(settings, run_id=run_id)
@@ -204,7 +204,7 @@ def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str,
 
 def _evaluate_pair(checkpoint: str, data: str, tuned: dict[str, Any] | None,
                    max_samples: int | None, device: str) -> dict[str, Any]:
-    from pipelines.tune import evaluate, model_num_exits, reference_inference
+    from pipelines.tune.search import evaluate, model_num_exits, reference_inference
 
     baseline = evaluate(checkpoint, data, reference_inference(model_num_exits(checkpoint)),
                         max_samples=max_samples, device=device)
@@ -217,9 +217,9 @@ def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any
              trained: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
     import ray
 
-    from pipelines.pareto import is_feasible, miou_drop
-    from pipelines.tracking import RunLogger
-    from pipelines.train import init_ray
+    from pipelines.tracking.runs import RunLogger
+    from pipelines.train.trainer import init_ray
+    from pipelines.tune.pareto import is_feasible, miou_drop
 
     init_ray()
     e = cfg.evaluate
@@ -259,7 +259,7 @@ def report_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, A
 def report(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
            trained: dict[str, Any], tuned: dict[str, Any],
            evaluated: dict[str, Any]) -> dict[str, Any]:
-    from pipelines.report import build_report
+    from pipelines.workflow.report import build_report
 
     tune_doc = _read_json(tuned["result"])
     eval_doc = _read_json(evaluated["result"])
@@ -278,19 +278,19 @@ def report(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
 # ---------------------------------------------------------------------------------------
 
 def _exists(uri: str) -> bool:
-    from pipelines.workflow import _exists as exists
+    from pipelines.workflow.runner import _exists as exists
 
     return exists(uri)
 
 
 def _write_json(uri: str, data: Any) -> None:
-    from pipelines.workflow import _write_json as write
+    from pipelines.workflow.runner import _write_json as write
 
     write(uri, data)
 
 
 def _read_json(uri: str) -> dict[str, Any]:
-    from pipelines.workflow import _read_json as read
+    from pipelines.workflow.runner import _read_json as read
 
     doc = read(uri)
     if doc is None:

@@ -27,8 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.config import load_train_config
-    from pipelines.settings import ConfigError, dump_config
+    from pipelines.common.settings import ConfigError, dump_config
+    from pipelines.train.config import load_train_config
 
     stage = args.command_path[-1]
     try:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"step train {stage}: {err}", file=sys.stderr)
         return 2
 
-    from pipelines.train import fit
+    from pipelines.train.trainer import fit
 
     result = fit(cfg, parent_run_id=args.parent_run_id)
     summary = {"run_id": result.run_id, "tracking_uri": result.tracking_uri,

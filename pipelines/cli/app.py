@@ -16,17 +16,17 @@ import sys
 # (command path) -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("prep",): ("data_prep.cli", "shard a segmentation dataset into WebDataset tars (Ray Data)"),
-    ("train", "policy"): ("pipelines.train_cli", "stage 1: train the dCTS policy network (Ray Train)"),
-    ("train", "step"): ("pipelines.train_cli", "stage 2: train the STEP segmenter (Ray Train)"),
-    ("eval",): ("pipelines.eval_cli", "evaluate a checkpoint: mIoU and compute figures"),
-    ("tune",): ("pipelines.tune_cli", "search exit/merge thresholds under an mIoU-drop limit (Ray Tune)"),
-    ("run",): ("pipelines.workflow_cli", "run the whole pipeline: prep -> policy -> STEP -> tune -> eval -> report"),
-    ("submit",): ("pipelines.submit_cli", "submit the pipeline to a Ray cluster as a Ray job"),
-    ("ui",): ("pipelines.ui_cli", "start the MLflow UI on 127.0.0.1 over the embedded store"),
+    ("train", "policy"): ("pipelines.cli.train", "stage 1: train the dCTS policy network (Ray Train)"),
+    ("train", "step"): ("pipelines.cli.train", "stage 2: train the STEP segmenter (Ray Train)"),
+    ("eval",): ("pipelines.cli.eval", "evaluate a checkpoint: mIoU and compute figures"),
+    ("tune",): ("pipelines.cli.tune", "search exit/merge thresholds under an mIoU-drop limit (Ray Tune)"),
+    ("run",): ("pipelines.cli.run", "run the whole pipeline: prep -> policy -> STEP -> tune -> eval -> report"),
+    ("submit",): ("pipelines.cli.submit", "submit the pipeline to a Ray cluster as a Ray job"),
+    ("ui",): ("pipelines.cli.ui", "start the MLflow UI on 127.0.0.1 over the embedded store"),
     ("bench", "model"): ("step_model.bench", "plain ViT vs STEP: GFLOPs, tokens, latency (JSON)"),
     ("bench", "data"): ("data_prep.bench", "shard writing and loader throughput, local and S3 (JSON)"),
-    ("bench", "train"): ("pipelines.bench_train", "training samples/s, plain vs STEP (JSON)"),
-    ("bench", "gpu"): ("pipelines.bench_gpu", "GPU readiness: bf16/NCCL training, varlen kernels, model bench (JSON)"),
+    ("bench", "train"): ("pipelines.bench.train", "training samples/s, plain vs STEP (JSON)"),
+    ("bench", "gpu"): ("pipelines.bench.gpu", "GPU readiness: bf16/NCCL training, varlen kernels, model bench (JSON)"),
 }
 
 

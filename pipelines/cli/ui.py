@@ -27,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> list[str]:
-    from pipelines.tracking import DEFAULT_ARTIFACTS, DEFAULT_DIR, default_tracking_uri
+    from pipelines.tracking.runs import DEFAULT_ARTIFACTS, DEFAULT_DIR, default_tracking_uri
 
     store = args.backend_store_uri
     env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")

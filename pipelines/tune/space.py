@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.settings import ConfigError, StrictModel, load_config
+from pipelines.common.settings import ConfigError, StrictModel, load_config
 
 LEVELS = (2, 4, 8, 16)
 EXIT_POLICIES = ("confidence", "random", "uniform")

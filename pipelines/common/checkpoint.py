@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import yaml
 
-from pipelines import storage
-from pipelines.model_config import build_model
+from pipelines.common import storage
+from pipelines.common.model import build_model
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.yaml"

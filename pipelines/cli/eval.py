@@ -90,8 +90,8 @@ def inference_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from pipelines.evaluate import evaluate_checkpoint
-    from pipelines.stages import resolve_checkpoint_dir
+    from pipelines.evaluate.evaluator import evaluate_checkpoint
+    from pipelines.train.stages import resolve_checkpoint_dir
 
     inference = inference_kwargs(args)
     try:
@@ -126,7 +126,7 @@ def _f(v: float | None) -> str:
 
 
 def _log(args, checkpoint: str, inference: dict, result) -> tuple[str, str]:
-    from pipelines.tracking import RunLogger, create_run, resolve_tracking_uri
+    from pipelines.tracking.runs import RunLogger, create_run, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     run_id = create_run(tracking_uri, args.experiment, run_name="eval",

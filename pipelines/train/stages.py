@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from pipelines.config import TrainConfig
-from pipelines.data import batch_to_device
+from pipelines.common.data import batch_to_device
+from pipelines.train.config import TrainConfig
 
 
 def _freeze_bn(module: torch.nn.Module) -> None:
@@ -35,7 +35,7 @@ def _freeze_bn(module: torch.nn.Module) -> None:
 
 
 def _val_loader(cfg: TrainConfig):
-    from pipelines.data import eval_loader
+    from pipelines.common.data import eval_loader
 
     # samples (not shards) are split across ranks; the cap is global, so every world
     # size evaluates the same images
@@ -73,7 +73,7 @@ class PolicyStage:
         return evaluate_policy(model, _val_loader(cfg), device=device)
 
     def extra_files(self, model, directory: str | Path) -> None:
-        from pipelines.checkpoint import unwrap
+        from pipelines.common.checkpoint import unwrap
 
         state = {k: v.detach().cpu() for k, v in unwrap(model).policy.state_dict().items()}
         torch.save(state, Path(directory) / "policy.pt")
@@ -107,7 +107,7 @@ class StepStage:
         return step_loss(ddp(images, labels), labels, model.cfg)
 
     def evaluate(self, model, cfg: TrainConfig, device) -> dict[str, Any]:
-        from pipelines.evaluate import evaluate_model
+        from pipelines.evaluate.evaluator import evaluate_model
 
         result = evaluate_model(
             model, _val_loader(cfg), num_classes=model.cfg.num_classes, device=device,
@@ -146,7 +146,7 @@ def resolve_checkpoint_dir(uri: str) -> str:
 
 def load_policy_weights(model, uri: str) -> None:
     """Copy the ``policy.*`` tensors of a (stage-1) checkpoint into ``model.policy``."""
-    from pipelines.checkpoint import load_state_dict, local_dir
+    from pipelines.common.checkpoint import load_state_dict, local_dir
 
     path = local_dir(resolve_checkpoint_dir(uri))
     state = load_state_dict(path)
@@ -159,7 +159,7 @@ def load_policy_weights(model, uri: str) -> None:
 @torch.no_grad()
 def evaluate_policy(model, loader, *, device, max_samples: int | None = None) -> dict[str, Any]:
     """Policy accuracy against its ground truth, reduced across ranks."""
-    from pipelines.metrics import all_reduce_sum
+    from pipelines.evaluate.metrics import all_reduce_sum
     from step_model import policy_targets
     from step_model.model import pad_to_patch
 
