@@ -34,7 +34,7 @@ __all__ = [
 _WHERE = {
     "AugmentConfig": "data_prep.augment",
     "DatasetError": "data_prep.readers",
-    "IGNORE_INDEX": "data_prep.readers",
+    "IGNORE_INDEX": "data_prep.conventions",
     "READERS": "data_prep.readers",
     "DatasetInfo": "data_prep.info",
     "read_dataset_info": "data_prep.info",
@@ -48,10 +48,11 @@ _WHERE = {
 
 if TYPE_CHECKING:
     from data_prep.augment import AugmentConfig
+    from data_prep.conventions import IGNORE_INDEX
     from data_prep.info import DatasetInfo, read_dataset_info
     from data_prep.loader import SegLoader, build_loader, split_shards
     from data_prep.prep import PrepError, PrepReport, prepare
-    from data_prep.readers import IGNORE_INDEX, READERS, DatasetError
+    from data_prep.readers import READERS, DatasetError
 
 
 def __getattr__(name: str) -> Any:

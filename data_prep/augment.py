@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
 
-IGNORE_INDEX = 255
+from data_prep.conventions import IGNORE_INDEX
 
 
 class AugmentConfig(BaseModel):

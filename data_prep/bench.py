@@ -11,8 +11,12 @@ One run, on a flat ``img_dir``/``ann_dir`` dataset (the LoveDA fixtures) replica
   no augmentation, uint8 batches as training gets them: ``pipelines`` converts to float on
   the device) with the same resources
   (``--num-workers 0`` by default: the main process, one torch thread, as the decode
-  figure), from local shards and from a moto S3 server started in this process on
-  127.0.0.1;
+  figure), from local shards and from S3. S3 is measured only when asked: ``--s3
+  s3://bucket/prefix`` uploads the shards there (a real endpoint: ``AWS_ENDPOINT_URL`` or
+  ``STEP_S3_ENDPOINT_URL`` and the usual AWS credentials; the prefix must be empty, and
+  the uploaded objects are deleted afterwards), ``--s3-moto`` serves them from a moto
+  server started in this process on 127.0.0.1 (moto is a test extra, not a dependency).
+  Without either, the S3 figures are ``null`` and ``s3`` in the JSON says why;
 - ``load_local_float_images_per_s``: for information, the same loader building float32 /
   int64 batches on the host (``to_float=True``), which costs ~20 MB of fresh memory per
   1024^2 image;
@@ -33,8 +37,15 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# where the S3 figure comes from, and why it may be missing (the JSON's "s3" entry)
+S3_SKIPPED = ("not measured: pass --s3 s3://bucket/prefix (an endpoint from AWS_ENDPOINT_URL "
+              "and AWS credentials) or --s3-moto (needs moto, a test extra)")
+MOTO_MISSING = ("step bench data: --s3-moto needs moto, which is a test extra "
+                "(pip install 'moto[server]' or the project's [test] extra); "
+                "or measure a real endpoint with --s3 s3://bucket/prefix")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +61,195 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=None, help="keep the replicated data and shards here")
+    s3 = parser.add_mutually_exclusive_group()
+    s3.add_argument("--s3", default=None, metavar="URI",
+                    help="also load from S3: upload the shards under this empty s3://bucket/prefix "
+                    "(endpoint from AWS_ENDPOINT_URL / STEP_S3_ENDPOINT_URL, AWS credentials "
+                    "from the environment) and delete them afterwards")
+    s3.add_argument("--s3-moto", action="store_true",
+                    help="also load from S3 served by a moto server in this process on 127.0.0.1 "
+                    "(needs moto, a test extra)")
+
+
+class BenchInputError(ValueError):
+    """Options that cannot run (the message says which)."""
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """The benchmark (``args`` as :func:`configure` defines them); returns the result.
+    Raises :class:`BenchInputError` for options that cannot run."""
+    # Before torch allocates anything: back big CPU tensors with transparent huge pages.
+    # A fresh 48 MB float batch otherwise costs ~12k page faults; measured here (loaded
+    # 2-core machine, noisy): uint8 -> float batch of 4 x 1024^2, 10-25 ms/image without,
+    # 1.6-4 ms/image with it. Training workers can set the same variable.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    import torch
+
+    if args.samples < 64:
+        raise BenchInputError("step bench data: --samples must be >= 64")
+    error = check_s3_options(args)
+    if error:
+        raise BenchInputError(error)
+    # One process, one thread for both decode and loader figures (dataloader workers run
+    # with one thread too). With torch's default pool of 2 threads on this loaded 2-core
+    # machine, the uint8 -> float copy of a 1024^2 image took 3-13 ms instead of 0.9 ms.
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="step-bench-data-") as tmp:
+        work = Path(args.workdir or tmp)
+        shards, report, write_rate = write_shards(Path(args.images), work, args.samples,
+                                                  args.samples_per_shard)
+        with s3_copy(args, shards) as s3_uri:
+            rate = time_passes(build_passes(args, shards, report.shards, s3_uri), args.repeats)
+    result = summarize(args, len(report.shards), write_rate, rate)
+    if "s3" not in rate:
+        print(f"step bench data: S3 {S3_SKIPPED}", file=sys.stderr)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = measure(args)
+    except BenchInputError as err:
+        print(err, file=sys.stderr)
+        return 2
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _moto_importable() -> bool:
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_s3_options(args: argparse.Namespace) -> str | None:
+    """Why the S3 options cannot work (a one-line message), checked before the long work;
+    None when they can (or when S3 is not asked for)."""
+    if args.s3_moto and not _moto_importable():
+        return MOTO_MISSING
+    if args.s3:
+        from data_prep import storage
+
+        if not storage.is_s3(args.s3):
+            return f"step bench data: --s3 {args.s3}: expected s3://bucket/prefix"
+        if storage.list_files(args.s3):
+            return (f"step bench data: --s3 {args.s3} is not empty; the bench writes its shards "
+                    "there and deletes them afterwards, so it needs a prefix of its own")
+    return None
+
+
+def write_shards(images: Path, work: Path, n: int, samples_per_shard: int):
+    """Replicate ``images`` to ``n`` pairs and shard them with the ``step prep`` job (after an
+    untimed 2-sample warm-up job). Returns (shard folder, PrepReport, images/s written)."""
+    from data_prep import fixtures
+    from data_prep.prep import _ensure_ray, prepare
+
+    src = fixtures.replicate_flat(images, work / "src", n)
+    shards = work / "shards"
+    _ensure_ray()
+    # warm-up: the first Ray Data job of a session starts and imports its workers (~10 s
+    # here); that is a per-session cost, not shard-writing throughput
+    warm = fixtures.replicate_flat(images, work / "warm", 2)
+    prepare("loveda", str(warm), str(work / "warm_shards"), "train", samples_per_shard=1,
+            progress=False)
+    report = prepare("loveda", str(src), str(shards), "train",
+                     samples_per_shard=samples_per_shard, progress=False)
+    if report.written != n:
+        raise RuntimeError(f"prep wrote {report.written} of {n} samples: {report.skipped}")
+    return shards, report, n / report.seconds
+
+
+def build_passes(args: argparse.Namespace, shards: Path, shard_files: list[str],
+                 s3_uri: str | None) -> dict[str, tuple[Callable[[], int], int | None]]:
+    """The timed passes, in the order they interleave: {name: (function returning the images
+    it read, the count it must return or None)}. ``s3`` only with an ``s3_uri``."""
+    from data_prep.conventions import SHARD_IMAGE_EXTS, SHARD_LABEL_EXT
+    from data_prep.loader import build_loader, decode_image, decode_label
+    from data_prep.shards import iter_tar
+
+    blobs = []
+    for shard in shard_files:
+        with open(shard, "rb") as f:
+            blobs += [files for _, files in iter_tar(f)]
+
+    def decode_all() -> int:
+        for files in blobs:
+            decode_image(next(files[e] for e in SHARD_IMAGE_EXTS if e in files))
+            decode_label(files[SHARD_LABEL_EXT])
+        return len(blobs)
+
+    def loader_pass(uri: str, train: bool = False, workers: int = args.num_workers,
+                    to_float: bool = False) -> Callable[[], int]:
+        def go() -> int:
+            return _count(build_loader(uri, batch_size=args.batch_size, crop_size=args.crop,
+                                       train=train, num_workers=workers, to_float=to_float))
+        return go
+
+    n = args.samples
+    passes = {"decode": (decode_all, n), "local": (loader_pass(str(shards)), n)}
+    if s3_uri is not None:
+        passes["s3"] = (loader_pass(s3_uri), n)
+    passes["local_float"] = (loader_pass(str(shards), to_float=True), n)
+    passes["train"] = (loader_pass(str(shards), True, args.train_workers), None)
+    return passes
+
+
+def time_passes(passes: dict[str, tuple[Callable[[], int], int | None]], repeats: int) -> dict[str, float]:
+    """Images/s of each pass: its best of ``repeats`` interleaved rounds. Interleaving gives
+    every figure the same mix of load from the other users of this machine; the best pass
+    is the least disturbed one."""
+    best = {k: float("inf") for k in passes}
+    counts: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, (fn, expected) in passes.items():
+            t0 = time.perf_counter()
+            got = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            if expected is not None and got != expected:
+                raise RuntimeError(f"{name}: expected {expected} images per pass, got {got}")
+            counts[name] = got
+    return {k: counts[k] / best[k] for k in passes}
+
+
+def _ratio(a: float | None, b: float) -> float | None:
+    return None if a is None else round(a / b, 3)
+
+
+def summarize(args: argparse.Namespace, num_shards: int, write_rate: float,
+              rate: dict[str, float]) -> dict:
+    """The result JSON (S3 figures None, with the reason under ``s3``, when not measured)."""
+    s3 = rate.get("s3")
+    return {
+        "samples": args.samples,
+        "image_size": list(_image_size(Path(args.images))),
+        "shards": num_shards,
+        "batch_size": args.batch_size,
+        "loader_workers": args.num_workers,
+        "torch_threads": 1,
+        "repeats": args.repeats,
+        "write_images_per_s": round(write_rate, 2),
+        "decode_images_per_s": round(rate["decode"], 2),
+        "load_local_images_per_s": round(rate["local"], 2),
+        "load_s3_images_per_s": None if s3 is None else round(s3, 2),
+        "s3": ("moto on 127.0.0.1" if args.s3_moto else args.s3) if s3 is not None else S3_SKIPPED,
+        "load_local_float_images_per_s": round(rate["local_float"], 2),
+        "load_local_train_images_per_s": round(rate["train"], 2),
+        "train_workers": args.train_workers,
+        "crop": args.crop,
+        "local_vs_decode": round(rate["local"] / rate["decode"], 3),
+        "local_float_vs_decode": round(rate["local_float"] / rate["decode"], 3),
+        "s3_vs_local": _ratio(s3, rate["local"]),
+        "targets_met": {
+            "local_ge_0.9_decode": rate["local"] >= 0.9 * rate["decode"],
+            "s3_ge_0.8_local": None if s3 is None else s3 >= 0.8 * rate["local"],
+        },
+        "cpus": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 def _count(loader) -> int:
@@ -62,119 +262,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: argparse.Namespace) -> int:
-    # Before torch allocates anything: back big CPU tensors with transparent huge pages.
-    # A fresh 48 MB float batch otherwise costs ~12k page faults; measured here (loaded
-    # 2-core machine, noisy): uint8 -> float batch of 4 x 1024^2, 10-25 ms/image without,
-    # 1.6-4 ms/image with it. Training workers can set the same variable.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    import logging
-
-    import torch
-
-    from data_prep import fixtures
-    from data_prep.loader import build_loader, decode_image, decode_label
-    from data_prep.prep import _ensure_ray, prepare
-    from data_prep.shards import iter_tar
-
-    if args.samples < 64:
-        print("step bench data: --samples must be >= 64", file=sys.stderr)
-        return 2
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log lines
-    # One process, one thread for both decode and loader figures (dataloader workers run
-    # with one thread too). With torch's default pool of 2 threads on this loaded 2-core
-    # machine, the uint8 -> float copy of a 1024^2 image took 3-13 ms instead of 0.9 ms.
-    torch.set_num_threads(1)
-    n = args.samples
-    with tempfile.TemporaryDirectory(prefix="step-bench-data-") as tmp:
-        work = Path(args.workdir or tmp)
-        src = fixtures.replicate_flat(Path(args.images), work / "src", n)
-        shards = work / "shards"
-
-        _ensure_ray()
-        # warm-up: the first Ray Data job of a session starts and imports its workers (~10 s
-        # here); that is a per-session cost, not shard-writing throughput
-        warm = fixtures.replicate_flat(Path(args.images), work / "warm", 2)
-        prepare("loveda", str(warm), str(work / "warm_shards"), "train", samples_per_shard=1,
-                progress=False)
-        report = prepare("loveda", str(src), str(shards), "train",
-                         samples_per_shard=args.samples_per_shard, progress=False)
-        if report.written != n:
-            raise RuntimeError(f"prep wrote {report.written} of {n} samples: {report.skipped}")
-        write_rate = n / report.seconds
-
-        blobs = []
-        for shard in report.shards:
-            with open(shard, "rb") as f:
-                blobs += [files for _, files in iter_tar(f)]
-
-        def decode_all() -> int:
-            for files in blobs:
-                decode_image(files["png"])
-                decode_label(files["label.png"])
-            return len(blobs)
-
-        def loader_pass(uri: str, train: bool = False, workers: int = args.num_workers,
-                        to_float: bool = False):
-            def go() -> int:
-                return _count(build_loader(uri, batch_size=args.batch_size, crop_size=args.crop,
-                                           train=train, num_workers=workers, to_float=to_float))
-            return go
-
-        with _moto_shards(shards) as s3_uri:
-            # interleaved repeats: every figure sees the same mix of load from the other
-            # users of this machine; each keeps its best (least disturbed) pass
-            passes = {
-                "decode": (decode_all, n),
-                "local": (loader_pass(str(shards)), n),
-                "s3": (loader_pass(s3_uri), n),
-                "local_float": (loader_pass(str(shards), to_float=True), n),
-                "train": (loader_pass(str(shards), True, args.train_workers), None),
-            }
-            best = {k: float("inf") for k in passes}
-            counts: dict[str, int] = {}
-            for _ in range(args.repeats):
-                for name, (fn, expected) in passes.items():
-                    t0 = time.perf_counter()
-                    got = fn()
-                    best[name] = min(best[name], time.perf_counter() - t0)
-                    if expected is not None and got != expected:
-                        raise RuntimeError(f"{name}: expected {expected} images per pass, got {got}")
-                    counts[name] = got
-        rate = {k: counts[k] / best[k] for k in passes}
-
-    result = {
-        "samples": n,
-        "image_size": list(_image_size(Path(args.images))),
-        "shards": len(report.shards),
-        "batch_size": args.batch_size,
-        "loader_workers": args.num_workers,
-        "torch_threads": 1,
-        "repeats": args.repeats,
-        "write_images_per_s": round(write_rate, 2),
-        "decode_images_per_s": round(rate["decode"], 2),
-        "load_local_images_per_s": round(rate["local"], 2),
-        "load_s3_images_per_s": round(rate["s3"], 2),
-        "load_local_float_images_per_s": round(rate["local_float"], 2),
-        "load_local_train_images_per_s": round(rate["train"], 2),
-        "train_workers": args.train_workers,
-        "crop": args.crop,
-        "local_vs_decode": round(rate["local"] / rate["decode"], 3),
-        "local_float_vs_decode": round(rate["local_float"] / rate["decode"], 3),
-        "s3_vs_local": round(rate["s3"] / rate["local"], 3),
-        "targets_met": {
-            "local_ge_0.9_decode": rate["local"] >= 0.9 * rate["decode"],
-            "s3_ge_0.8_local": rate["s3"] >= 0.8 * rate["local"],
-        },
-        "cpus": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    return 0
-
-
 def _image_size(images: Path) -> tuple[int, int]:
     from PIL import Image
 
@@ -184,13 +271,57 @@ def _image_size(images: Path) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
+def s3_copy(args: argparse.Namespace, shards: Path) -> Iterator[str | None]:
+    """The shards' S3 URI while it is in use: uploaded to ``--s3`` (deleted on exit), or
+    served by moto (``--s3-moto``); None when S3 is not measured."""
+    if args.s3:
+        with _uploaded(shards, args.s3) as uri:
+            yield uri
+    elif args.s3_moto:
+        with _moto_shards(shards) as uri:
+            yield uri
+    else:
+        yield None
+
+
+def _upload(shards: Path, uri: str) -> list[str]:
+    """Upload the files of the shard folder (not ``_parts/``) under ``uri``; their URIs."""
+    from data_prep import storage
+
+    done = []
+    for path in sorted(shards.iterdir()):
+        if path.is_file():
+            bucket, key = storage.split_s3(storage.join(uri, path.name))
+            storage.s3_client().upload_file(str(path), bucket, key)
+            done.append(f"s3://{bucket}/{key}")
+    return done
+
+
+@contextlib.contextmanager
+def _uploaded(shards: Path, uri: str) -> Iterator[str]:
+    """A copy of ``shards`` under ``uri`` on the configured endpoint, deleted on exit."""
+    from data_prep import storage
+
+    done: list[str] = []
+    try:
+        done = _upload(shards, uri)
+        yield uri.rstrip("/")
+    finally:
+        for obj in done:
+            storage.delete(obj)
+
+
+@contextlib.contextmanager
 def _moto_shards(shards: Path) -> Iterator[str]:
     """Serve a copy of ``shards`` from an in-process moto S3 server on 127.0.0.1."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
     from data_prep import storage
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log lines
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()

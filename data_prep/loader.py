@@ -52,9 +52,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import storage
-from data_prep.augment import IGNORE_INDEX, AugmentConfig, augment, resize_pair
+from data_prep.augment import AugmentConfig, augment, resize_pair
+from data_prep.conventions import IGNORE_INDEX, SHARD_IMAGE_EXTS, SHARD_LABEL_EXT
 from data_prep.info import DatasetInfo, read_dataset_info
-from data_prep.shards import IMAGE_EXTS, LABEL_EXT
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class SegShards(IterableDataset):
                 mine = pos >= lo
                 pos += 1
                 if mine:
-                    if LABEL_EXT not in sample or not any(e in sample for e in IMAGE_EXTS):
+                    if SHARD_LABEL_EXT not in sample or not any(e in sample for e in SHARD_IMAGE_EXTS):
                         self.skipped.add("incomplete_sample", f"{url}:{sample.get('__key__')}")
                     else:
                         n += 1
@@ -303,10 +303,10 @@ class SegShards(IterableDataset):
     def _decoded(self, samples: Iterator[dict], g: torch.Generator) -> Iterator[tuple]:
         for s in samples:
             where = f"{s.get('__url__')}:{s.get('__key__')}"
-            image_ext = next(e for e in IMAGE_EXTS if e in s)
+            image_ext = next(e for e in SHARD_IMAGE_EXTS if e in s)
             try:
                 image = decode_image(s[image_ext])
-                label = decode_label(s[LABEL_EXT])
+                label = decode_label(s[SHARD_LABEL_EXT])
                 if image.shape[-2:] != label.shape:
                     raise ValueError(f"image {tuple(image.shape)} vs label {tuple(label.shape)}")
             except Exception as err:  # any decoder failure is a corrupt sample
@@ -488,12 +488,7 @@ def build_loader(
     if rank is None or world_size is None:
         rank, world_size = dist_rank_world()
     cfg = augment if isinstance(augment, AugmentConfig) else AugmentConfig.model_validate(augment or {})
-    if train and not crop_size:
-        raise ValueError("crop_size is required for training batches")
-    if train and max_samples is not None:
-        raise ValueError("max_samples caps evaluation loaders only (train=False)")
-    if max_samples is not None and max_samples < 0:
-        raise ValueError(f"max_samples must be >= 0, got {max_samples}")
+    _check_mode_args(train, crop_size, max_samples)
     plan = _Plan(shards, sizes, rank, world_size, 1, max_samples if not train else None)
     if not train:
         # eval: a worker without samples would just idle; never start more than this rank has
@@ -507,23 +502,7 @@ def build_loader(
             "worker(s): every worker needs a shard. Reshard with a smaller --samples-per-shard/"
             "--shard-size, use fewer workers, or pass resample=True."
         )
-
-    def samples_of(r: int, w: int) -> int:
-        return sum(sizes[i] for i in plan.worker_indices(seed, epoch, train, r, w))
-
-    total_samples: int | None = None
-    if resample:
-        quota = math.ceil(sum(sizes) / (world_size * nw))
-        steps = nw * (quota // batch_size) if train else None
-        num_samples = quota * nw
-    elif train:
-        steps = min(sum(samples_of(r, w) // batch_size for w in range(nw)) for r in range(world_size))
-        num_samples = sum(samples_of(rank, w) for w in range(nw))
-    else:
-        steps = None
-        r_lo, r_hi = rank_sample_range(plan.eval_total, rank, world_size)
-        num_samples = r_hi - r_lo
-        total_samples = plan.eval_total
+    steps, num_samples, total_samples = _epoch_length(plan, batch_size, train, resample, seed, epoch)
     dataset = SegShards(
         plan, batch_size=batch_size, crop_size=crop_size, train=train, seed=seed, epoch=epoch,
         augment_cfg=cfg, resample=resample, shuffle_buffer=shuffle_buffer,
@@ -531,3 +510,36 @@ def build_loader(
         with_keys=with_keys, to_float=to_float,
     )
     return SegLoader(dataset, info, num_workers, steps, num_samples, total_samples)
+
+
+def _check_mode_args(train: bool, crop_size: int | None, max_samples: int | None) -> None:
+    """The arguments that only one mode (train / eval) accepts or needs."""
+    if train and not crop_size:
+        raise ValueError("crop_size is required for training batches")
+    if train and max_samples is not None:
+        raise ValueError("max_samples caps evaluation loaders only (train=False)")
+    if max_samples is not None and max_samples < 0:
+        raise ValueError(f"max_samples must be >= 0, got {max_samples}")
+
+
+def _epoch_length(plan: _Plan, batch_size: int, train: bool, resample: bool, seed: int,
+                  epoch: int) -> tuple[int | None, int, int | None]:
+    """(batches per rank per epoch (None: eval, until the data ends), samples this rank
+    visits, samples all ranks visit (eval only, else None)).
+
+    Training takes the smallest per-rank batch count, so every rank runs the same number of
+    steps (DDP); with ``resample`` every worker draws the same quota of samples.
+    """
+    sizes, rank, world_size, nw = plan.sizes, plan.rank, plan.world_size, plan.num_workers
+
+    def samples_of(r: int, w: int) -> int:
+        return sum(sizes[i] for i in plan.worker_indices(seed, epoch, train, r, w))
+
+    if resample:
+        quota = math.ceil(sum(sizes) / (world_size * nw))
+        return (nw * (quota // batch_size) if train else None), quota * nw, None
+    if train:
+        steps = min(sum(samples_of(r, w) // batch_size for w in range(nw)) for r in range(world_size))
+        return steps, sum(samples_of(rank, w) for w in range(nw)), None
+    r_lo, r_hi = rank_sample_range(plan.eval_total, rank, world_size)
+    return None, r_hi - r_lo, plan.eval_total

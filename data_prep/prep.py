@@ -49,7 +49,8 @@ from functools import partial
 from typing import Any
 
 from data_prep import storage
-from data_prep.readers import IGNORE_INDEX, DatasetSpec, Pair, read_pairs
+from data_prep.conventions import IGNORE_INDEX
+from data_prep.readers import DatasetSpec, Pair, read_pairs
 from data_prep.samples import BadSample, convert_pair, sha256
 from data_prep.shards import SHARD_RE, plan_digest, plan_shards, shard_name, tar_digests, write_tar
 

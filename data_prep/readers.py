@@ -34,9 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from data_prep import classes, storage
-
-IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+from data_prep.conventions import IGNORE_INDEX, IMAGE_SUFFIXES, JPEG_OR_PNG_SUFFIXES
 
 
 class DatasetError(ValueError):
@@ -194,7 +192,7 @@ def read_ade20k(src: str, split: str, layout: str | None = None) -> tuple[Datase
     img_dir, ann_dir = f"{base}images/{folder}", f"{base}annotations/{folder}"
     if not tree.is_dir(img_dir):
         raise _missing(tree.src, split, [img_dir])
-    pairs = _pair_folders(tree, img_dir, ann_dir, img_suffix=(".jpg", ".jpeg", ".png"))
+    pairs = _pair_folders(tree, img_dir, ann_dir, img_suffix=JPEG_OR_PNG_SUFFIXES)
     lut = make_lut({0: IGNORE_INDEX, **{i: i - 1 for i in range(1, 151)}})
     return DatasetSpec("ade20k", classes.ADE20K, lut), _check_split(pairs, img_dir, split)
 
@@ -241,7 +239,7 @@ def read_coco_stuff(src: str, split: str, layout: str | None = None) -> tuple[Da
         raise _missing(tree.src, split, img_dirs)
     if ann_dir is None:
         raise _missing(tree.src, split, ann_dirs)
-    pairs = _pair_folders(tree, img_dir, ann_dir, img_suffix=(".jpg", ".jpeg", ".png"))
+    pairs = _pair_folders(tree, img_dir, ann_dir, img_suffix=JPEG_OR_PNG_SUFFIXES)
     used = [i for i in range(182) if i not in classes.COCO_UNUSED_IDS]
     # The eleven never-annotated ids should not occur; if a map holds one anyway, it is
     # ignored (as the benchmark's own conversion does) rather than rejected.

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from data_prep import storage
-from data_prep.readers import IGNORE_INDEX, DatasetSpec, Pair
+from data_prep.conventions import IGNORE_INDEX, SHARD_LABEL_EXT
+from data_prep.readers import DatasetSpec, Pair
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 Image.MAX_IMAGE_PIXELS = 1 << 30  # remote-sensing tiles are legitimately huge
@@ -55,7 +56,7 @@ class BadSample(Exception):
 class Sample:
     key: str
     image: bytes
-    image_ext: str  # "png" | "jpg"
+    image_ext: str  # one of SHARD_IMAGE_EXTS: "png" | "jpg"
     label: bytes  # PNG, mode L, train ids
     height: int
     width: int
@@ -64,7 +65,7 @@ class Sample:
 
     def members(self) -> dict[str, bytes]:
         """The files of this sample inside a shard: ``<key>.<ext>`` and ``<key>.label.png``."""
-        return {self.image_ext: self.image, "label.png": self.label}
+        return {self.image_ext: self.image, SHARD_LABEL_EXT: self.label}
 
 
 def sha256(data: bytes) -> str:

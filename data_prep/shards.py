@@ -1,9 +1,10 @@
 """Deterministic WebDataset shards: writing, naming, planning and verification.
 
-Ray Data's ``write_webdataset`` is not used: it names files randomly and its bytes differ
-between runs (mtime, uuid keys), and a failed write leaves an empty ``.tar`` that breaks
-later reads (see PLATFORM.md). ``webdataset.TarWriter`` with ``mtime=0``, fixed owner and
-mode, explicit keys and a fixed member order gives byte-identical shards.
+Ray Data's ``write_webdataset`` (Ray 2.60) is not used: it names files randomly unless
+given a ``FilenameProvider``, its bytes differ between runs (mtime, uuid keys), and a
+failed write leaves an empty ``.tar`` that breaks later reads (docs/data.md, "Notes").
+``webdataset.TarWriter`` with ``mtime=0``, fixed owner and mode, explicit keys and a fixed
+member order gives byte-identical shards.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator
 
+from data_prep.conventions import SHARD_IMAGE_EXTS, SHARD_LABEL_EXT
 from data_prep.readers import Pair
 
 SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
-LABEL_EXT = "label.png"
-IMAGE_EXTS = ("png", "jpg")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -113,7 +113,7 @@ def tar_digests(data: bytes) -> list[tuple[str, str, str]]:
     """(key, sha256 of image, sha256 of label) per sample of an in-memory shard."""
     out = []
     for key, files in iter_tar(io.BytesIO(data)):
-        image = next((files[e] for e in IMAGE_EXTS if e in files), b"")
+        image = next((files[e] for e in SHARD_IMAGE_EXTS if e in files), b"")
         out.append((key, hashlib.sha256(image).hexdigest(),
-                    hashlib.sha256(files.get(LABEL_EXT, b"")).hexdigest()))
+                    hashlib.sha256(files.get(SHARD_LABEL_EXT, b"")).hexdigest()))
     return out

@@ -74,16 +74,45 @@ def load_pairs(folder: Path, size: int, reduce_zero_label: bool):
     return pairs
 
 
-def run(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace) -> dict:
+    """The benchmark (``args`` as :func:`configure` defines them); returns the result."""
     import torch
 
-    from .config import ExitConfig, PolicyConfig, StepConfig
-    from .flops import flop_counter, measure_gflops
     from .model import build_step_model
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+    step_cfg, base_cfg = bench_configs(args)
+    torch.manual_seed(0)
+    model = build_step_model(step_cfg).to(device).eval()
+    pairs = [(n, i.to(device), lab.to(device)) for n, i, lab in load_pairs(args.images, args.image_size, args.reduce_zero_label)]
+    per_image, flows = count_per_image(model, pairs, step_cfg, base_cfg)
+    time_interleaved(model, pairs, per_image, step_cfg, base_cfg, args.repeats)
+    device_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return summarize(args, device_name, step_cfg, per_image, flows)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = measure(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in SUMMARY_KEYS}, indent=2))
+    return 0
+
+
+# what the command prints (the JSON file has everything)
+SUMMARY_KEYS = ("tokens_in", "tokens_mean", "halted_fraction", "gflops_baseline", "gflops",
+                "gflops_policy_net", "latency_ms_baseline", "latency_ms", "flop_reduction", "speedup",
+                "cpu_speedup")
+
+
+def bench_configs(args: argparse.Namespace):
+    """(STEP config from the options, baseline config: the same with policy ``none`` and
+    halting off)."""
+    from .config import ExitConfig, PolicyConfig, StepConfig
+
     policy = {"mode": args.policy}
     if args.merge_thresholds:
         policy["thresholds"] = dict(zip((2, 4, 8, 16), args.merge_thresholds, strict=True))
@@ -98,46 +127,73 @@ def run(args: argparse.Namespace) -> int:
         "policy": step_cfg.policy.model_copy(update={"mode": "none"}),
         "exits": step_cfg.exits.model_copy(update={"halting": False}),
     })
-    torch.manual_seed(0)
-    model = build_step_model(step_cfg).to(device).eval()
-    pairs = [(n, i.to(device), lab.to(device)) for n, i, lab in load_pairs(args.images, args.image_size, args.reduce_zero_label)]
+    return step_cfg, base_cfg
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    def forward(cfg, img, lab):
-        model.cfg = cfg
-        with torch.no_grad():
-            return model(img, lab)
+def _forward(model, cfg, img, lab):
+    import torch
+
+    model.cfg = cfg
+    with torch.no_grad():
+        return model(img, lab)
+
+
+def count_per_image(model, pairs, step_cfg, base_cfg) -> tuple[list[dict], list[dict]]:
+    """FLOPs (baseline, STEP split by part, the policy network alone) and the token flow of
+    each image; these passes double as warm-up. Returns (per-image records with empty
+    latency lists, flow summaries)."""
+    import torch
+
+    from .flops import flop_counter, measure_gflops
 
     per_image, flows = [], []
-    for name, img, lab in pairs:  # counted passes = warm-up
+    for name, img, lab in pairs:
         model.cfg = base_cfg
         g_base = measure_gflops(model, img, lab)
         model.cfg = step_cfg
         g_step = measure_gflops(model, img, lab)
         with torch.no_grad(), flop_counter() as counter:
             model.policy.eval()(img)
-        flow = forward(step_cfg, img, lab).flow.summary()
+        flow = _forward(model, step_cfg, img, lab).flow.summary()
         flows.append(flow)
         per_image.append({"image": name, "gflops_baseline": g_base["total"], "gflops": g_step,
                           "gflops_policy_net": counter.get_total_flops() / 1e9,
                           "tokens": flow["num_tokens"][0], "latency_ms_baseline": [], "latency_ms": [],
                           "cpu_ms_baseline": [], "cpu_ms": []})
+    return per_image, flows
 
-    for _ in range(args.repeats):
+
+def time_interleaved(model, pairs, per_image: list[dict], step_cfg, base_cfg, repeats: int) -> None:
+    """``repeats`` rounds of baseline then STEP, image by image, appending wall and process
+    CPU milliseconds to each record's ``latency_ms*`` / ``cpu_ms*`` lists."""
+    import torch
+
+    on_cuda = next(model.parameters()).device.type == "cuda"
+
+    def sync() -> None:  # CUDA runs asynchronously: wait for the kernels before reading the clock
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(repeats):
         for rec, (_, img, lab) in zip(per_image, pairs, strict=True):
             for suffix, cfg in (("_baseline", base_cfg), ("", step_cfg)):
                 sync()
                 t0, c0 = time.perf_counter(), time.process_time()
-                forward(cfg, img, lab)
+                _forward(model, cfg, img, lab)
                 sync()
                 rec["latency_ms" + suffix].append((time.perf_counter() - t0) * 1e3)
                 rec["cpu_ms" + suffix].append((time.process_time() - c0) * 1e3)
 
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def summarize(args: argparse.Namespace, device_name: str, step_cfg, per_image: list[dict],
+              flows: list[dict]) -> dict:
+    """The result JSON: per-image means of tokens, FLOPs and latencies, and their ratios."""
+    mean = _mean
     n = len(per_image)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     g_base = sum(r["gflops_baseline"] for r in per_image)
     parts = {k: sum(r["gflops"][k] for r in per_image) for k in ("policy", "encoder", "exits", "decoder", "total")}
     policy_net = sum(r["gflops_policy_net"] for r in per_image)
@@ -154,10 +210,10 @@ def run(args: argparse.Namespace) -> int:
     depth = len(flows[0]["tokens_per_block"][0])
     tokens = [f["num_tokens"][0] for f in flows]
     halted = sum(sum(f["halted_per_exit"][0]) for f in flows)
-    result = {
+    return {
         "backbone": args.backbone,
         "image_size": args.image_size,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device_name,
         "images": n,
         "policy": args.policy,
         "exits": list(step_cfg.exits.blocks or []),
@@ -192,12 +248,3 @@ def run(args: argparse.Namespace) -> int:
         "speedup": lat_base / lat_step,
         "per_image": per_image,
     }
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    summary = {k: result[k] for k in ("tokens_in", "tokens_mean", "halted_fraction", "gflops_baseline", "gflops",
-                                       "gflops_policy_net", "latency_ms_baseline", "latency_ms", "flop_reduction", "speedup",
-                                       "cpu_speedup")}
-    print(json.dumps(summary, indent=2))
-    return 0

@@ -1,4 +1,4 @@
-"""Training losses (SPEC section 1, "Training").
+"""Training losses of the two stages (the stages and their schedules: docs/training.md).
 
 * Policy (stage 1): binary cross-entropy per level against :func:`policy_targets`.
 * Segmenter (stage 2): pixel cross-entropy with the ignore index, plus, for every exit, an

@@ -15,6 +15,14 @@ Forward, per batch:
 
 Everything needed for analysis (tokens per block, supertokens per level, halting per exit,
 per-cell level and exit depth) is returned in :class:`TokenFlow`.
+
+``forward`` composes four pieces that analysis and serving can also call one by one (as
+timm splits ``forward_features`` / ``forward_head``)::
+
+    tokens = model.forward_tokens(images, labels)   # steps 1-3 -> SuperTokens
+    encoded = model.forward_encoder(tokens)          # step 4    -> EncodedTokens
+    logits, token_logits = model.forward_head(tokens, encoded)  # step 5
+    flow = model.token_flow(tokens, encoded)         # TokenFlow
 """
 
 from __future__ import annotations
@@ -80,6 +88,48 @@ class StepOutput:
     exit_logits: list[torch.Tensor] = field(default_factory=list)  # per exit (B, N, C)
     exit_valid: list[torch.Tensor] = field(default_factory=list)  # per exit (B, N) tokens present
     policy_logits: dict[int, torch.Tensor] | None = None  # {s: (B, gh/s, gw/s)} when the policy ran
+
+
+@dataclass
+class SuperTokens:
+    """What :meth:`StepSegmenter.forward_tokens` returns: the embedded token batch.
+
+    N = ``layout.max_tokens`` (the longest image's token count; shorter images are padded
+    at the end of their row), P = ``prefix`` (class token or none), D = embedding width.
+    """
+
+    x: torch.Tensor  # (B, P+N, D) prefix tokens first, then tokens in raster order of their top-left cell
+    layout: TokenLayout  # grid, cell_to_token (B, gh*gw), num_tokens (B,), token_level (B, N), ...
+    prefix: int  # P
+    input_size: tuple[int, int]  # (H, W) before padding to multiples of 16
+    policy_logits: dict[int, torch.Tensor] | None  # {s: (B, gh/s, gw/s)} when the policy ran
+
+    @property
+    def num_tokens(self) -> int:
+        """N: token positions per image (padding included)."""
+        return self.layout.max_tokens
+
+
+@dataclass
+class EncodedTokens:
+    """What :meth:`StepSegmenter.forward_encoder` returns: the tokens still active after the
+    last block (final norm applied) and the bookkeeping of the exits.
+
+    The active tokens sit in *slots*: M = ``max(lengths)`` <= N per image, active first;
+    ``slot_token`` maps a slot to its token number (N for an empty slot). Per-token tensors
+    (N columns) are in token order, like ``SuperTokens``.
+    """
+
+    x: torch.Tensor  # (B, P+M, D) prefix tokens, then the active tokens' slots
+    lengths: list[int]  # active tokens per image (len B)
+    slot_token: torch.Tensor  # (B, M) long, token of each slot; N = empty slot
+    exit_logits: list[torch.Tensor]  # per exit that ran: (B, N, C)
+    exit_valid: list[torch.Tensor]  # per exit that ran: (B, N) bool, token present there
+    halted: torch.Tensor  # (B, N) bool, the token halted at an exit
+    frozen_logits: torch.Tensor | None  # (B, N, C) the halted tokens' exit logits; None: no halting ran
+    halt_depth: torch.Tensor  # (B, N) long, blocks the token ran through (depth if it never halted)
+    halted_per_exit: list[torch.Tensor]  # per exit where halting ran: (B,) tokens halted there
+    tokens_per_block: list[list[int]]  # per block: tokens entering it, per image (depth x B)
 
 
 def pad_to_patch(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -249,27 +299,38 @@ class StepSegmenter(nn.Module):
             out[bi, ti] = patches.reshape(len(bi), -1)
         return out
 
-    # ---- forward -------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> StepOutput:
-        """images float [0, 1] (B, 3, H, W); labels int64 (B, H, W), 255 = ignore (needed by
-        the oracle policy only)."""
+    # ---- forward ---------------------------------------------------------------------
+    def forward_tokens(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> SuperTokens:
+        """Pad, select the superpatches (policy), embed them with their position embeddings.
+
+        images float [0, 1] (B, 3, H, W); labels int64 (B, H, W), 255 = ignore (needed by
+        the oracle policy only). Returns :class:`SuperTokens`: ``x`` (B, P+N, D), the
+        ``layout`` (grid (H/16, W/16) rounded up), the policy logits when the policy ran.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected (B, 3, H, W), got {tuple(images.shape)}")
-        b, _, h, w = images.shape
+        input_size = (images.shape[-2], images.shape[-1])
         images, labels = pad_to_patch(images, labels)
         layout, policy_logits = self.select(images, labels)
-        gh, gw = layout.grid
         x = self.embed(images, layout)
-        prefix = x.shape[1] - layout.max_tokens
-        n_tok = layout.max_tokens
-        device = x.device
-        strategy = self.cfg.varlen
+        return SuperTokens(x=x, layout=layout, prefix=x.shape[1] - layout.max_tokens,
+                           input_size=input_size, policy_logits=policy_logits)
 
+    def forward_encoder(self, tokens: SuperTokens) -> EncodedTokens:
+        """The ViT blocks with early exits, then the final norm.
+
+        Exit heads run in training (auxiliary loss) or when halting is on. With halting,
+        after an exit block the halted tokens keep that exit's logits (``frozen_logits``)
+        and are removed from ``x``, so later blocks run on the active tokens only. Returns
+        :class:`EncodedTokens`: ``x`` (B, P+M, D) with M <= N, per exit (B, N, C) logits.
+        """
+        x, prefix, n_tok = tokens.x, tokens.prefix, tokens.num_tokens
+        layout = tokens.layout
+        b, device, strategy = x.shape[0], x.device, self.cfg.varlen
         lengths = layout.num_tokens.tolist()
         slot_token = torch.arange(n_tok, device=device).expand(b, -1)
         slot_token = torch.where(slot_token < layout.num_tokens[:, None], slot_token, n_tok)
-        depth = self.encoder.depth
-        halt_depth = torch.full((b, n_tok), depth, dtype=torch.long, device=device)
+        halt_depth = torch.full((b, n_tok), self.encoder.depth, dtype=torch.long, device=device)
         halted = torch.zeros(b, n_tok, dtype=torch.bool, device=device)
         frozen: torch.Tensor | None = None
         exits_cfg = self.cfg.exits
@@ -300,32 +361,65 @@ class StepSegmenter(nn.Module):
             halted_counts.append(halt.sum(1))
             x, slot_token, lengths = _drop_halted(x, slot_token, valid & ~halt, prefix, n_tok)
 
-        x = self.encoder.final_norm(x)
-        final = _to_token_order(self.decoder(x[:, prefix:], lengths, strategy).float(), slot_token, n_tok)
-        token_logits = final if frozen is None else torch.where(halted[..., None], frozen.float(), final)
-        c = token_logits.shape[-1]
-        grid_logits = token_logits.gather(1, layout.cell_to_token[..., None].expand(-1, -1, c))
-        grid_logits = grid_logits.transpose(1, 2).reshape(b, c, gh, gw)
-        logits = F.interpolate(grid_logits, size=images.shape[-2:], mode="bilinear")[..., :h, :w]
+        return EncodedTokens(
+            x=self.encoder.final_norm(x), lengths=lengths, slot_token=slot_token,
+            exit_logits=exit_logits, exit_valid=exit_valid, halted=halted, frozen_logits=frozen,
+            halt_depth=halt_depth, halted_per_exit=halted_counts, tokens_per_block=per_block,
+        )
 
+    def forward_head(self, tokens: SuperTokens, encoded: EncodedTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the active tokens, take the frozen exit logits of the halted ones, put
+        every token's logits back on the grid through ``cell_to_token`` (one gather),
+        upsample bilinearly and crop the padding.
+
+        Returns (logits float32 (B, C, H, W) at the input size, token_logits (B, N, C)).
+        """
+        prefix, n_tok = tokens.prefix, tokens.num_tokens
+        gh, gw = tokens.layout.grid
+        b = encoded.x.shape[0]
+        decoded = self.decoder(encoded.x[:, prefix:], encoded.lengths, self.cfg.varlen).float()
+        final = _to_token_order(decoded, encoded.slot_token, n_tok)
+        frozen = encoded.frozen_logits
+        token_logits = final if frozen is None else torch.where(encoded.halted[..., None], frozen.float(), final)
+        c = token_logits.shape[-1]
+        grid_logits = token_logits.gather(1, tokens.layout.cell_to_token[..., None].expand(-1, -1, c))
+        grid_logits = grid_logits.transpose(1, 2).reshape(b, c, gh, gw)
+        h, w = tokens.input_size
+        logits = F.interpolate(grid_logits, size=(gh * PATCH, gw * PATCH), mode="bilinear")[..., :h, :w]
+        return logits, token_logits
+
+    def token_flow(self, tokens: SuperTokens, encoded: EncodedTokens) -> TokenFlow:
+        """The :class:`TokenFlow` record of one forward (where the tokens went, per image)."""
+        layout = tokens.layout
+        gh, gw = layout.grid
+        b, device = encoded.x.shape[0], encoded.x.device
         levels = (1, *self.cfg.policy.levels)
         valid_tok = layout.token_valid()
-        flow = TokenFlow(
+        halted_counts = encoded.halted_per_exit
+        return TokenFlow(
             grid=(gh, gw),
             exit_blocks=list(self.exit_blocks),
             num_tokens=layout.num_tokens,
-            tokens_per_block=torch.tensor(per_block, device=device).T.reshape(b, depth),
+            tokens_per_block=torch.tensor(encoded.tokens_per_block, device=device).T.reshape(b, self.encoder.depth),
             supertokens_per_level={s: ((layout.token_level == s) & valid_tok).sum(1) for s in levels},
             # one column per exit always; zeros where nothing could halt (halting off)
             halted_per_exit=(torch.stack(halted_counts, 1) if halted_counts
                              else torch.zeros(b, len(self.exit_blocks), dtype=torch.long, device=device)),
             cell_to_token=layout.cell_to_token,
             cell_level=layout.cell_level,
-            cell_exit_depth=halt_depth.gather(1, layout.cell_to_token).view(b, gh, gw),
+            cell_exit_depth=encoded.halt_depth.gather(1, layout.cell_to_token).view(b, gh, gw),
         )
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> StepOutput:
+        """images float [0, 1] (B, 3, H, W); labels int64 (B, H, W), 255 = ignore (needed by
+        the oracle policy only). Returns :class:`StepOutput` (logits (B, C, H, W))."""
+        tokens = self.forward_tokens(images, labels)
+        encoded = self.forward_encoder(tokens)
+        logits, token_logits = self.forward_head(tokens, encoded)
         return StepOutput(
-            logits=logits, flow=flow, token_logits=token_logits,
-            exit_logits=exit_logits, exit_valid=exit_valid, policy_logits=policy_logits,
+            logits=logits, flow=self.token_flow(tokens, encoded), token_logits=token_logits,
+            exit_logits=encoded.exit_logits, exit_valid=encoded.exit_valid,
+            policy_logits=tokens.policy_logits,
         )
 
 

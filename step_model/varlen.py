@@ -3,10 +3,11 @@
 Everything variable-length goes through :func:`run_block`, so the strategy can change per
 device with one config switch (``StepConfig.varlen``):
 
-* ``per_image``: slice each image's valid prefix and run the block on it alone. On this
-  CPU (2 cores, torch 2.14) it was 2x faster than padding for mixed lengths, because no
-  FLOPs are spent on padding and CPU kernels are already saturated by one image
-  (PLATFORM.md; jagged nested tensors were ~50x slower). Exact: no masking involved.
+* ``per_image``: slice each image's valid prefix and run the block on it alone. Measured
+  on a 2-core CPU with torch 2.14.1, for a batch with mixed lengths: 2x faster than
+  padding + mask, because no FLOPs are spent on padding and CPU kernels are already
+  saturated by one image; jagged nested tensors were ~50x slower than padding
+  (docs/model.md, "Variable token counts"). Exact: no masking involved.
 * ``pad_mask``: one batched call with a boolean key mask through
   ``scaled_dot_product_attention`` (timm's ``Attention`` forwards ``attn_mask``). What a GPU
   wants: one launch per block instead of B, and SDPA's efficient/flash-style kernels accept

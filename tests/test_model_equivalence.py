@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_helpers import blocky_labels, tiny
+
+from helpers import blocky_labels, tiny
 
 
 @pytest.mark.parametrize("decoder", ["linear", "mask"])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import timm
 import torch
-from test_model_helpers import blocky_labels, tiny
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from step_model import flop_counter, measure_gflops
+
+from helpers import blocky_labels, tiny
 
 aten = torch.ops.aten
 

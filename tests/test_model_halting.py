@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from test_model_helpers import tiny
 
 from step_model.exits import halting_mask
+
+from helpers import tiny
 
 
 def _run_with_perturbation(model, x, exit_output, rows: torch.Tensor | None):

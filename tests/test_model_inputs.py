@@ -6,9 +6,10 @@ import pytest
 import torch
 import yaml
 from pydantic import ValidationError
-from test_model_helpers import tiny
 
 from step_model import ExitConfig, PolicyConfig, StepConfig, build_step_model
+
+from helpers import tiny
 
 
 def test_unknown_backbone_lists_close_names() -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from test_model_helpers import blocky_labels, tiny
 
 from step_model import PolicyNet, load_lite0_weights, policy_loss, step_loss
 from step_model.policy import LITE0_TENSORS, lite0_weights_path
+
+from helpers import blocky_labels, tiny
 
 
 def test_every_lite0_tensor_finds_its_home() -> None:

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_helpers import loveda_pairs, tiny
 
 from step_model import policy_targets
 from step_model.selection import build_layout, select_by_budget, select_by_threshold
+
+from helpers import loveda_pairs, tiny
 
 
 def brute_force_quadtree_tokens(label: np.ndarray, purity: float = 1.0) -> int:
