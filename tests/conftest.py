@@ -13,6 +13,16 @@ import pytest
 
 from helpers import FIXTURES, LOVEDA, REPO, free_port, start_mlflow_server, stop_process
 
+# Tests that use these start real services (Ray, an MLflow server, S3) or shard data with
+# Ray Data: they make the `integration` tier; `pytest -m "not integration"` runs the rest.
+SERVICE_FIXTURES = {"ray_local", "mlflow_server", "s3_endpoint", "s3_bucket", "tiny_shards"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:

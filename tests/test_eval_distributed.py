@@ -25,8 +25,7 @@ from pipelines.common.data import eval_loader
 from pipelines.common.model import build_model
 from pipelines.evaluate.evaluator import evaluate_model
 
-REPO = Path(__file__).resolve().parents[1]
-LOVEDA = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
+from helpers import LOVEDA, REPO
 
 MODEL_CFG = {"backbone": "vit_tiny_patch16_384", "num_classes": 7,
              "policy": {"mode": "oracle", "pretrained": False, "levels": [2, 4]},

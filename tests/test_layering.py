@@ -46,3 +46,81 @@ def test_cli_commands_point_at_existing_modules() -> None:
         if not (REPO / (module.replace(".", "/") + ".py")).is_file()
     ]
     assert not missing, f"step subcommands without a module: {missing}"
+
+
+# What each subpackage of pipelines/ may import from its siblings (module-level and lazy
+# imports alike): the layers, bottom to top. `cli` and `workflow` compose everything.
+PIPELINE_LAYERS = {
+    "common": set(),
+    "tracking": {"common"},
+    "evaluate": {"common"},
+    "train": {"common", "tracking", "evaluate"},
+    "tune": {"common", "tracking", "evaluate"},
+    "bench": {"common", "tracking", "evaluate", "train"},
+    "workflow": {"common", "tracking", "evaluate", "train", "tune"},
+    "cli": {"common", "tracking", "evaluate", "train", "tune", "workflow", "bench"},
+}
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every ``pipelines.*`` module ``path`` imports, at any depth of its code."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("pipelines."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.startswith("pipelines"):
+            out.add(node.module)
+            # `from pipelines.train import stages` imports the module pipelines.train.stages
+            out.update(f"{node.module}.{a.name}" for a in node.names
+                       if (REPO / (node.module + "." + a.name).replace(".", "/")).with_suffix(
+                           ".py").is_file())
+    return out
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def test_pipelines_subpackages_import_only_lower_layers() -> None:
+    assert set(PIPELINE_LAYERS) == {p.name for p in (REPO / "pipelines").iterdir()
+                                    if (p / "__init__.py").is_file()}
+    bad = {}
+    for package, allowed in PIPELINE_LAYERS.items():
+        for f in sorted((REPO / "pipelines" / package).rglob("*.py")):
+            used = {m.split(".")[1] for m in _all_imports(f) if m.count(".") >= 1}
+            wrong = used - allowed - {package}
+            if wrong:
+                bad[str(f.relative_to(REPO))] = sorted(wrong)
+    assert not bad, f"pipelines/ layering violated: {bad}"
+
+
+def test_no_import_cycles_between_modules() -> None:
+    graph: dict[str, set[str]] = {}
+    for f in sorted((REPO / "pipelines").rglob("*.py")):
+        graph[_module(f)] = {m for m in _all_imports(f) if m != _module(f)}
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        seen[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            assert seen.get(nxt) != 1, f"import cycle: {' -> '.join([*path, node, nxt])}"
+            if nxt not in seen:
+                visit(nxt, [*path, node])
+        seen[node] = 2
+
+    for node in sorted(graph):
+        if node not in seen:
+            visit(node, [])
+
+
+def test_only_tracking_imports_mlflow() -> None:
+    """Every MLflow call of the pipeline is in pipelines/tracking/ (one place to look)."""
+    users = sorted(str(f.relative_to(REPO)) for f in (REPO / "pipelines").rglob("*.py")
+                   if "mlflow" in _imports(f) and "tracking" not in f.parts)
+    assert not users, f"MLflow used outside pipelines/tracking/: {users}"

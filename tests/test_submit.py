@@ -2,78 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LOVEDA = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
+from helpers import LOVEDA, start_ray_node
 
-pytestmark = pytest.mark.timeout(240)
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """``ray start --head --block`` in its own process group, token auth on."""
-    token = secrets.token_hex(16)
-    temp = tempfile.mkdtemp(prefix="rsub", dir="/tmp")
-    gcs, dash = _port(), _port()
-    # the head's `python` is this venv's, as on a cluster node where setup installed step-seg
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=path)
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115
-    # every port explicit: another Ray on this machine (the session's `ray_local`) already
-    # holds the defaults, e.g. the dashboard agent's 52365, and the job agent never starts
-    ports = [f"--{name}={_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port",
-        "ray-client-server-port")]
-    proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         *ports, f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
+    """``ray start --head --block`` in its own process group and temp dir, token auth on."""
+    head = start_ray_node(num_cpus=1)
     try:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-2000:]
-            try:
-                req = urllib.request.Request(address + "/api/version",
-                                             headers={"Authorization": f"Bearer {token}"})
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the Ray head's job API did not come up")
-        yield {"address": address, "token": token, "temp": temp}
+        yield {"address": head.dashboard, "token": head.token, "temp": str(head.temp_dir)}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        head.stop()
 
 
 def test_submit_follow_with_token(ray_head, tmp_path, monkeypatch, capsys):
@@ -106,9 +49,9 @@ def test_submit_without_token_says_how(ray_head, monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     rc = main(["submit", "configs/tiny/pipeline.yaml", "--address", ray_head["address"],
                "--set", f"data.src={LOVEDA}", "--set", f"storage={tmp_path}"])
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err  # errors: one line on stderr
     assert rc == 1
-    assert "Ray auth token" in out
+    assert "step submit: error: submitting to" in err and "Ray auth token" in err
 
 
 def test_submit_rejects_bad_config(tmp_path, capsys):
@@ -117,4 +60,5 @@ def test_submit_rejects_bad_config(tmp_path, capsys):
     bad = tmp_path / "p.yaml"
     bad.write_text("name: x\ndata: {src: somewhere}\nstep: {config: nope.yaml}\n")
     assert main(["submit", str(bad), "--address", "http://127.0.0.1:1"]) == 2
-    assert "step.config: file not found: nope.yaml" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "step submit: error:" in err and "step.config: file not found: nope.yaml" in err

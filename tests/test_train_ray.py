@@ -24,7 +24,7 @@ from pipelines.common.checkpoint import load_model, load_state_dict, state_diges
 from pipelines.train.config import load_train_config
 from pipelines.train.trainer import fit
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def _overrides(shards: dict[str, str], tmp_path, *overrides: str) -> list[str]:

@@ -32,7 +32,7 @@ from pipelines.train.trainer import TrainResult, fit
 
 from helpers import kill_process, start_mlflow_server, stop_process
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 EXPERIMENT = "train-resilience"
 

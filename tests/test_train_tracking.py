@@ -105,3 +105,27 @@ def test_resumed_run_with_changed_params_keeps_logging(tmp_path) -> None:
     assert run.data.metrics["loss"] == 0.5
     local = MlflowClient(uri).download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))
     assert Path(local).read_text() == "train: {steps: 24}"
+
+
+def test_global_tracking_uri_leaves_mlflow_and_the_environment_as_found(tmp_path, monkeypatch):
+    """Logging a model switches MLflow's global URI for a moment; it must not leave a URI
+    behind (in MLflow or in MLFLOW_TRACKING_URI, which later subprocesses inherit)."""
+    import os
+
+    import mlflow
+
+    from pipelines.tracking.runs import global_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    with global_tracking_uri(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert mlflow.get_tracking_uri().endswith("a.db")
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("a.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == before
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    with global_tracking_uri(f"sqlite:///{tmp_path / 'b.db'}"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
+    assert mlflow.get_tracking_uri() == "http://127.0.0.1:1"

@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.common.checkpoint import load_model, save_checkpoint, state_digest
+from pipelines.common.checkpoint import (
+    load_model,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+    state_digest,
+)
 from pipelines.common.model import build_model
 from pipelines.train.config import load_train_config
 from pipelines.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from pipelines.train.stages import StepStage, load_policy_weights, resolve_checkpoint_dir
+from pipelines.train.stages import StepStage, load_policy_weights
 
 TINY = {"backbone": "vit_tiny_patch16_384", "num_classes": 4,
         "policy": {"mode": "oracle", "pretrained": False, "levels": [2, 4]},
@@ -96,5 +101,5 @@ def test_progress_line_says_step_loss_speed_and_eta() -> None:
 
     line = progress_line("step", 300, 1500, 0.51234, 7.25, seconds_per_step=1.5)
     assert line == ("[train step] step 300/1500 (20%)  loss 0.5123  7.2 samples/s"
-                    "  ETA 0:30:00")
-    assert progress_line("policy", 10, 10, 1.0, 1.0, 9.0).endswith("ETA 0:00:00")
+                    "  ETA 30m00s")
+    assert progress_line("policy", 10, 10, 1.0, 1.0, 9.0).endswith("ETA 0s")

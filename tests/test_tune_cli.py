@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LOVEDA = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
+from helpers import LOVEDA, REPO
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linear",
          "policy": {"mode": "threshold", "pretrained": False, "levels": [2, 4, 8]},
@@ -230,7 +229,8 @@ def test_keys_out_of_env_restores_and_error_summary(monkeypatch):
     a trial's error file becomes ``Type: message`` without Ray's wrapper lines."""
     import os
 
-    from pipelines.tune.search import error_summary, keys_out_of_env
+    from pipelines.tune.credentials import keys_out_of_env
+    from pipelines.tune.progress import error_summary
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "t0k3n")

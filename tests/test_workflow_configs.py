@@ -12,8 +12,8 @@ from pipelines.common.settings import ConfigError
 from pipelines.workflow.config import load_pipeline_config
 from pipelines.workflow.runner import Workflow, fingerprint
 
-REPO = Path(__file__).resolve().parents[1]
-LOVEDA = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
+from helpers import LOVEDA, REPO
+
 PIPELINES = ["configs/demo.yaml", "configs/tiny/pipeline.yaml",
              "configs/pipeline_loveda_cluster.yaml"]
 
@@ -108,12 +108,12 @@ def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
 
 def test_state_and_outputs_on_s3(s3_bucket):
     """Pipeline state and step outputs live on S3 as well as on disk (real moto server)."""
-    from pipelines.workflow.runner import _exists, _read_json, _write_json
+    from pipelines.common.storage import exists, read_json, write_json
 
     uri = f"s3://{s3_bucket}/pipelines/demo/pipeline_state.json"
-    assert _read_json(uri) is None and not _exists(uri)
-    _write_json(uri, {"steps": {"prepare": {"status": "finished"}}})
-    assert _exists(uri)
-    assert _read_json(uri) == {"steps": {"prepare": {"status": "finished"}}}
-    assert not _exists(f"s3://{s3_bucket}/pipelines/demo/pipeline_state.jso")
-    assert not _exists(f"s3://{s3_bucket}-missing/x.json")
+    assert read_json(uri) is None and not exists(uri)
+    write_json(uri, {"steps": {"prepare": {"status": "finished"}}})
+    assert exists(uri)
+    assert read_json(uri) == {"steps": {"prepare": {"status": "finished"}}}
+    assert not exists(f"s3://{s3_bucket}/pipelines/demo/pipeline_state.jso")
+    assert not exists(f"s3://{s3_bucket}-missing/x.json")

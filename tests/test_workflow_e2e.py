@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LOVEDA = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
-pytestmark = pytest.mark.timeout(420)
+from helpers import LOVEDA, REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 STEPS = ["prepare", "train_policy", "train_step", "tune", "evaluate", "report"]
 
@@ -171,7 +171,7 @@ def test_registered_model_and_thresholds_hold_on_reevaluation(pipeline):
     assert json.loads(version.tags["inference"]) == doc["best"]["inference"]
 
     # re-evaluate the chosen thresholds independently of the search
-    from pipelines.tune.search import evaluate, model_num_exits, reference_inference
+    from pipelines.tune.trial import evaluate, model_num_exits, reference_inference
 
     ckpt = doc["steps"]["train_step"]["outputs"]["checkpoint"]
     val = doc["steps"]["prepare"]["outputs"]["val"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipelines.tune.pareto import select
-from pipelines.tune.search import pareto_plot, trials_csv
+from pipelines.tune.pareto import pareto_plot, select, trials_csv
 from pipelines.workflow.report import (
     per_class_halting_md,
     per_class_halting_rows,

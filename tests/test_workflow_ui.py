@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.integration
 def test_step_ui_serves_the_embedded_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -33,7 +34,7 @@ def test_step_ui_serves_the_embedded_store(tmp_path):
         port = s.getsockname()[1]
     # from the directory holding runs/: the default store is found without any flag
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port)],
-                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            cwd=tmp_path, env=_env_without_tracking_uri(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -70,3 +71,10 @@ def test_step_ui_without_store_says_what_to_do(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "step run configs/demo.yaml" in out.stdout + out.stderr
+
+
+def _env_without_tracking_uri() -> dict[str, str]:
+    """The default store is what is tested: no MLFLOW_TRACKING_URI from the caller."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env

@@ -29,20 +29,25 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipelines.common.settings import StrictModel
+
+Part = Literal["train", "varlen", "model"]
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parts", nargs="+", default=["train", "varlen", "model"],
-                        choices=["train", "varlen", "model"])
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu only to smoke-test this command itself")
-    parser.add_argument("--backbone", default="vit_base_patch16_384")
-    parser.add_argument("--tokens", type=int, default=4096, help="longest image's tokens (varlen)")
-    parser.add_argument("--batch", type=int, default=8, help="images per varlen batch")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--train-steps", type=int, default=6)
-    parser.add_argument("--json", type=Path, default=Path("runs/bench_gpu.json"))
+class BenchGpuSettings(StrictModel):
+    parts: list[Part] = Field(default_factory=lambda: ["train", "varlen", "model"],
+                              description="parts to run (train varlen model)")
+    device: Literal["cuda", "cpu"] = Field("cuda", description="cpu only to smoke-test this "
+                                           "command itself")
+    backbone: str = Field("vit_base_patch16_384", description="timm backbone (varlen, model)")
+    tokens: int = Field(4096, ge=1, description="longest image's tokens (varlen)")
+    batch: int = Field(8, ge=1, description="images per varlen batch")
+    repeats: int = Field(10, ge=1, description="timed repeats (varlen)")
+    train_steps: int = Field(6, ge=1, description="training steps (train)")
 
 
 def _timed(fn, device, repeats: int) -> float:
@@ -104,8 +109,9 @@ def bench_varlen(device, backbone: str, tokens: int, batch: int, repeats: int) -
 
 def bench_train(device_type: str, steps: int) -> dict[str, Any]:
     from data_prep.prep import prepare
+    from pipelines.common.cluster import init_ray
     from pipelines.train.config import load_train_config
-    from pipelines.train.trainer import fit, init_ray
+    from pipelines.train.trainer import fit
 
     init_ray()
     with tempfile.TemporaryDirectory(prefix="step-bench-gpu-") as tmp:
@@ -146,11 +152,12 @@ def bench_model(device_type: str, backbone: str) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def bench(args: BenchGpuSettings) -> tuple[dict[str, Any], bool]:
+    """Run the parts; returns (the report, whether a part failed)."""
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("step bench gpu: no CUDA device (use --device cpu only to smoke-test)")
+        raise ValueError("no CUDA device (use --device cpu only to smoke-test)")
     device = torch.device(args.device)
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda"
                               else "cpu", "torch": torch.__version__}
@@ -171,7 +178,4 @@ def run(args: argparse.Namespace) -> int:
                             "traceback": traceback.format_exc()}
         report[name]["part_seconds"] = time.perf_counter() - t0
         print(f"step bench gpu: {name} done in {report[name]['part_seconds']:.1f}s", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"step bench gpu: wrote {args.json}")
-    return 1 if failed else 0
+    return report, failed

@@ -20,31 +20,32 @@ training cost, which is what changes between plain and STEP.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "real" / "loveda"
+from pydantic import Field
+
+from pipelines.common.settings import EXIT_THRESHOLDS_SYNTAX, ExitThresholds, StrictModel
+from pipelines.train.config import TrainConfig
+
+# the demo's LoveDA scenes, shipped in the repository (relative to its root, like configs/)
+FIXTURES = Path("demo_data/loveda")
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="training config (YAML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--data", default=None, metavar="URI",
-                        help="shard directory for the batches (default: LoveDA fixtures)")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
-    parser.add_argument("--halt-thresholds", default=None, metavar="T[,T...]",
-                        help="exit thresholds of the step_halting model (default: "
-                        "finetune.inference.exit_thresholds, else the model's). An untrained "
-                        "model is never confident: low values show what halting saves")
+class BenchTrainOptions(StrictModel):
+    """The benchmark's own knobs (the models and data settings come from the config)."""
+
+    data: str | None = Field(None, description="shard directory for the batches (default: "
+                             "the LoveDA fixtures)")
+    steps: int = Field(3, ge=1, description="optimizer steps per round")
+    repeats: int = Field(3, ge=1, description="interleaved rounds")
+    warmup: int = Field(1, ge=0, description="untimed steps per model")
+    device: str | None = Field(None, description="cpu or cuda (default: cuda if any)")
+    halt_thresholds: ExitThresholds = Field(
+        None, description=f"exit thresholds of the step_halting model, {EXIT_THRESHOLDS_SYNTAX} "
+        "(default: finetune.inference.exit_thresholds, else the model's). An untrained "
+        "model is never confident: low values show what halting saves")
 
 
 def _fixture_batches(crop: int, batch: int, n: int, seed: int = 0):
@@ -57,7 +58,7 @@ def _fixture_batches(crop: int, batch: int, n: int, seed: int = 0):
 
     names = sorted(p.name for p in (FIXTURES / "img_dir").glob("*.png"))
     if not names:
-        raise FileNotFoundError(f"no LoveDA fixtures in {FIXTURES}; pass --data")
+        raise FileNotFoundError(f"no LoveDA scenes in {FIXTURES} (run from the repository root); pass --data")
     side = max(crop, min(1024, 2 * crop))
     pairs = []
     for name in names:
@@ -82,7 +83,7 @@ def _fixture_batches(crop: int, batch: int, n: int, seed: int = 0):
 
 
 def _shard_batches(cfg, uri: str, n: int):
-    from pipelines.common.data import train_loader
+    from pipelines.train.data import train_loader
 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": uri})})
     out = []
@@ -99,7 +100,7 @@ def _shard_batches(cfg, uri: str, n: int):
 def _loadable(uri: str | None) -> str | None:
     if not uri:
         return None
-    from pipelines.train.stages import resolve_checkpoint_dir
+    from pipelines.common.checkpoint import resolve_checkpoint_dir
 
     try:
         return resolve_checkpoint_dir(uri)
@@ -109,43 +110,40 @@ def _loadable(uri: str | None) -> str | None:
         return None
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from pipelines.common.data import batch_to_device
-    from pipelines.common.model import build_model
-    from pipelines.train.config import load_train_config
-    from pipelines.train.loop import _autocast
-    from pipelines.train.optim import build_optimizer
-    from step_model import step_loss
-
-    cfg = load_train_config(args.config, args.overrides)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    crop, batch = cfg.data.crop_size, cfg.data.batch_size
-    n_batches = args.warmup + args.steps * args.repeats
-    data = (_shard_batches(cfg, args.data, n_batches) if args.data
-            else _fixture_batches(crop, batch, n_batches, cfg.train.seed))
+def _variants(cfg: TrainConfig, halt_taus) -> tuple[dict[str, dict], str, str | None]:
+    """The three model configs (plain, STEP, STEP with halting in training), where the
+    policy comes from, and the policy checkpoint to load (None: the oracle)."""
     plain_cfg = {**cfg.model, "policy": {**cfg.model["policy"], "mode": "none"},
                  "exits": {**cfg.model["exits"], "blocks": []}}
-    halt_taus = ([float(x) for x in args.halt_thresholds.split(",")] if args.halt_thresholds
-                 else cfg.finetune.inference.get("exit_thresholds")
-                 or cfg.model["exits"]["thresholds"])
     halting_cfg = {**cfg.model, "exits": {**cfg.model["exits"], "halting": True,
                                           "halt_in_training": True,
                                           "thresholds": list(halt_taus)}}
     # Sharing needs a trained policy: without a loadable policy_checkpoint the STEP models
     # share with the oracle (an upper bound), as a random policy's choices mean nothing.
-    policy_source = "oracle"
     policy_uri = None
     if cfg.model["policy"]["mode"] in ("threshold", "budget"):
         policy_uri = _loadable(cfg.policy_checkpoint)
-        policy_source = policy_uri or "oracle"
     step_cfg = cfg.model
-    if policy_source == "oracle":
+    if policy_uri is None:
         oracle = {**cfg.model["policy"], "mode": "oracle"}
         step_cfg = {**cfg.model, "policy": oracle}
         halting_cfg["policy"] = oracle
     variants = {"plain": plain_cfg, "step": step_cfg, "step_halting": halting_cfg}
+    return variants, policy_uri or "oracle", policy_uri
+
+
+def _time_variants(cfg: TrainConfig, args: BenchTrainOptions, variants: dict[str, dict],
+                   policy_uri: str | None, data, device):
+    """Train every variant on the same batches, interleaved round by round; (samples/s of
+    each round, mean tokens per block of each step) per variant."""
+    import torch
+
+    from pipelines.common.data import batch_to_device
+    from pipelines.common.model import build_model
+    from pipelines.train.loop import _autocast
+    from pipelines.train.optim import build_optimizer
+    from step_model import step_loss
+
     models, optims = {}, {}
     for name, mcfg in variants.items():
         torch.manual_seed(cfg.train.seed)
@@ -158,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
         models[name] = model.train()
         optims[name] = build_optimizer(
             [(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.optim)
-
     tokens: dict[str, list[float]] = {k: [] for k in variants}
 
     def step(name: str, images, labels) -> None:
@@ -188,12 +185,29 @@ def run(args: argparse.Namespace) -> int:
             for images, labels in chunk:
                 step(name, images, labels)
             sync()
-            timings[name].append(len(chunk) * batch / (time.perf_counter() - t0))
+            timings[name].append(len(chunk) * cfg.data.batch_size / (time.perf_counter() - t0))
+    return timings, tokens
+
+
+def bench(cfg: TrainConfig, args: BenchTrainOptions, config: str | None = None) -> dict:
+    """Run the benchmark; returns the result document (``step bench train --json``)."""
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    crop, batch = cfg.data.crop_size, cfg.data.batch_size
+    n_batches = args.warmup + args.steps * args.repeats
+    data = (_shard_batches(cfg, args.data, n_batches) if args.data
+            else _fixture_batches(crop, batch, n_batches, cfg.train.seed))
+    halt_taus = (args.halt_thresholds
+                 or cfg.finetune.inference.get("exit_thresholds")
+                 or cfg.model["exits"]["thresholds"])
+    variants, policy_source, policy_uri = _variants(cfg, halt_taus)
+    timings, tokens = _time_variants(cfg, args, variants, policy_uri, data, device)
 
     per_s = {k: statistics.median(v) for k, v in timings.items()}
     grid = (crop // 16) ** 2
     result = {
-        "config": str(args.config), "backbone": cfg.model["backbone"], "image_size": crop,
+        "config": str(config), "backbone": cfg.model["backbone"], "image_size": crop,
         "batch_size": batch, "device": str(device), "precision": cfg.train.precision,
         "steps_per_round": args.steps, "repeats": args.repeats,
         "data": args.data or str(FIXTURES),
@@ -212,7 +226,4 @@ def run(args: argparse.Namespace) -> int:
           f"plain {per_s['plain']:.3g} samples/s, STEP {per_s['step']:.3g} "
           f"({result['speedup']:.2f}x), STEP+halting {per_s['step_halting']:.3g} "
           f"({result['speedup_halting']:.2f}x)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return result

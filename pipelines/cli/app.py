@@ -2,9 +2,13 @@
 
 Every subcommand lives in its own module, which exposes ``configure(parser)`` and
 ``run(args) -> int``; ``args.command_path`` holds the command's words (e.g.
-``("train", "policy")``) for modules that serve several commands. Modules are imported only when their command is chosen, so
-``step --help`` stays instant and a broken optional dependency of one command cannot
-break the others. Command modules keep heavy imports (torch, ray, mlflow) inside ``run``.
+``("train", "policy")``) for modules that serve several commands. The ``pipelines``
+commands build both from one typed settings model through
+:class:`pipelines.cli.command.Command` (``--config``, ``--set``, generated flags,
+``--json``, error lines).
+Modules are imported only when their command is chosen, so ``step --help`` stays instant
+and a broken optional dependency of one command cannot break the others. Command modules
+keep heavy imports (torch, ray, mlflow) inside their handlers.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 
 # (command path) -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("prep",): ("data_prep.cli", "shard a segmentation dataset into WebDataset tars (Ray Data)"),
+    ("prep",): ("pipelines.cli.prep", "shard a segmentation dataset into WebDataset tars (Ray Data)"),
     ("train", "policy"): ("pipelines.cli.train", "stage 1: train the dCTS policy network (Ray Train)"),
     ("train", "step"): ("pipelines.cli.train", "stage 2: train the STEP segmenter (Ray Train)"),
     ("eval",): ("pipelines.cli.eval", "evaluate a checkpoint: mIoU and compute figures"),
@@ -23,10 +27,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("run",): ("pipelines.cli.run", "run the whole pipeline: prep -> policy -> STEP -> tune -> eval -> report"),
     ("submit",): ("pipelines.cli.submit", "submit the pipeline to a Ray cluster as a Ray job"),
     ("ui",): ("pipelines.cli.ui", "start the MLflow UI on 127.0.0.1 over the embedded store"),
-    ("bench", "model"): ("step_model.bench", "plain ViT vs STEP: GFLOPs, tokens, latency (JSON)"),
-    ("bench", "data"): ("data_prep.bench", "shard writing and loader throughput, local and S3 (JSON)"),
-    ("bench", "train"): ("pipelines.bench.train", "training samples/s, plain vs STEP (JSON)"),
-    ("bench", "gpu"): ("pipelines.bench.gpu", "GPU readiness: bf16/NCCL training, varlen kernels, model bench (JSON)"),
+    ("bench", "model"): ("pipelines.cli.bench_model", "plain ViT vs STEP: GFLOPs, tokens, latency (JSON)"),
+    ("bench", "data"): ("pipelines.cli.bench_data", "shard writing and loader throughput, local (and S3 when asked) (JSON)"),
+    ("bench", "train"): ("pipelines.cli.bench_train", "training samples/s, plain vs STEP (JSON)"),
+    ("bench", "gpu"): ("pipelines.cli.bench_gpu", "GPU readiness: bf16/NCCL training, varlen kernels, model bench (JSON)"),
 }
 
 

@@ -1,41 +1,38 @@
-"""``step run CONFIG``: the whole pipeline (prepare -> policy -> STEP -> tune -> evaluate -> report)."""
+"""``step run CONFIG``: the whole pipeline (prepare -> policy -> STEP -> tune -> evaluate -> report).
+
+Settings: :class:`pipelines.workflow.config.PipelineConfig` (``--config FILE`` or the
+positional ``CONFIG``, ``--set``, ``--name``, ``--storage``); the training configs it
+points at are validated too.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+from pydantic import Field
+
+from pipelines.cli.command import Command, Invocation, Result
+from pipelines.common.settings import StrictModel
+from pipelines.workflow.config import PipelineConfig, load_pipeline_config
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="pipeline config YAML (e.g. configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value (repeatable)")
-    parser.add_argument("--json", type=Path, default=None, help="write the result here")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print each step's fingerprint and whether it would run or be "
-                        "skipped; run nothing")
+class RunOptions(StrictModel):
+    dry_run: bool = Field(False, description="print each step's fingerprint and whether it "
+                          "would run or be skipped; run nothing")
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipelines.common.settings import ConfigError
-    from pipelines.workflow.config import load_pipeline_config
+def load(config: str | None, overrides: list[str], path: tuple[str, ...]) -> PipelineConfig:
+    return load_pipeline_config(config, overrides)
+
+
+def run_command(inv: Invocation) -> Result:
     from pipelines.workflow.runner import Workflow, run_pipeline
 
-    try:
-        if args.dry_run:
-            cfg = load_pipeline_config(args.config, args.overrides)
-            plan = Workflow(cfg, config_path=args.config).plan()
-            for p in plan:
-                extra = f" (reuses run {p['reuses_run']})" if p["reuses_run"] else ""
-                print(f"{p['step']:<13} {p['action']:<4} fingerprint {p['fingerprint'][:12]}{extra}")
-            if args.json:
-                _write(args.json, {"plan": plan})
-            return 0
-        result = run_pipeline(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
+    if inv.options.dry_run:
+        plan = Workflow(inv.settings, config_path=inv.config).plan()
+        for p in plan:
+            extra = f" (reuses run {p['reuses_run']})" if p["reuses_run"] else ""
+            print(f"{p['step']:<13} {p['action']:<4} fingerprint {p['fingerprint'][:12]}{extra}")
+        return Result({"plan": plan})
+    result = run_pipeline(inv.config, inv.overrides)
     doc = result_json(result)
     print()
     print(doc["summary_table"])
@@ -46,10 +43,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped (unchanged): {', '.join(result.skipped)}")
     print(f"\nMLflow: pipeline run {result.parent_run_id} at {result.tracking_uri}")
     print(ui_hint(result.tracking_uri))
-    if args.json:
-        _write(args.json, doc)
-        print(f"wrote {args.json}")
-    return 0
+    return Result(doc)
 
 
 def result_json(result) -> dict:
@@ -85,6 +79,8 @@ def ui_hint(tracking_uri: str) -> str:
     return f"open the MLflow UI: {tracking_uri}"
 
 
-def _write(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=str))
+COMMAND = Command(PipelineConfig, run_command, options=RunOptions, load=load,
+                  positional_config=True, config_required=True,
+                  config_help="pipeline config YAML, e.g. configs/demo.yaml")
+configure = COMMAND.configure
+run = COMMAND.run

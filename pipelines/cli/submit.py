@@ -1,5 +1,9 @@
 """``step submit CONFIG --address http://HEAD:8265``: the same pipeline as a Ray job.
 
+Settings: the pipeline config (:class:`pipelines.workflow.config.PipelineConfig`, as for
+``step run``: ``--config FILE`` or the positional ``CONFIG``, ``--set``, ``--name``,
+``--storage``), validated here first; the submission itself: :class:`SubmitOptions`.
+
 The job's entrypoint is ``step run CONFIG`` (plus the ``--set`` overrides), run on the
 cluster's head node with this repository as its working directory (Ray uploads it; the
 package itself is installed on every node by ``ray_cluster.yaml``'s setup commands, so
@@ -20,12 +24,18 @@ nodes get theirs from their instance role or their own environment).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from pipelines.cli.command import Command, CommandError, Invocation, Result
+from pipelines.cli.run import load
+from pipelines.common.settings import ConfigError, StrictModel
+from pipelines.workflow.config import PipelineConfig
 
 FORWARD_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "STEP_S3_ENDPOINT_URL",
                "AWS_DEFAULT_REGION")
@@ -34,30 +44,40 @@ EXCLUDES = [".venv", "runs", "mlruns", "*.db", ".git", "**/__pycache__", ".pytes
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="pipeline config YAML (path inside this repository)")
-    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS")
-                        or os.environ.get("RAY_ADDRESS"),
-                        help="Ray dashboard / job API address, e.g. http://HEAD:8265")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="config override passed to `step run`")
-    parser.add_argument("--follow", action="store_true",
-                        help="stream the job's logs until it ends; exit with its status")
-    parser.add_argument("--token-file", default=None,
-                        help="Ray auth token file (default: $RAY_AUTH_TOKEN, "
-                        "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
-    parser.add_argument("--working-dir", default=".",
-                        help="uploaded as the job's working directory (default: here)")
-    parser.add_argument("--pip", action="append", default=[],
-                        help="extra pip requirement for the job's runtime env (repeatable)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment variable for the job (repeatable)")
-    parser.add_argument("--submission-id", default=None)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="submit `step run --dry-run`: the job prints which steps would "
-                        "run or be skipped on the cluster, and runs nothing")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="with --follow: give up waiting after this many seconds")
+def _default_address() -> str | None:
+    return os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or None
+
+
+class SubmitOptions(StrictModel):
+    """How to submit (the pipeline itself is the settings)."""
+
+    address: str | None = Field(
+        default_factory=_default_address,
+        description="Ray dashboard / job API address, e.g. http://HEAD:8265 (default: "
+        "$RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
+    follow: bool = Field(False, description="stream the job's logs until it ends; exit with "
+                         "its status")
+    token_file: str | None = Field(None, description="Ray auth token file (default: "
+                                   "$RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    working_dir: str = Field(".", description="uploaded as the job's working directory")
+    pip: list[str] = Field(default_factory=list, description="extra pip requirement(s) for "
+                           "the job's runtime env (repeatable)")
+    env: list[str] = Field(default_factory=list, description="extra environment "
+                           "variable(s) for the job, KEY=VALUE (repeatable)")
+    submission_id: str | None = Field(None, description="the job's submission id")
+    dry_run: bool = Field(False, description="submit `step run --dry-run`: the job prints "
+                          "which steps would run or be skipped on the cluster, and runs "
+                          "nothing")
+    timeout: float | None = Field(None, gt=0, description="with --follow: give up waiting "
+                                  "after this many seconds")
+
+    @field_validator("env")
+    @classmethod
+    def _key_value(cls, v: list[str]) -> list[str]:
+        bad = [item for item in v if "=" not in item or not item.split("=", 1)[0]]
+        if bad:
+            raise ValueError(f"expected KEY=VALUE, got {bad[0]!r}")
+        return v
 
 
 def resolve_token(token_file: str | None = None) -> str | None:
@@ -65,14 +85,14 @@ def resolve_token(token_file: str | None = None) -> str | None:
     if token_file:
         path = Path(token_file).expanduser()
         if not path.is_file():
-            raise SystemExit(f"error: --token-file {token_file}: no such file")
+            raise FileNotFoundError(f"--token-file {token_file}: no such file")
         return path.read_text().strip() or None
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
     if os.environ.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
         if not path.is_file():
-            raise SystemExit(f"error: RAY_AUTH_TOKEN_PATH={path}: no such file")
+            raise FileNotFoundError(f"RAY_AUTH_TOKEN_PATH={path}: no such file")
         return path.read_text().strip() or None
     default = Path.home() / ".ray" / "auth_token"
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and default.is_file():
@@ -94,7 +114,7 @@ def build_runtime_env(working_dir: str, pip: list[str], env: list[str]) -> dict:
     env_vars = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
     for item in env:
         if "=" not in item:
-            raise SystemExit(f"error: --env expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--env expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         env_vars[k] = v
     runtime_env: dict = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env_vars}
@@ -111,41 +131,35 @@ def client_for(address: str, token: str | None):
     return JobSubmissionClient(address, headers=headers)
 
 
-def run(args: argparse.Namespace) -> int:
-    if not args.address:
-        print("error: --address is required (the Ray dashboard, e.g. http://HEAD:8265)")
-        return 2
-    if not Path(args.config).is_file():
-        print(f"error: config {args.config}: file not found")
-        return 2
-    # validate here: a broken config should fail in a second, not after the upload
-    from pipelines.common.settings import ConfigError
-    from pipelines.workflow.config import load_pipeline_config
-
+def submit(inv: Invocation) -> Result:
+    opts: SubmitOptions = inv.options
+    if not opts.address:
+        raise ConfigError("invalid options:\n  address: required (the Ray dashboard, e.g. "
+                          "--address http://HEAD:8265, or $RAY_ADDRESS)")
+    # the config was validated by the layer: a broken one fails in a second, not after
+    # the upload
+    token = resolve_token(opts.token_file)
+    entrypoint = build_entrypoint(inv.config, inv.overrides, opts.dry_run)
+    runtime_env = build_runtime_env(opts.working_dir, opts.pip, opts.env)
     try:
-        load_pipeline_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}")
-        return 2
-    token = resolve_token(args.token_file)
-    entrypoint = build_entrypoint(args.config, args.overrides, args.dry_run)
-    runtime_env = build_runtime_env(args.working_dir, args.pip, args.env)
-    try:
-        client = client_for(args.address, token)
+        client = client_for(opts.address, token)
         job_id = _submit_with_retry(client, entrypoint=entrypoint, runtime_env=runtime_env,
-                                    submission_id=args.submission_id,
-                                    metadata={"step.config": args.config})
+                                    submission_id=opts.submission_id,
+                                    metadata={"step.config": inv.config})
     except Exception as err:  # noqa: BLE001 - one readable line, never the token
-        print(f"error: submitting to {args.address} failed: {_auth_hint(err, token)}")
-        return 1
-    print(f"submitted job {job_id} to {args.address}: {entrypoint}")
-    if not args.follow:
+        raise CommandError(f"submitting to {opts.address} failed: "
+                           f"{_auth_hint(err, token)}", 1) from None
+    print(f"submitted job {job_id} to {opts.address}: {entrypoint}")
+    doc = {"job_id": job_id, "address": opts.address, "entrypoint": entrypoint,
+           "status": None}
+    if not opts.follow:
         print(f"follow it with: step submit ... --follow, or `ray job logs {job_id} "
-              f"--address {args.address} --follow`")
-        return 0
-    status = follow(client, job_id, timeout=args.timeout)
+              f"--address {opts.address} --follow`")
+        return Result(doc)
+    status = follow(client, job_id, timeout=opts.timeout)
     print(f"job {job_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
+    doc["status"] = status
+    return Result(doc, 0 if status == "SUCCEEDED" else 1)
 
 
 def _submit_with_retry(client, *, wait_s: float = 180.0, **kwargs) -> str:
@@ -192,3 +206,12 @@ def _auth_hint(err: Exception, token: str | None) -> str:
     if "403" in text or "Forbidden" in text:
         return first + " -- the Ray auth token was rejected (wrong cluster's token?)"
     return first
+
+
+COMMAND = Command(PipelineConfig, submit, options=SubmitOptions, load=load,
+                  positional_config=True, config_required=True,
+                  config_help="pipeline config YAML (a path inside this repository)",
+                  json="write job_id, address, entrypoint and (with --follow) the final "
+                  "status as JSON (a local path or s3://bucket/key)")
+configure = COMMAND.configure
+run = COMMAND.run

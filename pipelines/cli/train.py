@@ -1,49 +1,36 @@
 """``step train policy|step --config FILE [--set key=value ...] [--json PATH]``.
 
-The stage comes from the command; a config whose ``stage`` says otherwise is an error.
-A rerun with the same ``name`` and ``storage.storage_path`` resumes from the run's latest
-checkpoint (and continues the same MLflow run).
+Settings: :class:`pipelines.train.config.TrainConfig`. The stage comes from the command; a
+config whose ``stage`` says otherwise is an error. A rerun with the same ``name`` and
+``storage.storage_path`` resumes from the run's latest checkpoint (and continues the same
+MLflow run).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from pydantic import Field
+
+from pipelines.cli.command import Command, Invocation, Result
+from pipelines.common.settings import StrictModel
+from pipelines.train.config import TrainConfig, load_train_config
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="training config (YAML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config field (repeatable), "
-                        "e.g. --set data.train=runs/shards/train --set optim.lr=1e-4")
-    parser.add_argument("--json", metavar="PATH",
-                        help="write run_id, tracking_uri, checkpoint and metrics as JSON")
-    parser.add_argument("--parent-run-id", default=None,
-                        help="nest the MLflow run under this run (mlflow.parentRunId)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and exit")
+class TrainOptions(StrictModel):
+    parent_run_id: str | None = Field(None, description="nest the MLflow run under this run "
+                                      "(mlflow.parentRunId)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipelines.common.settings import ConfigError, dump_config
-    from pipelines.train.config import load_train_config
+def _load(config: str | None, overrides: list[str], path: tuple[str, ...]) -> TrainConfig:
+    return load_train_config(config, overrides, stage=path[-1] if path else None)
 
-    stage = args.command_path[-1]
-    try:
-        cfg = load_train_config(args.config, args.overrides, stage=stage)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
-        cfg.require_data()
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"step train {stage}: {err}", file=sys.stderr)
-        return 2
+
+def train(inv: Invocation) -> Result:
+    cfg: TrainConfig = inv.settings
+    cfg.require_data()
 
     from pipelines.train.trainer import fit
 
-    result = fit(cfg, parent_run_id=args.parent_run_id)
+    result = fit(cfg, parent_run_id=inv.options.parent_run_id)
     summary = {"run_id": result.run_id, "tracking_uri": result.tracking_uri,
                "checkpoint": result.checkpoint, "model_uri": result.model_uri,
                "stage": result.stage, "ray_run_name": result.ray_run_name,
@@ -51,11 +38,16 @@ def run(args: argparse.Namespace) -> int:
     headline = {k: result.metrics.get(k) for k in ("miou", "gflops", "tokens_mean",
                                                     "halted_fraction", "policy_bacc")
                 if result.metrics.get(k) is not None}
-    print(f"step train {stage}: done at step {result.metrics.get('step')}; "
+    print(f"{inv.prog}: done at step {result.metrics.get('step')}; "
           + ", ".join(f"{k}={v:.4g}" for k, v in headline.items()))
     print(f"  checkpoint: {result.checkpoint}")
     print(f"  MLflow run: {result.run_id} at {result.tracking_uri}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
-    return 0
+    return Result(summary)
+
+
+COMMAND = Command(TrainConfig, train, options=TrainOptions, load=_load, exclude={"stage"},
+                  config_help="training config (YAML), e.g. configs/tiny/step.yaml",
+                  json="write run_id, tracking_uri, checkpoint and metrics as JSON "
+                  "(a local path or s3://bucket/key)")
+configure = COMMAND.configure
+run = COMMAND.run

@@ -92,10 +92,26 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+def resolve_checkpoint_dir(uri: str) -> str:
+    """A checkpoint dir, or a Ray run dir (``<storage>/<name>``) -> its latest checkpoint.
+
+    Every command that takes ``--checkpoint`` accepts both (through :func:`load_model`)."""
+    uri = str(uri)
+    if storage.exists(storage.join(uri, MODEL_FILE)):
+        return uri
+    names = sorted({rel.split("/", 1)[0] for rel in storage.list_files(uri)
+                    if rel.startswith("checkpoint_") and rel.endswith("/" + MODEL_FILE)})
+    if not names:
+        raise FileNotFoundError(f"{uri}: neither a checkpoint ({MODEL_FILE}) nor a run "
+                                "directory with checkpoint_* folders")
+    return storage.join(uri, names[-1])
+
+
 def load_model(uri: str | Path, *, device: str | torch.device = "cpu"
                ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from ``model_config.yaml`` and load ``model.pt`` strictly."""
-    path = local_dir(uri)
+    """Rebuild the model from ``model_config.yaml`` and load ``model.pt`` strictly; ``uri``
+    is a checkpoint or a Ray run directory (its latest checkpoint)."""
+    path = local_dir(resolve_checkpoint_dir(str(uri)))
     model_config = read_model_config(path)
     model = build_model(architecture_only(model_config))
     model.load_state_dict(load_state_dict(path), strict=True)

@@ -4,11 +4,9 @@ One loader per Ray Train worker, built inside the worker: the training loader sp
 shards by ``torch.distributed`` rank, then by DataLoader worker; the evaluation loader
 splits *samples* (contiguous ranges, balanced to within one sample), so that every rank has
 work even when the validation split is a single shard. (Ray Data feeding Ray Train
-deadlocks with 2 workers on 2 CPUs: its read tasks never get a CPU; PLATFORM.md.)
+deadlocks with 2 workers on 2 CPUs: its read tasks never get a CPU, measured with Ray 2.60.)
 
-``data.resample: auto`` switches to sampling shards with replacement, with a warning,
-only when a dataset has fewer shards than ranks x DataLoader workers (tiny datasets):
-then a rank could otherwise get no shard at all.
+The training loader, which reads a ``TrainConfig``, is :mod:`pipelines.train.data`.
 """
 
 from __future__ import annotations
@@ -17,11 +15,8 @@ import logging
 import os
 import posixpath
 import re
-import warnings
 
 import torch
-
-from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +54,6 @@ def batch_to_device(images, labels, device):
     if images.dtype == torch.uint8:
         images = images.float().div_(255)
     return images, labels.long()
-
-
-def augment_config(cfg: TrainConfig) -> dict:
-    d = cfg.data
-    return {"scale_min": d.scale_range[0], "scale_max": d.scale_range[1],
-            "hflip": 0.5 if d.hflip else 0.0, "photometric": d.photometric}
-
-
-def train_loader(cfg: TrainConfig, *, epoch: int):
-    from data_prep.loader import build_loader
-
-    uri, split = resolve_data_uri(cfg.data.train)
-    kwargs = dict(split=split, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size, train=True,
-                  seed=cfg.train.seed, epoch=epoch, num_workers=cfg.data.num_workers,
-                  augment=augment_config(cfg), to_float=False)
-    if cfg.data.resample is True:
-        return build_loader(uri, resample=True, **kwargs)
-    try:
-        return build_loader(uri, **kwargs)
-    except ValueError as err:
-        if cfg.data.resample is False or "shard" not in str(err):
-            raise
-        if epoch == 0:
-            warnings.warn(f"{err} -> data.resample=auto: sampling shards with replacement",
-                          RuntimeWarning, stacklevel=2)
-        return build_loader(uri, resample=True, **kwargs)
 
 
 def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,

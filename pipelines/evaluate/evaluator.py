@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.common.data import batch_to_device
+from pipelines.common.progress import duration
 from pipelines.evaluate.metrics import IGNORE_INDEX, ConfusionMeter, all_reduce_sum
 
 
@@ -237,13 +238,6 @@ def _model_layout(model) -> tuple[list[int], int, tuple[int, ...]]:
     return exit_blocks, depth, levels
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 class _Progress:
     """Evaluation progress on stderr, from one rank (rank 0 by default).
 
@@ -305,7 +299,7 @@ class _Progress:
             text += " images"
         text += f", {rate:.2f} images/s"
         if self.total and rate > 0 and self.done < self.total:
-            text += f", {_duration((self.total - self.done) / rate)} left"
+            text += f", {duration((self.total - self.done) / rate)} left"
         self._line(text + self.where)
 
     def close(self) -> None:
@@ -315,7 +309,7 @@ class _Progress:
             self.bar.close()
             self.bar = None
         elapsed = time.perf_counter() - self.t0
-        self._line(f"eval: done, {_images(self.done)} in {_duration(elapsed)} "
+        self._line(f"eval: done, {_images(self.done)} in {duration(elapsed)} "
                    f"({self.done / max(elapsed, 1e-9):.2f} images/s){self.where}")
 
 
@@ -365,12 +359,42 @@ def evaluate_model(
     terminal, else a plain line every ``progress_every_s`` seconds (see :class:`_Progress`).
     ``latency_ms`` is the mean over the timed batches of all ranks.
     """
-    from data_prep.loader import rank_sample_range
-
     device = torch.device(device)
     rank, world = _dist_rank_world()
     exit_blocks, depth, report_levels = _model_layout(model)
-    n_exits = len(exit_blocks)
+    cap, bar = _cap_and_progress(loader, max_samples, rank, world, progress, progress_every_s)
+    sums = _Sums(num_classes, len(exit_blocks))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if precision == "bf16" and device.type == "cuda" else _null())
+    infer = {"mode": mode, "crop_size": crop_size, "stride": stride}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in ([] if cap == 0 else loader):
+                images, labels = batch[0], batch[1]
+                if cap is not None:
+                    images, labels = images[: cap - sums.seen], labels[: cap - sums.seen]
+                images, labels = batch_to_device(images, labels, device)
+                with autocast:
+                    _evaluate_batch(model, images, labels, sums, infer, device,
+                                    count_flops=count_flops, latency_samples=latency_samples,
+                                    exit_blocks=exit_blocks, depth=depth)
+                bar.update(images.shape[0])
+                if cap is not None and sums.seen >= cap:
+                    break
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return _reduce(sums, exit_blocks, depth, report_levels, class_names, count_flops, infer)
+
+
+def _cap_and_progress(loader, max_samples: int | None, rank: int, world: int,
+                      progress: bool | None, every_s: float) -> tuple[int | None, _Progress]:
+    """This rank's share of the global ``max_samples`` cap, and its progress reporter."""
+    from data_prep.loader import rank_sample_range
+
     cap: int | None = None
     if max_samples is not None:
         lo, hi = rank_sample_range(max(0, max_samples), rank, world)
@@ -381,53 +405,51 @@ def evaluate_model(
         rank_total = cap if rank_total is None else min(rank_total, cap)
         all_total = max_samples if all_total is None else min(all_total, max_samples)
     bar = _Progress(enabled=rank == 0 if progress is None else progress, total=rank_total,
-                    total_all=all_total, rank=rank, world=world, every_s=progress_every_s)
+                    total_all=all_total, rank=rank, world=world, every_s=every_s)
+    return cap, bar
 
-    was_training = model.training
-    model.eval()
-    meter = ConfusionMeter(num_classes)
-    counter = _Counter()
-    class_table = torch.zeros(num_classes, n_exits + 1, dtype=torch.float64)
-    seen = 0
-    timed: list[float] = []
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if precision == "bf16" and device.type == "cuda" else _null())
-    try:
-        with torch.no_grad():
-            for batch in ([] if cap == 0 else loader):
-                images, labels = batch[0], batch[1]
-                if cap is not None:
-                    images, labels = images[: cap - seen], labels[: cap - seen]
-                images, labels = batch_to_device(images, labels, device)
-                with autocast:
-                    logits, outs = predict(model, images, labels, mode=mode, crop_size=crop_size,
-                                           stride=stride, counter=counter, count_flops=count_flops)
-                    if len(timed) < latency_samples:
-                        if not timed:  # warm-up (allocator, kernel selection)
-                            predict(model, images, labels, mode=mode, crop_size=crop_size,
-                                    stride=stride)
-                        _sync(device)
-                        t0 = time.perf_counter()
-                        predict(model, images, labels, mode=mode, crop_size=crop_size,
-                                stride=stride)
-                        _sync(device)
-                        timed.append((time.perf_counter() - t0) * 1000 / images.shape[0])
-                meter.update(logits.argmax(1), labels)
-                for out, (y, x) in outs:
-                    win = labels[..., y:y + out.logits.shape[-2], x:x + out.logits.shape[-1]]
-                    _per_class_cells(out.flow, win, num_classes, exit_blocks, depth, class_table)
-                seen += images.shape[0]
-                bar.update(images.shape[0])
-                if cap is not None and seen >= cap:
-                    break
-    finally:
-        bar.close()
-        if was_training:
-            model.train()
 
-    # Two reductions, of fixed shapes on every rank: the confusion matrix (int64) and one
-    # float64 vector of every sum (compute figures, per-class halting, latency).
-    scores = meter.compute()
+class _Sums:
+    """What one rank accumulates over its batches (reduced across ranks in :func:`_reduce`)."""
+
+    def __init__(self, num_classes: int, n_exits: int):
+        self.num_classes = num_classes
+        self.meter = ConfusionMeter(num_classes)
+        self.counter = _Counter()
+        # per ground-truth majority class of each cell: the exit its token halted at
+        self.class_table = torch.zeros(num_classes, n_exits + 1, dtype=torch.float64)
+        self.seen = 0
+        self.timed: list[float] = []  # ms per image of the latency-timed batches
+
+
+def _evaluate_batch(model, images: torch.Tensor, labels: torch.Tensor, sums: _Sums,
+                    infer: dict[str, Any], device: torch.device, *, count_flops: bool,
+                    latency_samples: int, exit_blocks: list[int], depth: int) -> None:
+    """One batch: predictions (FLOPs counted), latency on the first batches, and sums."""
+    logits, outs = predict(model, images, labels, counter=sums.counter,
+                           count_flops=count_flops, **infer)
+    if len(sums.timed) < latency_samples:
+        if not sums.timed:  # warm-up (allocator, kernel selection)
+            predict(model, images, labels, **infer)
+        _sync(device)
+        t0 = time.perf_counter()
+        predict(model, images, labels, **infer)
+        _sync(device)
+        sums.timed.append((time.perf_counter() - t0) * 1000 / images.shape[0])
+    sums.meter.update(logits.argmax(1), labels)
+    for out, (y, x) in outs:
+        win = labels[..., y:y + out.logits.shape[-2], x:x + out.logits.shape[-1]]
+        _per_class_cells(out.flow, win, sums.num_classes, exit_blocks, depth, sums.class_table)
+    sums.seen += images.shape[0]
+
+
+def _reduce(sums: _Sums, exit_blocks: list[int], depth: int, report_levels: tuple[int, ...],
+            class_names: list[str] | None, count_flops: bool,
+            infer: dict[str, Any]) -> EvalResult:
+    """Two reductions, of fixed shapes on every rank: the confusion matrix (int64) and one
+    float64 vector of every sum (compute figures, per-class halting, latency)."""
+    num_classes, n_exits, counter = sums.num_classes, len(exit_blocks), sums.counter
+    scores = sums.meter.compute()
     flops_keys = ["policy", "encoder", "exits", "decoder", "total"]
     per_block = counter.per_block if counter.per_block is not None \
         else torch.zeros(depth, dtype=torch.float64)
@@ -440,13 +462,13 @@ def evaluate_model(
     if unknown:
         raise RuntimeError(f"supertoken levels {sorted(unknown)} outside {ALL_LEVELS}")
     parts = [
-        torch.tensor([seen, counter.tokens, counter.tokens_in, sum(timed), len(timed)],
-                     dtype=torch.float64),
+        torch.tensor([sums.seen, counter.tokens, counter.tokens_in, sum(sums.timed),
+                      len(sums.timed)], dtype=torch.float64),
         torch.tensor([counter.flops.get(k, 0.0) for k in flops_keys], dtype=torch.float64),
         halted.double(),
         per_block.double(),
         torch.tensor([counter.levels.get(str(s), 0.0) for s in ALL_LEVELS], dtype=torch.float64),
-        class_table.flatten(),
+        sums.class_table.flatten(),
     ]
     sizes = [p.numel() for p in parts]
     head, flops, halted, per_block, level_sums, table = all_reduce_sum(torch.cat(parts)).split(sizes)
@@ -484,7 +506,7 @@ def evaluate_model(
         if tokens else {},
         per_class_halting=per_class_halting,
         latency_ms=timed_sum / timed_n if timed_n else None,
-        inference={"mode": mode, "crop_size": crop_size, "stride": stride},
+        inference=dict(infer),
     )
 
 

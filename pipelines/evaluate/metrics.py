@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = 255
+from data_prep.conventions import IGNORE_INDEX
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,

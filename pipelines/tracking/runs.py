@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,11 @@ class RunLogger:
                         self.run_id, ", ".join(changed))
             self.set_tags({"step.params_changed_on_resume": ",".join(changed)[:5000]})
 
+    def tags(self) -> dict[str, str]:
+        """The run's tags ({} when MLflow cannot be reached)."""
+        run = self._call("get_run", self.client.get_run, self.run_id)
+        return dict(run.data.tags) if run is not None else {}
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -287,19 +292,41 @@ class RunLogger:
             import mlflow
             import mlflow.pytorch
 
-            previous = mlflow.get_tracking_uri()
-            mlflow.set_tracking_uri(self.tracking_uri)
-            try:
-                with mlflow.start_run(run_id=self.run_id, nested=True):
-                    info = mlflow.pytorch.log_model(model, name=name, **kwargs)
-            finally:
-                mlflow.set_tracking_uri(previous)
+            with global_tracking_uri(self.tracking_uri), \
+                    mlflow.start_run(run_id=self.run_id, nested=True):
+                info = mlflow.pytorch.log_model(model, name=name, **kwargs)
             return info.model_uri
 
         return self._call("log_model", _log, short_budget=False)
 
     def end(self, status: str = "FINISHED") -> None:
         self._call("end", self.client.set_terminated, self.run_id, status)
+
+
+@contextlib.contextmanager
+def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``mlflow.start_run``, ``mlflow.register_model``) at
+    ``tracking_uri`` for the block, then leave MLflow exactly as it was: only the fluent API
+    knows how to log and register MLflow 3's logged models.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``,
+    and ``mlflow.get_tracking_uri()`` returns a default (``sqlite:///mlflow.db``) when none
+    was set; restoring that default would leak it to every later command and subprocess.
+    So the module's own unset state (``None``) and the environment are restored as found.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)  # None: unset, as it was
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def model_requirements() -> list[str]:

@@ -15,7 +15,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.common.settings import ConfigError, PatchMultiple, RunName, StrictModel, load_config
+from pipelines.common.settings import (
+    ConfigError,
+    MlflowSection,
+    PatchMultiple,
+    RunName,
+    StrictModel,
+    load_config,
+)
 
 Stage = Literal["policy", "step"]
 
@@ -113,11 +120,8 @@ class StorageSection(StrictModel):
     storage_path: str = Field("runs/ray", description="local dir or s3://bucket/prefix")
 
 
-class MlflowSection(StrictModel):
-    tracking_uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI or the "
-                                     "embedded SQLite store under ./runs")
-    experiment: str = "step-seg"
-    log_model: bool = True
+class TrainMlflowSection(MlflowSection):
+    log_model: bool = Field(True, description="log the final model with mlflow.pytorch")
 
 
 class TrainConfig(StrictModel):
@@ -133,7 +137,7 @@ class TrainConfig(StrictModel):
     eval: EvalSection = EvalSection()
     scaling: ScalingSection = ScalingSection()
     storage: StorageSection = StorageSection()
-    mlflow: MlflowSection = MlflowSection()
+    mlflow: TrainMlflowSection = TrainMlflowSection()
     policy_checkpoint: str | None = Field(
         None, description="stage 2: a stage-1 checkpoint whose (frozen) policy is used; "
         "not needed with model.policy.mode oracle or none")

@@ -1,7 +1,8 @@
 """The per-worker training function that Ray Train runs on every worker.
 
 It lives in the installed package (not in a script or a test) because Ray pickles it by
-reference: workers must be able to import it, or the run hangs (PLATFORM.md).
+reference: workers must be able to import it, or the run hangs (Ray 2.60: `fit()` fails
+after ~18 s and the workers never free their CPUs).
 
 One function serves both stages:
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ import torch
 from pipelines.common import checkpoint as ckpt_io
 from pipelines.common.data import batch_to_device
 from pipelines.common.model import build_model
+from pipelines.common.progress import duration
 from pipelines.train.config import TrainConfig
 
 
@@ -90,7 +93,7 @@ def _autocast(device: torch.device, precision: str):
 
 def train_batches(cfg: TrainConfig, state: LoopState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless training batches; epochs advance ``state`` so that a resume can skip ahead."""
-    from pipelines.common.data import train_loader
+    from pipelines.train.data import train_loader
 
     while True:
         loader = train_loader(cfg, epoch=state.epoch)
@@ -112,10 +115,8 @@ def progress_line(stage: str, step: int, last_step: int, loss: float, samples_pe
                   seconds_per_step: float) -> str:
     """One line of training progress: step out of total, loss, samples/s and the ETA."""
     eta = max(last_step - step, 0) * seconds_per_step
-    hours, rest = divmod(int(round(eta)), 3600)
     return (f"[train {stage}] step {step}/{last_step} ({100 * step / max(last_step, 1):.0f}%)"
-            f"  loss {loss:.4f}  {samples_per_s:.1f} samples/s"
-            f"  ETA {hours:d}:{rest // 60:02d}:{rest % 60:02d}")
+            f"  loss {loss:.4f}  {samples_per_s:.1f} samples/s  ETA {duration(eta)}")
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -133,150 +134,192 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
+    """The Ray Train entry point: ``config`` = {"cfg", "run_id", "tracking_uri", "s3_env"}."""
     from data_prep.storage import apply_s3_env
-    from pipelines.tracking.runs import RunLogger
-    from pipelines.train import stages
-    from pipelines.train.optim import build_optimizer, build_scheduler
 
     # Workers keep the environment they were started with, which may predate the driver's
     # AWS_* variables (data, policy checkpoints on s3://).
     apply_s3_env(config.get("s3_env"))
-    cfg = TrainConfig.model_validate(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    tracker = RunLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    Worker(TrainConfig.model_validate(config["cfg"]), config["run_id"],
+           config["tracking_uri"]).run()
 
-    _seed_everything(cfg.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg.model)
-    stage = stages.get(cfg.stage)
-    stage.prepare(model, cfg)
-    model.to(device)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    base_steps = total_steps(cfg, world)
-    last_step = final_step(cfg, world)
-    ft_steps = last_step - base_steps
-    optimizer = build_optimizer(trainable, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, base_steps=base_steps,
-                                finetune_steps=ft_steps, finetune_scale=cfg.finetune.lr_scale)
+class Worker:
+    """One training worker: set-up and restore, then optimizer steps, each followed by the
+    logging, evaluation and checkpoint that fall due (:meth:`run`)."""
 
-    state = LoopState()
-    restored: dict[str, Any] = {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    def __init__(self, cfg: TrainConfig, run_id: str, tracking_uri: str):
+        import ray.train
+        import ray.train.torch
+
+        from pipelines.tracking.runs import RunLogger
+        from pipelines.train import stages
+        from pipelines.train.optim import build_optimizer, build_scheduler
+
+        self.cfg = cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.tracker = RunLogger(run_id, tracking_uri) if self.rank == 0 else None
+
+        _seed_everything(cfg.train.seed)  # same init on every rank (DDP broadcasts rank 0's)
+        self.model = build_model(cfg.model)
+        self.stage = stages.get(cfg.stage)
+        self.stage.prepare(self.model, cfg)
+        self.model.to(self.device)
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in trainable]
+
+        self.base_steps = total_steps(cfg, self.world)
+        self.last_step = final_step(cfg, self.world)
+        self.ft_steps = self.last_step - self.base_steps
+        self.optimizer = build_optimizer(trainable, cfg.optim)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.optim, base_steps=self.base_steps,
+            finetune_steps=self.ft_steps, finetune_scale=cfg.finetune.lr_scale)
+        self.state = LoopState()
+        self.restored: dict[str, Any] = {}
+        self.may_crash = not self._restore()  # the injected failure fires once, never after
+        # Per-rank random stream (drop path...), a function of the step: a resumed run draws
+        # the same numbers as the uninterrupted one would have from here on.
+        _seed_everything(cfg.train.seed * 1000 + self.rank + self.state.step)
+
+        self.ddp = ray.train.torch.prepare_model(
+            self.stage.trained_module(self.model), move_to_device=False,
+            # With halting active in training (fine-tuning phase) an exit head can see no
+            # token in a step: DDP must then tolerate parameters without gradients.
+            # Otherwise every trainable parameter is used, and the extra graph traversal
+            # is skipped.
+            parallel_strategy_kwargs={"find_unused_parameters": self.ft_steps > 0},
+        )
+        if self.state.step >= self.base_steps and self.ft_steps:
+            self.stage.start_finetune(self.model, cfg)
+        self.metrics: dict[str, Any] = {}
+        self._new_window()
+        # The ETA is timed from this (re)start: a resumed run does not count restored steps.
+        self.started = (self.state.step, time.perf_counter())
+
+    def _restore(self) -> bool:
+        """Model, optimizer, scheduler and loop position from Ray Train's latest checkpoint."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return False
         with checkpoint.as_directory() as d:
-            model.load_state_dict(ckpt_io.load_state_dict(d), strict=True)
+            self.model.load_state_dict(ckpt_io.load_state_dict(d), strict=True)
             train_state = ckpt_io.load_train_state(d)
         if train_state is None:
             raise RuntimeError(f"checkpoint {checkpoint.path} has no train_state.pt")
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        state = LoopState(**train_state["loop"])
-        restored = {"restored_step": state.step,
-                    "restored_digest": ckpt_io.state_digest(model.state_dict())}
-    # Per-rank random stream (drop path...), a function of the step: a resumed run draws
-    # the same numbers as the uninterrupted one would have from here on.
-    _seed_everything(cfg.train.seed * 1000 + rank + state.step)
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        self.state = LoopState(**train_state["loop"])
+        self.restored = {"restored_step": self.state.step,
+                         "restored_digest": ckpt_io.state_digest(self.model.state_dict())}
+        return True
 
-    module = stage.trained_module(model)
-    ddp = ray.train.torch.prepare_model(
-        module, move_to_device=False,
-        # With halting active in training (fine-tuning phase) an exit head can see no
-        # token in a step: DDP must then tolerate parameters without gradients. Otherwise
-        # every trainable parameter is used, and the extra graph traversal is skipped.
-        parallel_strategy_kwargs={"find_unused_parameters": ft_steps > 0},
-    )
-    if state.step >= base_steps and ft_steps:
-        stage.start_finetune(model, cfg)
+    def _new_window(self) -> None:
+        """Sums over the steps since the last log line."""
+        self.window = {"loss_sum": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter()}
 
-    batches = train_batches(cfg, state)
-    accum = cfg.optim.grad_accum
-    params = [p for _, p in trainable]
-    window = {"loss_sum": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter()}
-    metrics: dict[str, Any] = {}
-    may_crash = checkpoint is None  # the injected failure fires once: never after a restore
-    # The ETA is timed from this (re)start, so a resumed run does not count restored steps.
-    started = {"step": state.step, "t": time.perf_counter()}
+    def run(self) -> None:
+        cfg, state = self.cfg, self.state
+        batches = train_batches(cfg, state)
+        while state.step < self.last_step:
+            if state.step == self.base_steps and self.ft_steps:
+                self.stage.start_finetune(self.model, cfg)
+            terms, grad_norm = self.optimizer_step(batches)
+            if cfg.train.inject_failure_at_step == state.step and self.may_crash \
+                    and self.rank == 0:
+                raise RuntimeError(f"injected failure at step {state.step} "
+                                   "(train.inject_failure_at_step)")
+            is_last = state.step == self.last_step
+            if state.step % cfg.train.log_every == 0 or is_last:
+                self.log(terms, grad_norm)
+            do_eval = is_last or (cfg.train.eval_every
+                                  and state.step % cfg.train.eval_every == 0)
+            if do_eval and cfg.data.val:
+                self.evaluate()
+            if state.step % cfg.train.checkpoint_every == 0 or is_last:
+                self.checkpoint()
 
-    while state.step < last_step:
-        if state.step == base_steps and ft_steps:
-            stage.start_finetune(model, cfg)
+    def optimizer_step(self, batches) -> tuple[dict[str, float], torch.Tensor | None]:
+        """One optimizer step over ``grad_accum`` micro-batches (DDP's ``no_sync`` on all
+        but the last); returns the loss terms and the gradient norm before clipping."""
+        cfg, ddp = self.cfg, self.ddp
         ddp.train()
-        stage.train_mode(model)
+        self.stage.train_mode(self.model)
+        accum = cfg.optim.grad_accum
         terms: dict[str, float] = {}
         for micro in range(accum):
-            images, labels = next(batches)
-            images, labels = batch_to_device(images, labels, device)
+            images, labels = batch_to_device(*next(batches), self.device)
             sync = (ddp.no_sync() if micro < accum - 1 and hasattr(ddp, "no_sync")
                     else contextlib.nullcontext())
-            with sync, _autocast(device, cfg.train.precision):
-                losses = stage.losses(ddp, model, images, labels, cfg)
+            with sync, _autocast(self.device, cfg.train.precision):
+                losses = self.stage.losses(ddp, self.model, images, labels, cfg)
             with sync:
                 (losses["total"] / accum).backward()
             for k, v in losses.items():
                 terms[k] = terms.get(k, 0.0) + float(v.detach()) / accum
-            window["samples"] += images.shape[0]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            self.window["samples"] += images.shape[0]
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
                      if cfg.optim.grad_clip else None)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        window["loss_sum"] += terms["total"]
-        window["n"] += 1
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.window["loss_sum"] += terms["total"]
+        self.window["n"] += 1
+        return terms, grad_norm
 
-        if cfg.train.inject_failure_at_step == state.step and may_crash and rank == 0:
-            raise RuntimeError(f"injected failure at step {state.step} (train.inject_failure_at_step)")
+    def log(self, terms: dict[str, float], grad_norm: torch.Tensor | None) -> None:
+        """Metrics averaged over ranks to MLflow, and rank 0's progress line."""
+        w, step = self.window, self.state.step
+        elapsed = time.perf_counter() - w["t0"]
+        logged = _mean_over_ranks({f"train/{k}": v for k, v in terms.items()}
+                                  | {"train/loss_avg": w["loss_sum"] / w["n"]})
+        group = self.optimizer.param_groups[0]
+        logged["train/lr"] = group["lr"] / group["lr_mult"]  # the base (backbone) lr
+        logged["train/samples_per_s"] = w["samples"] * self.world / max(elapsed, 1e-9)
+        if grad_norm is not None:
+            logged["train/grad_norm"] = float(grad_norm)
+        logged["train/epoch"] = self.state.epoch
+        self.metrics.update(logged)
+        if self.tracker:
+            self.tracker.log_metrics(logged, step=step)
+        if self.rank == 0:  # Ray forwards worker stdout to the driver: long runs say where
+            first, t0 = self.started
+            per_step = (time.perf_counter() - t0) / max(step - first, 1)
+            # stream.write, not print: Ray Train patches print to also log each line, which
+            # doubles it in the driver's output
+            sys.stdout.write(progress_line(
+                self.cfg.stage, step, self.last_step, logged["train/loss_avg"],
+                logged["train/samples_per_s"], per_step) + "\n")
+            sys.stdout.flush()
+        self._new_window()
 
-        is_last = state.step == last_step
-        if state.step % cfg.train.log_every == 0 or is_last:
-            elapsed = time.perf_counter() - window["t0"]
-            logged = _mean_over_ranks({f"train/{k}": v for k, v in terms.items()}
-                                      | {"train/loss_avg": window["loss_sum"] / window["n"]})
-            group = optimizer.param_groups[0]
-            logged["train/lr"] = group["lr"] / group["lr_mult"]  # the base (backbone) lr
-            logged["train/samples_per_s"] = window["samples"] * world / max(elapsed, 1e-9)
-            if grad_norm is not None:
-                logged["train/grad_norm"] = float(grad_norm)
-            logged["train/epoch"] = state.epoch
-            metrics.update(logged)
-            if tracker:
-                tracker.log_metrics(logged, step=state.step)
-            if rank == 0:  # Ray forwards worker stdout to the driver: long runs are not silent
-                done = state.step - started["step"]
-                per_step = (time.perf_counter() - started["t"]) / max(done, 1)
-                print(progress_line(cfg.stage, state.step, last_step, logged["train/loss_avg"],
-                                    logged["train/samples_per_s"], per_step), flush=True)
-            window = {"loss_sum": 0.0, "n": 0, "samples": 0, "t0": time.perf_counter()}
+    def evaluate(self) -> None:
+        figures = self.stage.evaluate(self.model, self.cfg, self.device)
+        self.metrics.update(figures)
+        if self.tracker:
+            self.tracker.log_metrics({f"val/{k}": v for k, v in figures.items()
+                                      if isinstance(v, int | float) and v is not None},
+                                     step=self.state.step)
 
-        do_eval = is_last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)
-        if do_eval and cfg.data.val:
-            figures = stage.evaluate(model, cfg, device)
-            metrics.update(figures)
-            if tracker:
-                tracker.log_metrics({f"val/{k}": v for k, v in figures.items()
-                                     if isinstance(v, int | float) and v is not None},
-                                    step=state.step)
-
-        if state.step % cfg.train.checkpoint_every == 0 or is_last:
-            report = {k: v for k, v in metrics.items()} | restored | {
-                "step": state.step, "epoch": state.epoch, "stage": cfg.stage}
-            if tracker:  # rank 0, the rank whose report carries the checkpoint
-                # What MLflow lost, in the result itself (the server may be the thing gone),
-                # and a digest to check stored weights against (a second or two for ViT-L,
-                # once per checkpoint).
-                report["tracking_failures"] = tracker.failures
-                report["checkpoint_digest"] = ckpt_io.state_digest(
-                    ckpt_io.unwrap(model).state_dict())
-            train_state = {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "loop": asdict(state),
-            }
-            _report(rank, model, cfg, train_state, report, state.step)
+    def checkpoint(self) -> None:
+        state = self.state
+        report = dict(self.metrics) | self.restored | {
+            "step": state.step, "epoch": state.epoch, "stage": self.cfg.stage}
+        if self.tracker:  # rank 0, the rank whose report carries the checkpoint
+            # What MLflow lost, in the result itself (the server may be the thing gone),
+            # and a digest to check stored weights against (a second or two for ViT-L,
+            # once per checkpoint).
+            report["tracking_failures"] = self.tracker.failures
+            report["checkpoint_digest"] = ckpt_io.state_digest(
+                ckpt_io.unwrap(self.model).state_dict())
+        train_state = {"optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict(), "loop": asdict(state)}
+        _report(self.rank, self.model, self.cfg, train_state, report, state.step)
 
 
 def _report(rank: int, model: torch.nn.Module, cfg: TrainConfig, train_state: dict[str, Any],

@@ -130,23 +130,9 @@ def get(name: str | None):
     return STAGES[name]
 
 
-def resolve_checkpoint_dir(uri: str) -> str:
-    """A checkpoint dir, or a Ray run dir (``<storage>/<name>``) -> its latest checkpoint."""
-    from data_prep import storage as files
-
-    if files.exists(files.join(uri, "model.pt")):
-        return uri
-    names = sorted({rel.split("/", 1)[0] for rel in files.list_files(uri)
-                    if rel.startswith("checkpoint_") and rel.endswith("/model.pt")})
-    if not names:
-        raise FileNotFoundError(f"{uri}: neither a checkpoint (model.pt) nor a run directory "
-                                "with checkpoint_* folders")
-    return files.join(uri, names[-1])
-
-
 def load_policy_weights(model, uri: str) -> None:
     """Copy the ``policy.*`` tensors of a (stage-1) checkpoint into ``model.policy``."""
-    from pipelines.common.checkpoint import load_state_dict, local_dir
+    from pipelines.common.checkpoint import load_state_dict, local_dir, resolve_checkpoint_dir
 
     path = local_dir(resolve_checkpoint_dir(uri))
     state = load_state_dict(path)

@@ -23,7 +23,7 @@ once the run exists, so a server that goes away mid-run costs a warning, not the
 
 The per-worker function lives in :mod:`pipelines.train.loop`, inside the installed
 package: Ray pickles it by reference, and a function the workers cannot import makes Ray
-keep their CPUs and hang the next run (PLATFORM.md).
+keep their CPUs and hang the next run (measured with Ray 2.60).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from data_prep.storage import capture_s3_env, exists, read_bytes
 from pipelines.common import storage
+from pipelines.common.cluster import init_ray
 from pipelines.common.settings import dump_config, flatten
 from pipelines.tracking.runs import (
     RunLogger,
@@ -70,47 +70,13 @@ class TrainResult:
         return asdict(self)
 
 
-def init_ray() -> None:
-    """A local Ray unless ``RAY_ADDRESS`` names a cluster; never attach to a stale one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-
-
-def ray_storage(storage_path: str):
-    """(storage_path, storage_filesystem) for ``RunConfig``, with the driver's S3 keys inside.
-
-    For a custom S3 endpoint (``AWS_ENDPOINT_URL``: MinIO, moto) Ray needs an explicit
-    pyarrow filesystem (``pipelines.common.storage.ray_storage``). Ray pickles it to the Train
-    controller and to the workers, processes that keep the environment Ray was started with,
-    which may predate the driver's ``AWS_*`` variables. Without keys the controller's
-    deletions of old checkpoints fail with ACCESS_DENIED, which Ray logs and ignores:
-    ``keep_last`` silently stops working (seen with a Ray started before the variables).
-    So the keys travel inside the filesystem object (its ``repr`` shows none; they are
-    never logged). On AWS itself (no custom endpoint) every node resolves its own
-    credentials, e.g. an instance role, and nothing is forwarded.
-    """
-    path, fs = storage.ray_storage(storage_path)
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if fs is None or not (key and secret):
-        return path, fs
-    import pyarrow.fs
-
-    # The filesystem's own settings (endpoint, scheme, region), as its pickle carries them.
-    options = fs.__reduce__()[1][0]
-    return path, pyarrow.fs.S3FileSystem(**{
-        **options, "access_key": key, "secret_key": secret,
-        "session_token": os.environ.get("AWS_SESSION_TOKEN", "")})
-
-
 def build_trainer(cfg: TrainConfig, train_loop_config: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train.loop import train_loop_per_worker
 
-    storage_path, filesystem = ray_storage(cfg.storage.storage_path)
+    storage_path, filesystem = storage.ray_storage(cfg.storage.storage_path)
     scaling = ScalingConfig(
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
@@ -202,8 +168,6 @@ def completed_checkpoint(cfg: TrainConfig) -> str | None:
 def _completed_result(cfg: TrainConfig, ckpt: str, tracking_uri: str,
                       parent_run_id: str | None) -> TrainResult:
     """The result of a finished training, from its final checkpoint, without training."""
-    from mlflow.tracking import MlflowClient
-
     from pipelines.common.checkpoint import META_FILE
 
     meta = json.loads(read_bytes(storage.join(ckpt, META_FILE)))
@@ -221,7 +185,7 @@ def _completed_result(cfg: TrainConfig, ckpt: str, tracking_uri: str,
         model_uri = None
     else:
         tracker = RunLogger(run_id, tracking_uri)
-        model_uri = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MODEL_URI_TAG)
+        model_uri = tracker.tags().get(MODEL_URI_TAG)
     model_uri = _close_run(tracker, cfg, ckpt, model_uri=model_uri)
     return _result(cfg, run_id, tracking_uri, ckpt, metrics, model_uri)
 

@@ -19,9 +19,12 @@ Conventions (the unit of ``max_drop`` is the same in both modes: percent):
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 DropMode = Literal["points", "relative"]
@@ -143,3 +146,71 @@ def select(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: flo
         baseline_miou=baseline_miou, max_drop=max_drop, drop_mode=mode, best=best,
         closest=closest, front=pareto_front(done), n_trials=len(done), n_feasible=len(feasible),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# artifacts: the trials table and the plot
+
+CSV_FIELDS = ("trial_id", "on_front", "feasible", "miou", "drop", "gflops", "tokens_mean",
+              "halted_fraction", "latency_ms")
+
+
+def trials_csv(trials: list[dict[str, Any]], selection: Selection) -> str:
+    """All trials, one row each, with their params and whether they are on the front."""
+    front = {id(t) for t in selection.front}
+    front_ids = {t.get("trial_id") for t in selection.front}
+    names = sorted({k for t in trials for k in t["params"]})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*CSV_FIELDS, *names])
+    for t in sorted(trials, key=lambda t: t["gflops"]):
+        on_front = id(t) in front or t.get("trial_id") in front_ids
+        drop = t.get("drop", miou_drop(selection.baseline_miou, t["miou"], selection.drop_mode))
+        feasible = drop <= selection.max_drop + 1e-9
+        row = [t.get("trial_id"), int(on_front), int(feasible), t["miou"], drop, t["gflops"],
+               t.get("tokens_mean"), t.get("halted_fraction"), t.get("latency_ms")]
+        w.writerow(row + [t["params"].get(n) for n in names])
+    return buf.getvalue()
+
+
+def pareto_plot(path: str | Path, trials: list[dict[str, Any]], selection: Selection,
+                baseline: dict[str, Any], title: str = "GFLOPs vs mIoU") -> Path:
+    """GFLOPs (x) against mIoU (y): all trials, the front, the limit and the answer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ann = [{**t, "feasible": t.get("drop", 0) <= selection.max_drop + 1e-9} for t in trials]
+    for feas, colour, label in ((True, "tab:blue", "feasible trial"),
+                                (False, "tab:gray", "infeasible trial")):
+        pts = [t for t in ann if t["feasible"] == feas]
+        if pts:
+            ax.scatter([t["gflops"] for t in pts], [100 * t["miou"] for t in pts], s=18,
+                       c=colour, alpha=0.7, label=label)
+    if selection.front:
+        ax.plot([t["gflops"] for t in selection.front],
+                [100 * t["miou"] for t in selection.front], "-o", c="tab:orange", ms=4,
+                lw=1.2, label="Pareto front")
+    ax.scatter([baseline["gflops"]], [100 * baseline["miou"]], marker="*", s=140, c="k",
+               label="unpruned reference", zorder=5)
+    limit = selection.baseline_miou * 100 - (
+        selection.max_drop if selection.drop_mode == "points"
+        else selection.max_drop * selection.baseline_miou)
+    ax.axhline(limit, ls="--", c="tab:red", lw=1,
+               label=f"drop limit {selection.max_drop:g} ({selection.drop_mode})")
+    if selection.best is not None:
+        ax.scatter([selection.best["gflops"]], [100 * selection.best["miou"]], marker="D",
+                   s=60, facecolors="none", edgecolors="tab:green", linewidths=2,
+                   label="chosen (cheapest feasible)", zorder=6)
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -18,7 +18,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.common.settings import ConfigError, PatchMultiple, RunName, StrictModel, load_config
+from pipelines.common.settings import (
+    ConfigError,
+    MlflowSection,
+    PatchMultiple,
+    RunName,
+    StrictModel,
+    load_config,
+)
 from pipelines.tune.search import TuneSettings
 
 
@@ -60,12 +67,6 @@ class EvaluateSection(StrictModel):
 
 class ReportSection(StrictModel):
     num_images: int = Field(3, ge=0, description="validation images with token maps")
-
-
-class MlflowSection(StrictModel):
-    tracking_uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI or the "
-                                     "embedded SQLite store under ./runs")
-    experiment: str = "step-seg"
 
 
 class RaySection(StrictModel):

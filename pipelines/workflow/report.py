@@ -197,8 +197,7 @@ def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
                  num_images: int) -> dict[str, Any]:
     """Write every artifact to the report run; return the summary (what ``--json`` shows)."""
     from pipelines.tracking.runs import RunLogger
-    from pipelines.tune.pareto import select
-    from pipelines.tune.search import pareto_plot, trials_csv
+    from pipelines.tune.pareto import pareto_plot, select, trials_csv
 
     tracker = RunLogger(run_id, tracking_uri)
     table = summary_table(eval_doc)

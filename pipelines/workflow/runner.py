@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.common.settings import ConfigError, dump_config
+from pipelines.common.storage import read_json, write_json
 from pipelines.workflow.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -55,44 +56,6 @@ def fingerprint(payload: Any) -> str:
     blob = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
-
-# ---------------------------------------------------------------------------------------
-# storage helpers (local or s3://)
-
-def _read_json(uri: str) -> dict[str, Any] | None:
-    from data_prep import storage as files
-
-    try:
-        return json.loads(files.read_bytes(uri))
-    except FileNotFoundError:
-        return None
-    except Exception as err:  # noqa: BLE001 - a missing S3 key raises botocore errors
-        if "NoSuchKey" in type(err).__name__ or "404" in str(err) or "Not Found" in str(err):
-            return None
-        raise
-
-
-def _write_json(uri: str, data: Any) -> None:
-    from data_prep import storage as files
-
-    files.write_bytes(uri, json.dumps(data, indent=1, default=str).encode())
-
-
-def _exists(uri: str) -> bool:
-    """Does file ``uri`` exist (local or ``s3://``)? Lists its folder: cheap, and it does
-    not read the file (a checkpoint's ``model.pt`` can be gigabytes)."""
-    from data_prep import storage as files
-
-    if not files.is_s3(uri):
-        return Path(uri).is_file()
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    try:
-        return name in files.list_files(parent)
-    except Exception:  # noqa: BLE001 - a missing bucket or prefix means "no"
-        return False
-
-
-# ---------------------------------------------------------------------------------------
 
 @dataclass
 class StepRecord:
@@ -128,7 +91,8 @@ class Workflow:
 
     def __init__(self, cfg: PipelineConfig, *, config_path: str | None = None,
                  echo: Callable[[str], None] = print):
-        from pipelines.tracking.runs import get_or_create_experiment, resolve_tracking_uri
+        from pipelines.tracking.pipeline import PipelineRuns
+        from pipelines.tracking.runs import resolve_tracking_uri
 
         self.cfg = cfg
         self.config_path = config_path
@@ -136,11 +100,8 @@ class Workflow:
         self.root = cfg.root
         self.state_uri = _join(self.root, STATE_FILE)
         self.tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-        self.experiment_id = get_or_create_experiment(self.tracking_uri, cfg.mlflow.experiment)
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(self.tracking_uri)
-        self.state: dict[str, Any] = _read_json(self.state_uri) or {}
+        self.runs = PipelineRuns(self.tracking_uri, cfg.mlflow.experiment)
+        self.state: dict[str, Any] = read_json(self.state_uri) or {}
         self.records: dict[str, StepRecord] = {}
         self.fps: dict[str, str] = {}
         self.parent_run_id = ""
@@ -151,7 +112,7 @@ class Workflow:
     def _save_state(self) -> None:
         self.state.update(pipeline=self.cfg.name, tracking_uri=self.tracking_uri,
                           parent_run_id=self.parent_run_id, updated=time.time())
-        _write_json(self.state_uri, self.state)
+        write_json(self.state_uri, self.state)
 
     def _mark(self, rec: StepRecord) -> None:
         self.state.setdefault("steps", {})[rec.name] = {
@@ -169,31 +130,22 @@ class Workflow:
         same = (self.state.get("tracking_uri") == self.tracking_uri
                 and self.state.get("config_fingerprint") == config_fp)
         self.state["config_fingerprint"] = config_fp
-        if prev and same:
-            try:
-                status = self.client.get_run(prev).info.status
-            except Exception:  # noqa: BLE001 - run deleted or other store
-                status = None
-            if status in ("RUNNING", "FAILED", "KILLED"):
-                self.parent_run_id = prev
-                self.resumed = True
-                self.client.update_run(prev, status="RUNNING")
-                self.client.set_tag(prev, "step.resumed", "true")
-                self._close_dead_steps()
-                self.echo(f"resuming pipeline run {prev} (it did not finish)")
-                return
+        if prev and same and self.runs.status(prev) in ("RUNNING", "FAILED", "KILLED"):
+            self.parent_run_id = prev
+            self.resumed = True
+            self.runs.reopen(prev)
+            self._close_dead_steps()
+            self.echo(f"resuming pipeline run {prev} (it did not finish)")
+            return
         tags = {"step.kind": "pipeline", "step.workflow": self.cfg.name,
                 "step.storage": self.root}
-        run = self.client.create_run(self.experiment_id, run_name=self.cfg.name, tags=tags)
-        self.parent_run_id = run.info.run_id
+        self.parent_run_id = self.runs.create(self.cfg.name, tags)
         self.state["steps"] = {}
         from pipelines.common.settings import flatten
-
-        params = flatten(self.cfg)
         from pipelines.tracking.runs import RunLogger
 
         logger = RunLogger(self.parent_run_id, self.tracking_uri)
-        logger.log_params(params)
+        logger.log_params(flatten(self.cfg))
         logger.log_text(dump_config(self.cfg), "pipeline_config.yaml")
 
     def _close_dead_steps(self) -> None:
@@ -202,35 +154,9 @@ class Workflow:
             if rec.get("status") != "running":
                 continue
             self.echo(f"step {name}: the previous process died while it ran; rerunning it")
-            self._fail_tree(rec["run_id"], "killed: the pipeline process died")
+            self.runs.fail_tree(rec["run_id"], "killed: the pipeline process died")
             rec["status"] = "failed"
         self._save_state()
-
-    def _fail_tree(self, run_id: str, why: str) -> None:
-        try:
-            run = self.client.get_run(run_id)
-        except Exception:  # noqa: BLE001
-            return
-        if run.info.status == "RUNNING":
-            self.client.set_tag(run_id, "step.error", why)
-            self.client.set_terminated(run_id, "FAILED")
-        for child in self.client.search_runs(
-                [self.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
-                max_results=1000):
-            self._fail_tree(child.info.run_id, why)
-
-    def _finished_run(self, name: str, fp: str) -> tuple[str, dict[str, Any]] | None:
-        """A FINISHED, non-skipped run of this pipeline step with fingerprint ``fp``."""
-        query = (f"tags.`step.workflow` = '{self.cfg.name}' and tags.`step.name` = '{name}' "
-                 f"and tags.`step.fingerprint` = '{fp}' and attributes.status = 'FINISHED'")
-        for run in self.client.search_runs([self.experiment_id], query,
-                                           order_by=["attributes.start_time DESC"],
-                                           max_results=20):
-            if run.data.tags.get("step.skipped") == "true":
-                continue
-            outputs = json.loads(run.data.tags.get("step.outputs", "{}"))
-            return run.info.run_id, outputs
-        return None
 
     # ---- one step ---------------------------------------------------------------------
 
@@ -241,22 +167,17 @@ class Workflow:
         base_tags = {"mlflow.parentRunId": self.parent_run_id, "step.kind": "workflow-step",
                      "step.workflow": self.cfg.name, "step.name": name,
                      "step.fingerprint": fp}
-        found = self._finished_run(name, fp)
+        found = self.runs.finished_step(self.cfg.name, name, fp)
         if found is not None and outputs_exist(found[1]):
             reused, outputs = found
-            run = self.client.create_run(
-                self.experiment_id, run_name=f"{name} (skipped)",
-                tags={**base_tags, "step.skipped": "true", "step.reused_run_id": reused,
-                      "step.outputs": json.dumps(outputs)})
-            self.client.set_terminated(run.info.run_id, "FINISHED")
-            rec = StepRecord(name, fp, run.info.run_id, "finished", outputs, skipped=True,
+            run_id = self.runs.record_skipped(name, base_tags, reused, outputs)
+            rec = StepRecord(name, fp, run_id, "finished", outputs, skipped=True,
                              reused_run_id=reused)
             self.records[name] = rec
             self._mark(rec)
             self.echo(f"[skip] {name}: unchanged (fingerprint {fp[:12]}, run {reused})")
             return outputs
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=base_tags)
-        rec = StepRecord(name, fp, run.info.run_id, "running")
+        rec = StepRecord(name, fp, self.runs.create(name, base_tags), "running")
         self.records[name] = rec
         self._mark(rec)
         self.echo(f"[run ] {name} (fingerprint {fp[:12]}, run {rec.run_id})")
@@ -266,15 +187,13 @@ class Workflow:
         except BaseException as err:
             rec.status = "failed"
             self._mark(rec)
-            self.client.set_tag(rec.run_id, "step.error", f"{type(err).__name__}: {err}"[:4000])
-            self._fail_tree(rec.run_id, f"step {name} failed")
+            self.runs.end(rec.run_id, "FAILED", f"{type(err).__name__}: {err}")
+            self.runs.fail_tree(rec.run_id, f"step {name} failed")
             raise
         rec.seconds = time.monotonic() - t0
         rec.outputs = outputs
         rec.status = "finished"
-        self.client.set_tag(rec.run_id, "step.outputs", json.dumps(outputs, default=str))
-        self.client.log_metric(rec.run_id, "step_seconds", rec.seconds)
-        self.client.set_terminated(rec.run_id, "FINISHED")
+        self.runs.finish_step(rec.run_id, outputs, rec.seconds)
         self._mark(rec)
         self.echo(f"[done] {name} in {rec.seconds:.1f}s")
         return outputs
@@ -293,11 +212,9 @@ class Workflow:
             # a rerun whose steps are all unchanged costs seconds
             summary = self._run_steps()
         except BaseException as err:
-            self.client.set_tag(self.parent_run_id, "step.error",
-                                f"{type(err).__name__}: {err}"[:4000])
-            self.client.set_terminated(self.parent_run_id, "FAILED")
+            self.runs.end(self.parent_run_id, "FAILED", f"{type(err).__name__}: {err}")
             raise
-        self.client.set_terminated(self.parent_run_id, "FINISHED")
+        self.runs.end(self.parent_run_id)
         self.state["finished"] = True
         self._save_state()
         return PipelineResult(self.tracking_uri, self.parent_run_id, dict(self.records),
@@ -330,7 +247,7 @@ class Workflow:
             "report", steps.report_payload(cfg, [self.fps["evaluate"], self.fps["tune"]]),
             lambda rid: steps.report(cfg, rid, self, data, trained, tuned, evaluated),
             steps.json_done)
-        summary = _read_json(reported["result"]) or {}
+        summary = read_json(reported["result"]) or {}
         self._log_parent_summary(summary)
         return summary
 
@@ -374,7 +291,7 @@ class Workflow:
         chain.append(("report", fps["report"], steps.json_done))
         out = []
         for name, fp, done in chain:
-            found = self._finished_run(name, fp)
+            found = self.runs.finished_step(cfg.name, name, fp)
             skip = found is not None and done(found[1])
             out.append({"step": name, "fingerprint": fp, "action": "skip" if skip else "run",
                         "reuses_run": found[0] if skip else None})

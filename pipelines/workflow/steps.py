@@ -11,12 +11,22 @@ never overwrites what an earlier, still valid, run points to.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from pipelines.common.storage import exists, read_json, write_json
 from pipelines.workflow.config import PipelineConfig
 
-if TYPE_CHECKING:
-    from pipelines.workflow.runner import Workflow
+
+class Workflow(Protocol):
+    """What a step body reads from the running workflow
+    (:class:`pipelines.workflow.runner.Workflow`): where results go, and the fingerprints
+    of the steps already decided."""
+
+    tracking_uri: str
+    parent_run_id: str
+    fps: dict[str, str]
+
+    def path(self, *parts: str) -> str: ...
 
 
 def _fp_short(wf: Workflow, name: str) -> str:
@@ -50,8 +60,8 @@ def prepare_payload(cfg: PipelineConfig) -> dict[str, Any]:
 
 def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
     from data_prep.prep import prepare as prep
+    from pipelines.common.cluster import init_ray
     from pipelines.tracking.runs import RunLogger
-    from pipelines.train.trainer import init_ray
 
     # Ray is started (or joined) here, before data_prep would start its own quiet one:
     # the trainings' progress lines reach the pipeline's output only with log_to_driver.
@@ -92,7 +102,7 @@ def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
 def prepare_done(outputs: dict[str, Any]) -> bool:
     from data_prep import storage as files
 
-    return all(outputs.get(r) and _exists(files.join(outputs[r], "dataset.json"))
+    return all(outputs.get(r) and exists(files.join(outputs[r], "dataset.json"))
                for r in ("train", "val"))
 
 
@@ -151,7 +161,7 @@ def train_done(outputs: dict[str, Any]) -> bool:
     from data_prep import storage as files
 
     ckpt = outputs.get("checkpoint")
-    return bool(ckpt) and _exists(files.join(ckpt, "model.pt"))
+    return bool(ckpt) and exists(files.join(ckpt, "model.pt"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,14 +194,14 @@ def tune(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
     doc = outcome.to_json()
     doc["trials"] = outcome.trials
     result = wf.path("tune", _fp_short(wf, "tune"), "tune_result.json")
-    _write_json(result, doc)
+    write_json(result, doc)
     return {"result": result, "feasible": doc["feasible"],
             "best_inference": doc["best"]["inference"] if doc["best"] else None,
             "registered_model": doc["registered_model"]}
 
 
 def json_done(outputs: dict[str, Any]) -> bool:
-    return bool(outputs.get("result")) and _exists(outputs["result"])
+    return bool(outputs.get("result")) and exists(outputs["result"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,7 +214,7 @@ def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str,
 
 def _evaluate_pair(checkpoint: str, data: str, tuned: dict[str, Any] | None,
                    max_samples: int | None, device: str) -> dict[str, Any]:
-    from pipelines.tune.search import evaluate, model_num_exits, reference_inference
+    from pipelines.tune.trial import evaluate, model_num_exits, reference_inference
 
     baseline = evaluate(checkpoint, data, reference_inference(model_num_exits(checkpoint)),
                         max_samples=max_samples, device=device)
@@ -217,8 +227,8 @@ def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any
              trained: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
     import ray
 
+    from pipelines.common.cluster import init_ray
     from pipelines.tracking.runs import RunLogger
-    from pipelines.train.trainer import init_ray
     from pipelines.tune.pareto import is_feasible, miou_drop
 
     init_ray()
@@ -239,7 +249,7 @@ def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any
         tracker.log_metrics({"drop": drop, "within_limit": float(out["within_limit"])})
     tracker.log_dict(res, "evaluation.json")
     result = wf.path("evaluate", _fp_short(wf, "evaluate"), "evaluation.json")
-    _write_json(result, {**res, **{k: out.get(k) for k in ("drop", "within_limit",
+    write_json(result, {**res, **{k: out.get(k) for k in ("drop", "within_limit",
                                                             "inference")}})
     return {"result": result, "drop": out.get("drop"), "within_limit": out.get("within_limit")}
 
@@ -271,29 +281,14 @@ def report(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
     summary.update(tracking_uri=wf.tracking_uri, parent_run_id=wf.parent_run_id,
                    pipeline=cfg.name)
     result = wf.path("report", _fp_short(wf, "report"), "summary.json")
-    _write_json(result, summary)
+    write_json(result, summary)
     return {"result": result}
 
 
 # ---------------------------------------------------------------------------------------
 
-def _exists(uri: str) -> bool:
-    from pipelines.workflow.runner import _exists as exists
-
-    return exists(uri)
-
-
-def _write_json(uri: str, data: Any) -> None:
-    from pipelines.workflow.runner import _write_json as write
-
-    write(uri, data)
-
-
 def _read_json(uri: str) -> dict[str, Any]:
-    from pipelines.workflow.runner import _read_json as read
-
-    doc = read(uri)
+    doc = read_json(uri)
     if doc is None:
         raise FileNotFoundError(f"{uri}: missing (an earlier step's output was removed?)")
     return doc
-

@@ -1,0 +1,111 @@
+"""One trial of the threshold search: evaluate the fixed checkpoint with one setting.
+
+Nothing is trained: every knob is an inference-time setting
+(``StepSegmenter.set_inference``). The same evaluation gives the search its reference
+(the unpruned model, :func:`reference_inference`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.tune.pareto import miou_drop, penalised_objective
+from pipelines.tune.space import SearchSpace
+
+# What a trial reports, and what the Pareto CSV carries per trial.
+TRIAL_METRICS = ("miou", "drop", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
+                 "feasible", "objective")
+
+
+def reference_inference(num_exits: int) -> dict[str, Any]:
+    """``set_inference`` kwargs for the unpruned model: plain 16x16 tokens (policy
+    ``none``: the policy network does not run) and halting off (the exit heads do not run),
+    i.e. the plain ViT + decoder the STEP papers compare against. A threshold of 1.0 would
+    not do: fp32 softmax does reach exactly 1.0."""
+    return {"policy_mode": "none", "halting": False}
+
+
+def evaluate(checkpoint: str, data: str, inference: dict[str, Any] | None, *,
+             max_samples: int | None, device: str, progress: bool = False) -> dict[str, Any]:
+    """One evaluation as a plain dict. Quiet by default: a search shows one line per
+    trial (:mod:`pipelines.tune.progress`), not each evaluation's own progress."""
+    from pipelines.evaluate.evaluator import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, data, inference=inference,
+                                 max_samples=max_samples, device=device, progress=progress)
+    return result.to_dict()
+
+
+def model_num_exits(checkpoint: str) -> int:
+    """Exit heads of the checkpoint's model (from its config; builds it only when the
+    exit blocks follow the backbone's depth)."""
+    from pipelines.common.checkpoint import (
+        load_model,
+        local_dir,
+        read_model_config,
+        resolve_checkpoint_dir,
+    )
+
+    checkpoint = resolve_checkpoint_dir(checkpoint)
+    exits = (read_model_config(local_dir(checkpoint)).get("exits") or {})
+    if exits.get("blocks") is not None:
+        return len(exits["blocks"])
+    model, _ = load_model(checkpoint)
+    return len(model.exit_blocks)
+
+
+def trial_metrics(m: dict[str, Any], baseline: dict[str, Any], max_drop: float,
+                  drop_mode: str) -> dict[str, float]:
+    """The flat metrics a trial reports (and MLflow logs), from an evaluation dict."""
+    drop = miou_drop(baseline["miou"], m["miou"], drop_mode)
+    out = {
+        "miou": float(m["miou"]),
+        "drop": float(drop),
+        "gflops": float(m["gflops"]),
+        "tokens_mean": float(m.get("tokens_mean") or 0.0),
+        "halted_fraction": float(m.get("halted_fraction") or 0.0),
+        "latency_ms": float(m.get("latency_ms") or 0.0),
+        "feasible": float(drop <= max_drop + 1e-9),
+        "objective": penalised_objective(m["gflops"], drop, max_drop, baseline["gflops"]),
+    }
+    return out
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial shares: the fixed checkpoint, the data, the reference figures.
+
+    Travels to the trials pickled inside the trainable's arguments (``tune.with_parameters``);
+    ``s3_env`` holds the driver's S3 credentials (an ``S3Env``, whose ``repr`` shows names
+    only), because the Tuner runs without them in its environment
+    (:func:`pipelines.tune.credentials.keys_out_of_env`).
+    """
+
+    space: dict[str, Any]  # SearchSpace.model_dump(mode="json")
+    num_exits: int
+    checkpoint: str
+    data: str
+    baseline: dict[str, Any]
+    max_drop: float
+    drop_mode: str
+    max_samples: int | None = None
+    device: str = "cpu"
+    cpus: float = 1.0
+    s3_env: dict[str, str] | None = None
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Ray Tune function trainable: evaluate the fixed checkpoint with ``config``."""
+    import torch
+    from ray import tune
+
+    from data_prep.storage import apply_s3_env
+
+    apply_s3_env(ctx.s3_env)
+    torch.set_num_threads(max(1, int(ctx.cpus)))
+    space = SearchSpace.model_validate(ctx.space)
+    inference = space.to_inference(config, ctx.num_exits)
+    m = evaluate(ctx.checkpoint, ctx.data, inference, max_samples=ctx.max_samples,
+                 device=ctx.device)
+    tune.report(trial_metrics(m, ctx.baseline, ctx.max_drop, ctx.drop_mode))
