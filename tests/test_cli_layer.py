@@ -197,6 +197,9 @@ BAD = {
     ("bench", "train"): (["--config", "configs/tiny/step.yaml", "--halt-thresholds",
                           "2=0.5"], ["halt_thresholds", "0.9,0.8"]),
     ("bench", "gpu"): (["--device", "tpu"], ["device", "'cuda' or 'cpu'", "tpu"]),
+    ("bench", "model"): (["--merge-thresholds", "3=0.5"], ["merge_thresholds", "3"]),
+    ("bench", "data"): (["--images", "x", "--samples", "8"],
+                        ["samples", "greater than or equal to 64"]),
 }
 
 
@@ -342,7 +345,7 @@ def test_eval_json_carries_what_was_set(tmp_path, monkeypatch, capsys):
 
 
 def test_tune_accepts_a_ray_run_directory(tmp_path, monkeypatch, capsys):
-    import pipelines.cli.tune as tune
+    import pipelines.tune.search as search_module
 
     run_dir = tmp_path / "runs" / "tiny-step"
     for step in (2, 10):
@@ -360,7 +363,7 @@ def test_tune_accepts_a_ray_run_directory(tmp_path, monkeypatch, capsys):
         seen["settings"] = settings
         return Outcome()
 
-    monkeypatch.setattr(tune, "_search_in_run", fake_search)
+    monkeypatch.setattr(search_module, "search", fake_search)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     assert main(["tune", "--checkpoint", str(run_dir), "--data", "d",
                  "--tracking-uri", uri]) == 0, capsys.readouterr().err
