@@ -113,9 +113,12 @@ def test_global_tracking_uri_leaves_mlflow_and_the_environment_as_found(tmp_path
     import os
 
     import mlflow
+    from mlflow.tracking._tracking_service import utils
 
     from pipelines.tracking.runs import global_tracking_uri
 
+    # start from MLflow's unset state (earlier tests in the session may have set a URI)
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     before = mlflow.get_tracking_uri()
     with global_tracking_uri(f"sqlite:///{tmp_path / 'a.db'}"):
