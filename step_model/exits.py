@@ -2,15 +2,21 @@
 
 A token halts when its exit confidence (max softmax probability) reaches the exit's
 threshold, except that the ``top_k`` most confident tokens of each predicted class stay
-active, so that every class keeps some context in later blocks (DToP). The ablation
-policies ``random`` and ``uniform`` halt the same number of tokens at the same depth,
-chosen at random or evenly spaced in token order, to show that *which* tokens halt matters.
+active, so that every class keeps some context in later blocks (DToP).
+
+The ablation policies ``random`` and ``uniform`` halt a given number of tokens at the same
+depth, to show that *which* tokens halt matters: ``random`` draws them from the model's
+generator, ``uniform`` spreads them evenly over the image grid (:func:`spread_key`). The
+number is either given per exit (``count``: the confidence run's counts, so that every exit
+matches) or, without it, what the confidence rule would halt among their own survivors.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+_CURVE_BITS = 12  # per axis: distinct keys for grids up to 4096 cells a side
 
 
 class ExitHead(nn.Module):
@@ -23,6 +29,24 @@ class ExitHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x))
+
+
+def spread_key(anchor: torch.Tensor, level: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N) long: position of each token's centre along a Z-order (Morton) curve over the
+    image, coordinates normalised to the grid so that the curve's halves are the image's.
+
+    Consecutive keys are spatial neighbours and every quadrant (at every scale) is one run
+    of keys, so tokens taken evenly spaced in key order are spread evenly over the grid."""
+    gh, gw = grid
+    lvl = level.clamp(min=1)
+    # centre in half cells, scaled to [0, 2^bits): integer arithmetic, no rounding ties
+    r = ((2 * torch.div(anchor, gw, rounding_mode="floor") + lvl) << _CURVE_BITS) // (2 * gh)
+    c = ((2 * (anchor % gw) + lvl) << _CURVE_BITS) // (2 * gw)
+    key = torch.zeros_like(anchor)
+    for bit in range(_CURVE_BITS):
+        key |= ((r >> bit) & 1) << (2 * bit + 1)
+        key |= ((c >> bit) & 1) << (2 * bit)
+    return key
 
 
 def keep_top_k_per_class(pred: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -41,6 +65,12 @@ def keep_top_k_per_class(pred: torch.Tensor, conf: torch.Tensor, valid: torch.Te
     return keep.scatter(1, order, keep_sorted)
 
 
+def _take_first(order: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: the entries ``order[b, :take[b]]``."""
+    pos = torch.arange(order.shape[1], device=order.device)[None]
+    return torch.zeros_like(order, dtype=torch.bool).scatter(1, order, pos < take[:, None])
+
+
 def halting_mask(
     logits: torch.Tensor,
     valid: torch.Tensor,
@@ -48,24 +78,41 @@ def halting_mask(
     top_k: int,
     policy: str = "confidence",
     generator: torch.Generator | None = None,
+    count: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Which valid tokens halt at this exit: (B, N) bool."""
-    prob = logits.detach().float().softmax(-1)
-    conf, pred = prob.max(-1)
-    halt = (conf >= threshold) & valid & ~keep_top_k_per_class(pred, conf, valid, top_k)
-    if policy == "confidence":
-        return halt
-    counts = halt.sum(1).tolist()
-    lengths = valid.sum(1).tolist()
-    out = torch.zeros_like(valid)
-    for b, (m, n) in enumerate(zip(counts, lengths, strict=True)):
-        if m == 0:
-            continue
-        if policy == "random":
-            idx = torch.randperm(n, generator=generator)[:m].to(valid.device)
-        elif policy == "uniform":
-            idx = torch.linspace(0, n - 1, m).round().long().unique().to(valid.device)
-        else:
-            raise ValueError(f"exits.policy: unknown exit policy {policy!r}")
-        out[b, idx] = True
-    return out
+    """Which valid tokens halt at this exit: (B, N) bool.
+
+    ``random`` / ``uniform`` halt ``min(count, valid tokens)`` tokens per image; without
+    ``count``, as many as the confidence rule would here. ``uniform`` takes them evenly
+    spaced in ``key`` order (:func:`spread_key`; default: token order)."""
+    if policy not in ("confidence", "random", "uniform"):
+        raise ValueError(f"exits.policy: unknown exit policy {policy!r}")
+    if policy == "confidence" or count is None:
+        prob = logits.detach().float().softmax(-1)
+        conf, pred = prob.max(-1)
+        halt = (conf >= threshold) & valid & ~keep_top_k_per_class(pred, conf, valid, top_k)
+        if policy == "confidence":
+            return halt
+        count = halt.sum(1)
+    n_valid = valid.sum(1)
+    take = torch.minimum(count.to(device=valid.device, dtype=torch.long), n_valid)
+    if policy == "random":
+        # drawn on the CPU generator (one per model), so a device never changes the draw
+        noise = torch.rand(valid.shape, generator=generator).to(valid.device)
+        order = torch.where(valid, noise, 2.0).argsort(dim=1)
+        return _take_first(order, take)
+    # uniform: the j-th of m tokens is the centre of the j-th of m equal runs of the valid
+    # tokens in curve order (stratified), so each region halts its share of the tokens
+    if key is None:
+        key = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    big = torch.iinfo(torch.long).max
+    order = torch.where(valid, key, big).argsort(dim=1, stable=True)
+    j = torch.arange(valid.shape[1], device=valid.device)[None]
+    m = take[:, None].clamp(min=1)
+    picked = torch.div((2 * j + 1) * n_valid[:, None], 2 * m, rounding_mode="floor")
+    picked = torch.where(j < take[:, None], picked, valid.shape[1])  # past the row: dropped
+    out = torch.zeros(valid.shape[0], valid.shape[1] + 1, dtype=torch.bool, device=valid.device)
+    idx = order.gather(1, picked.clamp(max=valid.shape[1] - 1))
+    idx = torch.where(j < take[:, None], idx, valid.shape[1])
+    return out.scatter(1, idx, True)[:, :-1]

@@ -11,7 +11,9 @@ Forward, per batch:
    block, halted tokens keep their exit prediction and are *removed* from the batch, so
    later blocks really run on fewer tokens;
 5. decode the tokens still active, put every token's logits back on the grid through
-   ``cell_to_token`` (one gather) and upsample bilinearly to the input size.
+   ``cell_to_token`` (one gather) and upsample bilinearly to the input size: by default the
+   softmax probabilities (``upsample="probs"``), returned as log-probabilities, because
+   halted cells carry exit-head logits and active cells decoder logits, whose scales differ.
 
 Everything needed for analysis (tokens per block, supertokens per level, halting per exit,
 per-cell level and exit depth) is returned in :class:`TokenFlow`.
@@ -21,6 +23,7 @@ timm splits ``forward_features`` / ``forward_head``)::
 
     tokens = model.forward_tokens(images, labels)   # steps 1-3 -> SuperTokens
     encoded = model.forward_encoder(tokens)          # step 4    -> EncodedTokens
+                                                     #   (halt_counts=: the ablation's counts)
     logits, token_logits = model.forward_head(tokens, encoded)  # step 5
     flow = model.token_flow(tokens, encoded)         # TokenFlow
 """
@@ -34,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import ViTParts, create_vit
+from .backbone import build_encoder
 from .config import IGNORE_INDEX, PATCH, StepConfig
 from .decoder import build_decoder
-from .exits import ExitHead, halting_mask
+from .exits import ExitHead, halting_mask, spread_key
 from .policy import PolicyNet, policy_targets
+from .segmenter_init import load_segmenter
 from .selection import (
     TokenLayout,
     build_layout,
@@ -170,17 +174,21 @@ def _drop_halted(
 class StepSegmenter(nn.Module):
     def __init__(self, cfg: StepConfig) -> None:
         super().__init__()
+        # cfg comes back with what the weights decided (pos-table size, mean/std) filled in
+        self.encoder, cfg, segmenter = build_encoder(cfg)
         self.cfg = cfg
-        self.encoder = ViTParts(create_vit(cfg.backbone, cfg.drop_path_rate, cfg.backbone_weights))
         self.exit_blocks = cfg.exits.resolved_blocks(self.encoder.depth)
         cfg.exits.threshold_per_exit(len(self.exit_blocks))  # validate now, not at inference
         dim = self.encoder.embed_dim
-        self.policy = PolicyNet(tuple(cfg.policy.levels), pretrained=cfg.policy.pretrained)
+        self.policy = PolicyNet(tuple(cfg.policy.levels), pretrained=cfg.policy.pretrained,
+                                input_scale=cfg.policy.input_scale)
         if cfg.policy.weights:
             state = torch.load(cfg.policy.weights, map_location="cpu", weights_only=True)
             self.policy.load_state_dict(state)
         self.exit_heads = nn.ModuleList(ExitHead(dim, cfg.num_classes) for _ in self.exit_blocks)
         self.decoder = build_decoder(cfg.decoder, dim, cfg.num_classes, cfg.decoder_layers)
+        if segmenter is not None:  # encoder + decoder; exit heads and policy stay fresh
+            load_segmenter(self, segmenter)
 
     # ---- inference knobs (what Ray Tune varies on a fixed checkpoint) -----------------
     def set_inference(
@@ -192,10 +200,13 @@ class StepSegmenter(nn.Module):
         exit_policy: str | None = None,
         policy_mode: str | None = None,
         halting: bool | None = None,
+        exit_seed: int | None = None,
+        upsample: str | None = None,
     ) -> StepConfig:
         """Change inference settings, validated like the config. ``merge_thresholds`` alone
-        switches the policy to ``threshold``, ``budget`` alone to ``budget``. Returns the
-        new config (also at ``model.cfg``)."""
+        switches the policy to ``threshold``, ``budget`` alone to ``budget``. A new
+        ``exit_seed`` or ``exit_policy`` reseeds the ``random`` exit policy's generator.
+        Returns the new config (also at ``model.cfg``)."""
         data = self.cfg.to_dict()
         pol, ex = data["policy"], data["exits"]
         if merge_thresholds is not None:
@@ -214,10 +225,27 @@ class StepSegmenter(nn.Module):
             ex["policy"] = exit_policy
         if halting is not None:
             ex["halting"] = halting
+        if exit_seed is not None:
+            ex["seed"] = exit_seed
+        if upsample is not None:
+            data["upsample"] = upsample
         cfg = StepConfig.model_validate(data)
         cfg.exits.threshold_per_exit(len(self.exit_blocks))
+        if (cfg.exits.seed, cfg.exits.policy) != (self.cfg.exits.seed, self.cfg.exits.policy):
+            self._exit_gen = None
         self.cfg = cfg
         return cfg
+
+    def exit_generator(self) -> torch.Generator:
+        """The ``random`` exit policy's generator: one per model, seeded from ``exits.seed``
+        when created (first use, or after the seed / policy changed), never per forward,
+        so successive forwards draw different tokens and a fresh model repeats the draws."""
+        gen = getattr(self, "_exit_gen", None)  # getattr: models pickled before it existed
+        seed = self.cfg.exits.seed
+        if gen is None or getattr(self, "_exit_gen_seed", None) != seed:
+            gen = torch.Generator().manual_seed(seed)
+            self._exit_gen, self._exit_gen_seed = gen, seed
+        return gen
 
     # ---- pieces --------------------------------------------------------------------------
     def select(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[TokenLayout, dict | None]:
@@ -316,13 +344,19 @@ class StepSegmenter(nn.Module):
         return SuperTokens(x=x, layout=layout, prefix=x.shape[1] - layout.max_tokens,
                            input_size=input_size, policy_logits=policy_logits)
 
-    def forward_encoder(self, tokens: SuperTokens) -> EncodedTokens:
+    def forward_encoder(self, tokens: SuperTokens, halt_counts: list[torch.Tensor] | None = None) -> EncodedTokens:
         """The ViT blocks with early exits, then the final norm.
 
         Exit heads run in training (auxiliary loss) or when halting is on. With halting,
         after an exit block the halted tokens keep that exit's logits (``frozen_logits``)
         and are removed from ``x``, so later blocks run on the active tokens only. Returns
         :class:`EncodedTokens`: ``x`` (B, P+M, D) with M <= N, per exit (B, N, C) logits.
+
+        ``halt_counts`` (the exit ablation): one (B,) long tensor per exit, e.g. a confidence
+        run's ``list(out.flow.halted_per_exit.unbind(1))``. With exit policy ``random`` or
+        ``uniform``, exactly ``min(count, active tokens)`` tokens halt at each exit; without
+        it they halt as many as the confidence rule would among their own survivors (so only
+        the first exit matches a confidence run). The ``confidence`` policy ignores it.
         """
         x, prefix, n_tok = tokens.x, tokens.prefix, tokens.num_tokens
         layout = tokens.layout
@@ -337,7 +371,13 @@ class StepSegmenter(nn.Module):
         halting_on = exits_cfg.halting and (not self.training or exits_cfg.halt_in_training)
         run_exits = self.training or halting_on
         taus = exits_cfg.threshold_per_exit(len(self.exit_blocks))
-        gen = torch.Generator().manual_seed(exits_cfg.seed) if exits_cfg.policy == "random" else None
+        if halt_counts is not None and len(halt_counts) != len(self.exit_blocks):
+            raise ValueError(f"halt_counts: {len(halt_counts)} tensors for {len(self.exit_blocks)} exits")
+        gen = self.exit_generator() if halting_on and exits_cfg.policy == "random" else None
+        slot_key = None
+        if halting_on and exits_cfg.policy == "uniform":
+            key = spread_key(layout.token_anchor, layout.token_level, layout.grid)
+            slot_key = torch.cat([key, key.new_zeros(b, 1)], 1)  # column N: empty slots
         exit_logits, exit_valid, halted_counts, per_block = [], [], [], []
 
         for i, block in enumerate(self.encoder.blocks, start=1):
@@ -353,7 +393,11 @@ class StepSegmenter(nn.Module):
             exit_valid.append(_to_token_order(valid, slot_token, n_tok))
             if not halting_on:
                 continue
-            halt = halting_mask(slot_logits, valid, taus[e], exits_cfg.top_k, exits_cfg.policy, gen)
+            halt = halting_mask(
+                slot_logits, valid, taus[e], exits_cfg.top_k, exits_cfg.policy, gen,
+                count=None if halt_counts is None else halt_counts[e],
+                key=None if slot_key is None else slot_key.gather(1, slot_token),
+            )
             halt_tok = _to_token_order(halt, slot_token, n_tok)
             frozen = tok_logits if frozen is None else torch.where(halt_tok[..., None], tok_logits, frozen)
             halted = halted | halt_tok
@@ -372,6 +416,11 @@ class StepSegmenter(nn.Module):
         every token's logits back on the grid through ``cell_to_token`` (one gather),
         upsample bilinearly and crop the padding.
 
+        ``cfg.upsample == "probs"`` (default) upsamples the softmax probabilities and returns
+        their log (clamped at 1e-8): argmax and cross-entropy (log_softmax of a log-probability
+        is itself) stay right, and a halted cell next to an active one blends probabilities,
+        not logits of two heads with different scales. ``"logits"`` upsamples the logits.
+
         Returns (logits float32 (B, C, H, W) at the input size, token_logits (B, N, C)).
         """
         prefix, n_tok = tokens.prefix, tokens.num_tokens
@@ -385,7 +434,12 @@ class StepSegmenter(nn.Module):
         grid_logits = token_logits.gather(1, tokens.layout.cell_to_token[..., None].expand(-1, -1, c))
         grid_logits = grid_logits.transpose(1, 2).reshape(b, c, gh, gw)
         h, w = tokens.input_size
-        logits = F.interpolate(grid_logits, size=(gh * PATCH, gw * PATCH), mode="bilinear")[..., :h, :w]
+        size = (gh * PATCH, gw * PATCH)
+        if self.cfg.upsample == "probs":
+            probs = F.interpolate(grid_logits.softmax(1), size=size, mode="bilinear")[..., :h, :w]
+            logits = probs.clamp_min(1e-8).log()
+        else:
+            logits = F.interpolate(grid_logits, size=size, mode="bilinear")[..., :h, :w]
         return logits, token_logits
 
     def token_flow(self, tokens: SuperTokens, encoded: EncodedTokens) -> TokenFlow:
@@ -410,11 +464,13 @@ class StepSegmenter(nn.Module):
             cell_exit_depth=encoded.halt_depth.gather(1, layout.cell_to_token).view(b, gh, gw),
         )
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> StepOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                halt_counts: list[torch.Tensor] | None = None) -> StepOutput:
         """images float [0, 1] (B, 3, H, W); labels int64 (B, H, W), 255 = ignore (needed by
-        the oracle policy only). Returns :class:`StepOutput` (logits (B, C, H, W))."""
+        the oracle policy only); ``halt_counts``: see :meth:`forward_encoder`. Returns
+        :class:`StepOutput` (logits (B, C, H, W))."""
         tokens = self.forward_tokens(images, labels)
-        encoded = self.forward_encoder(tokens)
+        encoded = self.forward_encoder(tokens, halt_counts)
         logits, token_logits = self.forward_head(tokens, encoded)
         return StepOutput(
             logits=logits, flow=self.token_flow(tokens, encoded), token_logits=token_logits,

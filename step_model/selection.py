@@ -3,7 +3,8 @@
 A level-s window covers the s x s grid cells [i*s, (i+1)*s) x [j*s, (j+1)*s). Windows that
 do not fit at the border are not formed. Selection runs coarse to fine (16, 8, 4, 2): a
 window is accepted when its score passes and none of its cells is taken yet; cells left
-over stay single tokens.
+over stay single tokens. A fixed budget is met by the same rule at a per-image threshold
+(:func:`select_by_budget`).
 
 The layout is kept per image as ``cell_to_token`` (gh*gw indices), so that un-sharing a
 per-token quantity back to the grid is one gather. Tokens are numbered in raster order of
@@ -44,9 +45,11 @@ def _expand(mask: torch.Tensor, s: int, gh: int, gw: int) -> torch.Tensor:
 
 
 def select_by_threshold(
-    scores: dict[int, torch.Tensor], thresholds: dict[int, float], grid: tuple[int, int]
+    scores: dict[int, torch.Tensor], thresholds: dict[int, float | torch.Tensor], grid: tuple[int, int]
 ) -> dict[int, torch.Tensor]:
-    """Accept a window when score >= threshold and it is still free, coarse to fine."""
+    """Accept a window when score >= threshold and it is still free, coarse to fine.
+
+    A threshold is a number or a (B, 1, 1) tensor (one per image)."""
     gh, gw = grid
     b = next(iter(scores.values())).shape[0] if scores else 0
     device = next(iter(scores.values())).device if scores else None
@@ -56,53 +59,100 @@ def select_by_threshold(
         h, w = gh // s, gw // s
         if h == 0 or w == 0:
             continue
-        busy = F.max_pool2d(taken[:, None, : h * s, : w * s].float(), s)[:, 0] > 0
+        # a window is busy when any of its cells is taken (reshape + any: ~100x faster than
+        # max_pool2d with an s x s kernel on the CPU, which the budget bisection calls often)
+        busy = taken[:, : h * s, : w * s].reshape(b, h, s, w, s).any(4).any(2)
         accept = (scores[s][:, :h, :w] >= thresholds[s]) & ~busy
         accepted[s] = accept
         taken |= _expand(accept, s, gh, gw)
     return accepted
 
 
+def _token_count(accepted: dict[int, torch.Tensor], cells: int) -> torch.Tensor:
+    """(B,) tokens of a selection: each accepted level-s window turns s*s cells into one."""
+    saved = sum((s * s - 1) * a.flatten(1).sum(1) for s, a in accepted.items())
+    return cells - saved
+
+
 def select_by_budget(
     scores: dict[int, torch.Tensor], keep: float, grid: tuple[int, int]
 ) -> dict[int, torch.Tensor]:
-    """Keep about ``keep`` x gh*gw tokens per image: accept free windows best score first.
+    """Keep about ``keep`` x gh*gw tokens per image: threshold selection at the per-image
+    threshold that meets the budget, topped up with finer free windows.
 
-    A level-s window saves s*s - 1 tokens; windows that would go below the budget are
-    skipped, so an image ends at the budget or at most 2 tokens above it when enough windows
-    exist (the batch is padded to its longest image). Greedy in score order is what CTS'
-    fixed-budget policy does; this is a short per-image loop on the CPU (~1.4k windows at
-    1024^2), not on the model's hot path.
+    Lowering a shared threshold only coarsens the coarse-to-fine layout (a cell's window can
+    only grow), so the token count is monotone in it and a bisection over the image's window
+    scores finds the lowest threshold whose layout still has >= the target tokens; that
+    layout is exactly :func:`select_by_threshold`'s at an equal count. The gap to the target
+    (smaller than the next window's saving) is filled by the best-scored windows below the
+    threshold that are still free and save no more than the gap, so an image ends at the
+    target or at most 2 tokens above it (a level-2 window saves 3). The batch is padded to its
+    longest image.
+
+    Why not greedy by raw score (CTS' fixed budget, used before): fine windows score higher
+    than coarse ones (a small window is homogeneous more often), so greedy took level-2
+    windows everywhere first, saving 3 tokens each, and they then blocked the coarse windows
+    of large uniform regions; to reach the budget it had to merge low-scored fine windows
+    across object borders (docs/model.md has the measurement).
     """
     gh, gw = grid
-    target = max(1, int(round(keep * gh * gw)))
+    cells = gh * gw
+    target = max(1, int(round(keep * cells)))
     levels = [s for s in sorted(scores, reverse=True) if gh // s and gw // s]
+    sc = {s: scores[s][:, : gh // s, : gw // s].detach().float() for s in levels}
     b = next(iter(scores.values())).shape[0]
-    out = {s: np.zeros((b, gh // s, gw // s), dtype=bool) for s in levels}
-    cand = []
-    for s in levels:
-        sc = scores[s][:, : gh // s, : gw // s].detach().float().cpu().numpy()
-        cand.append((s, sc))
-    for i in range(b):
-        entries = []
-        for s, sc in cand:
-            flat = sc[i].ravel()
-            w = gw // s
-            entries.extend((-float(v), -s, k // w, k % w, s) for k, v in enumerate(flat))
-        entries.sort()  # best score first; ties: coarser first
+    device = next(iter(scores.values())).device
+    if not levels:
+        return {}
+    # candidates: +inf (nothing merged, count = cells >= target), then every score, descending
+    flat = torch.cat([v.flatten(1) for v in sc.values()], 1)
+    cand = torch.cat([flat.new_full((b, 1), float("inf")), flat.sort(1, descending=True).values], 1)
+    lo = torch.zeros(b, dtype=torch.long, device=device)  # count(cand[lo]) >= target always
+    hi = torch.full((b,), cand.shape[1], dtype=torch.long, device=device)
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        t = cand.gather(1, mid.clamp(max=cand.shape[1] - 1)[:, None])[:, :, None]
+        ok = _token_count(select_by_threshold(sc, dict.fromkeys(levels, t), grid), cells) >= target
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    t = cand.gather(1, lo[:, None])[:, :, None]
+    accepted = select_by_threshold(sc, dict.fromkeys(levels, t), grid)
+    counts = _token_count(accepted, cells).tolist()
+    if all(n - target < 3 for n in counts):
+        return accepted
+    return _top_up(accepted, sc, t.flatten().tolist(), counts, target, grid)
+
+
+def _top_up(accepted: dict[int, torch.Tensor], scores: dict[int, torch.Tensor], t: list[float],
+            counts: list[int], target: int, grid: tuple[int, int]) -> dict[int, torch.Tensor]:
+    """Add free windows scored below the image's threshold, best first, while the count stays
+    >= target. Bounded: only windows saving <= the gap, and the gap is < one window's saving."""
+    gh, gw = grid
+    device = next(iter(accepted.values())).device
+    acc = {s: a.cpu().numpy().copy() for s, a in accepted.items()}
+    np_scores = {s: v.cpu().numpy() for s, v in scores.items()}
+    for i, n in enumerate(counts):
+        gap = n - target
+        if gap < 3:
+            continue
         taken = np.zeros((gh, gw), dtype=bool)
-        count = gh * gw
-        for _, _, r, c, s in entries:
-            if count <= target:
+        for s, a in acc.items():
+            taken[: a.shape[1] * s, : a.shape[2] * s] |= a[i].repeat(s, 0).repeat(s, 1)
+        entries = []
+        for s, v in np_scores.items():
+            if s * s - 1 > gap:
+                continue
+            r, c = np.nonzero(v[i] < t[i])
+            entries.extend(zip((-v[i, r, c]).tolist(), [s] * len(r), r.tolist(), c.tolist(), strict=True))
+        entries.sort()  # best score first; ties: finer first (smaller saving overshoots less)
+        for _, s, r, c in entries:
+            if gap < 3:
                 break
-            saving = s * s - 1
-            if count - saving < target or taken[r * s:(r + 1) * s, c * s:(c + 1) * s].any():
+            if s * s - 1 > gap or taken[r * s:(r + 1) * s, c * s:(c + 1) * s].any():
                 continue
             taken[r * s:(r + 1) * s, c * s:(c + 1) * s] = True
-            out[s][i, r, c] = True
-            count -= saving
-    device = next(iter(scores.values())).device
-    return {s: torch.from_numpy(m).to(device) for s, m in out.items()}
+            acc[s][i, r, c] = True
+            gap -= s * s - 1
+    return {s: torch.from_numpy(a).to(device) for s, a in acc.items()}
 
 
 def build_layout(accepted: dict[int, torch.Tensor], grid: tuple[int, int], batch: int, device) -> TokenLayout:

@@ -19,7 +19,8 @@ def test_policy_none_no_exits_equals_plain_timm_vit(decoder: str) -> None:
         feats = vit.forward_features((x - 0.5) / 0.5)[:, vit.num_prefix_tokens:]
         tokens = model.decoder(feats, [48, 48])
         grid = tokens.transpose(1, 2).reshape(2, -1, 6, 8)
-        ref = F.interpolate(grid, size=(96, 128), mode="bilinear")
+        # upsample="probs" (default): bilinear on the softmax, returned as log-probabilities
+        ref = F.interpolate(grid.softmax(1), size=(96, 128), mode="bilinear").clamp_min(1e-8).log()
     assert out.logits.shape == (2, 5, 96, 128)
     torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
     assert out.flow.tokens_per_block.eq(48).all()

@@ -121,7 +121,7 @@ def load_model(uri: str | Path, *, device: str | torch.device = "cpu"
 def architecture_only(model_config: dict[str, Any]) -> dict[str, Any]:
     """The config without pretrained-weight sources: ``model.pt`` holds every tensor, and a
     checkpoint must load on machines that lack the original weight files."""
-    data = {**model_config, "backbone_weights": None}
+    data = {**model_config, "backbone_weights": None, "init_from": None}
     data["policy"] = {**(model_config.get("policy") or {}), "pretrained": False, "weights": None}
     return data
 
