@@ -1,5 +1,9 @@
 """``step bench model``: the plain ViT against STEP, same weights, one run (JSON).
 
+The default path is the learned policy (``threshold``: the policy network runs and is
+counted); ``flop_reduction`` always includes the policy network. ``--policy oracle`` (tokens
+from the labels) is an upper bound: its JSON and output say ``uses_labels`` / ``upper_bound``.
+
 Settings: :class:`BenchModelSettings`; the measurement: :func:`step_model.bench.measure`
 (the model package keeps its own argparse entry, ``python -m``-free, for library users).
 Thresholds take the one syntax of every command: ``--merge-thresholds 0.8`` or
@@ -25,7 +29,8 @@ class BenchModelSettings(StrictModel):
     backbone: str = Field("vit_base_patch16_384", description="timm ViT with 16x16 patches")
     image_size: int = Field(1024, ge=16, description="square side (resized if the images differ)")
     policy: Literal["none", "oracle", "threshold", "budget"] = Field(
-        "oracle", description="token selection (oracle: uses labels, an upper bound)")
+        "threshold", description="token selection: the learned policy (threshold, budget), "
+        "or oracle (uses labels: an upper bound, labelled as such)")
     merge_thresholds: MergeThresholds = Field(None, description="policy thresholds per level")
     budget: float | None = Field(None, gt=0, le=1, description="fraction of tokens kept")
     exits: list[int] = Field([], description="exit blocks, 1-based (none: no exits)")
@@ -55,6 +60,9 @@ def bench_model(inv: Invocation) -> Result:
     args = argparse.Namespace(**{**s.model_dump(), "merge_thresholds": merge,
                                  "images": Path(s.images), "json": None})
     result = bench.measure(args)
+    if result["uses_labels"]:
+        print("step bench model: policy oracle: tokens chosen from the labels; an upper "
+              "bound, not a model's result (flop_reduction counts the policy network)")
     print(json.dumps({k: result[k] for k in bench.SUMMARY_KEYS}, indent=2))
     return Result(result)
 

@@ -6,7 +6,9 @@ Settings: :class:`pipelines.evaluate.settings.EvalSettings` (``--config``, ``--s
 flags). Inference settings (``inference.*``: ``--thresholds`` for the exits,
 ``--merge-thresholds`` or ``--budget`` for the policy, ...) are applied with
 ``model.set_inference`` on the fixed checkpoint, as Ray Tune does. The result is logged as
-one MLflow run (params, metrics and ``eval.json``) unless ``--no-mlflow``.
+one MLflow run (params, metrics and ``eval.json``) unless ``--no-mlflow``. Policy mode
+``oracle`` (tokens chosen from the labels) is refused unless ``--allow-oracle``; its
+results are then marked ``uses_labels`` / ``upper_bound`` (JSON, MLflow tags, output).
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ ALIASES = (
 
 def evaluate(inv: Invocation) -> Result:
     from pipelines.common.checkpoint import resolve_checkpoint_dir
+    from pipelines.common.oracle import ORACLE_NOTE, refuse_oracle, uses_oracle
     from pipelines.evaluate.evaluator import evaluate_checkpoint
 
     s: EvalSettings = inv.settings
     inference = s.inference.kwargs()
     checkpoint = resolve_checkpoint_dir(s.checkpoint)
+    oracle = uses_oracle(checkpoint, inference)
+    if oracle and not s.allow_oracle:
+        refuse_oracle("step eval")
     result = evaluate_checkpoint(
         checkpoint, s.data, inference=inference, max_samples=s.max_samples,
         device=s.device, mode=s.mode, crop_size=s.crop_size, stride=s.stride,
@@ -44,11 +50,13 @@ def evaluate(inv: Invocation) -> Result:
     full = result.to_dict()
     run_id = tracking_uri = None
     if s.mlflow.enabled:
-        run_id, tracking_uri = _log(s, checkpoint, inference, result)
+        run_id, tracking_uri = _log(s, checkpoint, inference, result, oracle)
     out = {"run_id": run_id, "tracking_uri": tracking_uri, "checkpoint": checkpoint,
            "data": s.data, "inference": inference, "metrics": result.headline(),
-           "result": full}
+           "result": full, "uses_labels": oracle, "upper_bound": oracle}
     m = out["metrics"]
+    if oracle:
+        print(f"step eval: {ORACLE_NOTE}; these figures are not a model's result")
     print(f"step eval: {result.num_images} images, mIoU {_f(m['miou'])}, "
           f"GFLOPs {_f(m['gflops'])}, tokens {_f(m['tokens_mean'])}/{_f(m['tokens_in'])}, "
           f"halted {_f(m['halted_fraction'])}, latency {_f(m['latency_ms'])} ms")
@@ -59,18 +67,23 @@ def _f(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4g}"
 
 
-def _log(s: EvalSettings, checkpoint: str, inference: dict, result) -> tuple[str, str]:
+def _log(s: EvalSettings, checkpoint: str, inference: dict, result,
+         oracle: bool) -> tuple[str, str]:
+    from pipelines.common.oracle import ORACLE_TAGS
     from pipelines.tracking.runs import RunLogger, create_run, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(s.mlflow.tracking_uri)
-    run_id = create_run(tracking_uri, s.mlflow.experiment, run_name="eval",
-                        tags={"step.kind": "eval", "step.checkpoint": checkpoint},
+    tags = {"step.kind": "eval", "step.checkpoint": checkpoint,
+            **(ORACLE_TAGS if oracle else {})}
+    name = "eval (oracle: upper bound)" if oracle else "eval"
+    run_id = create_run(tracking_uri, s.mlflow.experiment, run_name=name, tags=tags,
                         parent_run_id=s.mlflow.parent_run_id)
     tracker = RunLogger(run_id, tracking_uri)
     tracker.log_params({"checkpoint": checkpoint, "data": s.data, "mode": s.mode,
                         **{f"inference.{k}": v for k, v in inference.items()}})
     tracker.log_metrics({k: v for k, v in result.headline().items() if v is not None})
     tracker.log_dict(result.to_dict(), "eval.json")
+    tracker.log_datasets({"evaluation": s.data})
     tracker.end("FINISHED")
     return run_id, tracking_uri
 

@@ -47,6 +47,10 @@ def tune(inv: Invocation) -> Result:
 
 def _print_summary(doc: dict) -> None:
     b, best = doc["baseline"], doc["best"]
+    if doc.get("uses_labels"):
+        from pipelines.common.oracle import ORACLE_NOTE
+
+        print(f"{ORACLE_NOTE}: the trials' figures are not a model's result")
     print(f"reference (unpruned): mIoU {100 * b['miou']:.2f}  GFLOPs {b['gflops']:.3f}")
     print(doc["message"])
     if best is not None:

@@ -1,0 +1,1 @@
+"""``step analyze``: where the tokens go (layout ceilings, trade-off, exit ablation, flow)."""

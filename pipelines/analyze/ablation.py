@@ -1,0 +1,118 @@
+"""The exit ablation: confidence exits against random and uniform ones, at matched counts.
+
+Per batch the confidence forward decides how many tokens halt at every exit; ``uniform``
+and ``random`` then halt exactly those counts at every exit
+(``model(images, labels, halt_counts=...)``), so only *which* tokens halt differs. Random
+runs one pass over the set per seed, with the draw seeded once per pass (not per forward).
+Every forward is FLOP-counted (policy network included); mIoU comes from one confusion
+matrix per variant over the whole set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from pipelines.evaluate.metrics import ConfusionMeter
+
+
+class _Meter:
+    def __init__(self, num_classes: int, n_exits: int) -> None:
+        self.cm = ConfusionMeter(num_classes)
+        self.gflops = 0.0
+        self.images = 0
+        self.tokens = 0.0
+        self.halted = torch.zeros(n_exits, dtype=torch.float64)
+
+    def update(self, out, labels: torch.Tensor, gflops: float) -> None:
+        self.cm.update(out.logits.argmax(1), labels)
+        self.gflops += gflops
+        self.images += labels.shape[0]
+        self.tokens += float(out.flow.num_tokens.sum())
+        self.halted += out.flow.halted_per_exit.double().sum(0).cpu()
+
+    def result(self, exit_blocks: list[int]) -> dict[str, Any]:
+        n = max(self.images, 1)
+        names = [f"exit_{b}" for b in exit_blocks]
+        miou = self.cm.compute(reduce=False).miou
+        return {
+            "miou": miou if miou == miou else None,
+            "gflops": self.gflops / n,
+            "halted_per_exit": {k: float(v) / n for k, v in zip(names, self.halted, strict=True)},
+            "halted_fraction_per_exit": {k: float(v) / self.tokens if self.tokens else None
+                                         for k, v in zip(names, self.halted, strict=True)},
+            "images": self.images,
+        }
+
+
+def counted_forward(model, images, labels, **kwargs):
+    """One forward under the FLOP counter: (output, GFLOPs of the whole batch)."""
+    from step_model import flop_counter
+
+    with torch.no_grad(), flop_counter() as fc:
+        out = model(images, labels, **kwargs)
+    return out, fc.get_total_flops() / 1e9
+
+
+def set_random_seed(model, seed: int) -> None:
+    """Random exits with ``seed``, seeded here once for a whole pass: the model makes a
+    fresh generator whenever the exit policy or the seed changes, so passing through
+    ``confidence`` first reseeds it even when the seed is the same as the last pass's."""
+    model.set_inference(exit_policy="confidence")
+    model.set_inference(exit_policy="random", exit_seed=int(seed))
+
+
+def run_ablation(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+                 num_classes: int, inference: dict[str, Any], seeds: list[int],
+                 on_confidence: Callable[[Any, torch.Tensor], None] | None = None,
+                 ) -> dict[str, Any]:
+    """``batches()`` yields (images, labels) on the model's device, the same each call.
+    ``on_confidence(out, labels)`` sees every confidence forward (the token flow)."""
+    exit_blocks = list(model.exit_blocks)
+    if not exit_blocks:
+        return {"skipped": "the model has no exits"}
+    n_exits = len(exit_blocks)
+    conf, uni = _Meter(num_classes, n_exits), _Meter(num_classes, n_exits)
+    counts: list[list[torch.Tensor]] = []
+    for images, labels in batches():
+        model.set_inference(**{**inference, "halting": True, "exit_policy": "confidence"})
+        out, g = counted_forward(model, images, labels)
+        conf.update(out, labels, g)
+        if on_confidence is not None:
+            on_confidence(out, labels)
+        halt = list(out.flow.halted_per_exit.unbind(1))
+        counts.append(halt)
+        model.set_inference(exit_policy="uniform")
+        out, g = counted_forward(model, images, labels, halt_counts=halt)
+        uni.update(out, labels, g)
+    per_seed = []
+    for seed in seeds:
+        model.set_inference(**{**inference, "halting": True})
+        set_random_seed(model, seed)
+        rnd = _Meter(num_classes, n_exits)
+        for (images, labels), halt in zip(batches(), counts, strict=True):
+            out, g = counted_forward(model, images, labels, halt_counts=halt)
+            rnd.update(out, labels, g)
+        per_seed.append({"seed": int(seed), **rnd.result(exit_blocks)})
+    model.set_inference(exit_policy="confidence")
+    return {"confidence": conf.result(exit_blocks), "uniform": uni.result(exit_blocks),
+            "random": _mean_over_seeds(per_seed)}
+
+
+def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    if not per_seed:
+        return {"miou": None, "gflops": None, "halted_per_exit": {}, "seeds": []}
+    mious = [r["miou"] for r in per_seed if r["miou"] is not None]
+    mean_miou = sum(mious) / len(mious) if mious else None
+    std = (sum((m - mean_miou) ** 2 for m in mious) / len(mious)) ** 0.5 if mious else None
+    keys = per_seed[0]["halted_per_exit"].keys()
+    return {
+        "miou": mean_miou,
+        "miou_std": std,
+        "gflops": sum(r["gflops"] for r in per_seed) / len(per_seed),
+        "halted_per_exit": {k: sum(r["halted_per_exit"][k] for r in per_seed) / len(per_seed)
+                            for k in keys},
+        "seeds": per_seed,
+    }

@@ -1,0 +1,109 @@
+"""The analysis figures (matplotlib, Agg): layout quality, trade-off, exit ablation, flow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pct(v: float | None) -> float:
+    return float("nan") if v is None else 100.0 * v
+
+
+def layouts_plot(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Tokens kept (fraction of the grid) against the layout's ceiling mIoU."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    styles = {"oracle": ("k", "o", "oracle (uses labels: upper bound)"),
+              "threshold": ("tab:blue", "s", "learned policy, threshold"),
+              "budget": ("tab:orange", "^", "learned policy, budget")}
+    for kind, (color, marker, label) in styles.items():
+        pts = sorted((r["tokens_fraction"], _pct(r["ceiling_miou"]), r["setting"]) for r in rows
+                     if r["layout"] == kind and r["tokens_fraction"] is not None)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label)
+        for x, y, s in pts:
+            ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("tokens kept (fraction of the 16 px grid)")
+    ax.set_ylabel("layout ceiling mIoU (%)")
+    ax.set_title("layout quality: majority label per token, painted back")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def tradeoff_plot(path: Path, rows: list[dict[str, Any]]) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=110)
+    for r in rows:
+        if r.get("gflops") is None:
+            continue
+        ax.scatter([r["gflops"]], [_pct(r["miou"])], s=50)
+        ax.annotate(r["variant"], (r["gflops"], _pct(r["miou"])), textcoords="offset points",
+                    xytext=(4, 4), fontsize=9)
+    ax.set_xlabel("GFLOPs per image (policy network included)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("plain ViT / dCTS / exits / STEP at the operating point")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def ablation_plot(path: Path, ablation: dict[str, Any]) -> Path:
+    plt = _plt()
+    names = [k for k in ("confidence", "random", "uniform") if isinstance(ablation.get(k), dict)]
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
+    vals = [_pct(ablation[k].get("miou")) for k in names]
+    errs = [_pct(ablation[k].get("miou_std")) if ablation[k].get("miou_std") is not None else 0.0
+            for k in names]
+    ax.bar(names, vals, yerr=errs, color=["tab:green", "tab:gray", "tab:purple"][: len(names)])
+    for i, k in enumerate(names):
+        g = ablation[k].get("gflops")
+        if g is not None:
+            ax.annotate(f"{g:.3g} GFLOPs", (i, vals[i]), ha="center", xytext=(0, 3),
+                        textcoords="offset points", fontsize=8)
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("which tokens halt: same count at every exit")
+    return _save(fig, path)
+
+
+def flow_plot(path: Path, flow: dict[str, Any]) -> Path:
+    """Per class: the share of its pixels at each superpatch level and at each exit."""
+    plt = _plt()
+    import numpy as np
+
+    per_class = flow.get("per_class") or {}
+    classes = list(per_class)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * max(len(classes), 4) + 1.6), dpi=110)
+    for ax, key, title in ((axes[0], "level", "superpatch level"),
+                           (axes[1], "exit", "exit (final = ran every block)")):
+        cols = list(next(iter(per_class.values()))[key]) if classes else []
+        left = np.zeros(len(classes))
+        cmap = plt.get_cmap("viridis", max(len(cols), 1))
+        for j, col in enumerate(cols):
+            vals = np.array([per_class[c][key].get(col) or 0.0 for c in classes])
+            ax.barh(classes, vals, left=left, color=cmap(j), label=col)
+            left += vals
+        ax.set_xlim(0, 1)
+        ax.set_title(f"share of each class's pixels by {title}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

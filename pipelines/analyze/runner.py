@@ -1,0 +1,235 @@
+"""``step analyze`` as a function: every part of the analysis of one checkpoint on one split.
+
+:func:`analyze` returns the JSON document (``layouts``, ``policy_vs_oracle``, ``tradeoff``,
+``ablation``, ``flow``); :func:`log_analysis` writes its CSVs, plots and the document to an
+MLflow run under ``analysis/``. The operating point (the thresholds of the ``dcts``,
+``step`` and ablation figures) is the given inference settings, else the checkpoint's own;
+its sharing is always the learned policy: the oracle only appears in the layout curve,
+where every row says that it reads the labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PURITIES = [1.0, 0.98, 0.95, 0.9]
+DEFAULT_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+DEFAULT_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+DEFAULT_SEEDS = [0, 1, 2]
+LEARNED = ("threshold", "budget")
+
+
+def operating_point(model_config: dict[str, Any], inference: dict[str, Any] | None
+                    ) -> tuple[dict[str, Any], str | None]:
+    """(``set_inference`` kwargs with an explicit learned ``policy_mode``, a note or None).
+
+    The mode follows ``set_inference``'s rules (``budget`` -> budget, ``merge_thresholds``
+    -> threshold, ``policy_mode`` wins); a checkpoint trained with the oracle (or none)
+    is analysed with its policy network at its own thresholds, which the note says."""
+    inf = {k: v for k, v in (inference or {}).items()
+           if k not in ("halting", "exit_policy") and v is not None}
+    note = None
+    mode = inf.get("policy_mode")
+    if mode is None:
+        if "budget" in inf:
+            mode = "budget"
+        elif "merge_thresholds" in inf:
+            mode = "threshold"
+        else:
+            mode = str((model_config.get("policy") or {}).get("mode", "threshold"))
+            if mode not in LEARNED:
+                note = (f"the checkpoint's policy mode is {mode!r}; the operating point uses "
+                        "its policy network in mode 'threshold' at its configured thresholds")
+                mode = "threshold"
+    elif mode not in LEARNED:
+        raise ValueError(f"inference.policy_mode={mode!r}: the analysis measures the learned "
+                         f"policy at its operating point; use one of {list(LEARNED)}")
+    if mode == "budget" and "budget" not in inf and \
+            (model_config.get("policy") or {}).get("budget") is None:
+        raise ValueError("inference.budget: policy mode 'budget' needs a budget (fraction of "
+                         "tokens kept, (0, 1])")
+    inf["policy_mode"] = mode
+    return inf, note
+
+
+def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = None,
+            max_samples: int | None = None, device: str = "cpu", batch_size: int = 1,
+            purities: list[float] | None = None, thresholds: list[float] | None = None,
+            budgets: list[float] | None = None, seeds: list[int] | None = None,
+            echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every part; returns the ``step analyze`` JSON document."""
+    from pipelines.analyze.ablation import run_ablation
+    from pipelines.analyze.flow import FlowMeter
+    from pipelines.analyze.layouts import LayoutSweep, policy_vs_oracle
+    from pipelines.analyze.tradeoff import run_tradeoff
+    from pipelines.common.checkpoint import load_model
+    from pipelines.common.data import batch_to_device, dataset_info, eval_loader
+
+    purities = DEFAULT_PURITIES if purities is None else purities
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    budgets = DEFAULT_BUDGETS if budgets is None else budgets
+    seeds = DEFAULT_SEEDS if seeds is None else seeds
+    model, model_config = load_model(checkpoint, device=device)
+    model.eval()
+    num_classes = int(model_config["num_classes"])
+    info = dataset_info(data)
+    if info.num_classes != num_classes:
+        raise ValueError(f"{data} has {info.num_classes} classes but the checkpoint "
+                         f"{checkpoint} predicts {num_classes}")
+    names = list(info.class_names)
+    op, note = operating_point(model_config, inference)
+    model.set_inference(**op)  # validates the operating point before any pass
+
+    def loader():
+        return eval_loader(data, batch_size=batch_size, num_workers=0, rank=0, world_size=1,
+                           max_samples=max_samples)
+
+    def batches():
+        for images, labels in loader():
+            yield batch_to_device(images, labels, device)
+
+    seconds: dict[str, float] = {}
+    t0 = time.monotonic()
+    sweep = LayoutSweep(model, num_classes, list(purities), list(thresholds), list(budgets))
+    for images, labels in batches():
+        sweep.update(images, labels)
+    layouts = sweep.rows()
+    seconds["layouts"] = time.monotonic() - t0
+    echo(f"analyze: {len(layouts)} layouts in {seconds['layouts']:.1f}s")
+
+    t0 = time.monotonic()
+    tradeoff = run_tradeoff(model, loader, num_classes=num_classes, op=op, device=device,
+                            max_samples=max_samples, class_names=names)
+    seconds["tradeoff"] = time.monotonic() - t0
+    echo(f"analyze: trade-off (4 variants) in {seconds['tradeoff']:.1f}s")
+
+    t0 = time.monotonic()
+    meter = FlowMeter(num_classes, tuple(model.cfg.policy.levels), list(model.exit_blocks),
+                      model.encoder.depth, names)
+    ablation = run_ablation(model, batches, num_classes=num_classes, inference=op,
+                            seeds=list(seeds), on_confidence=lambda out, lab: meter.update(out.flow, lab))
+    if not model.exit_blocks:  # no ablation pass: the flow needs its own STEP forwards
+        import torch
+
+        model.set_inference(**op, halting=True)
+        with torch.no_grad():
+            for images, labels in batches():
+                meter.update(model(images, labels).flow, labels)
+    seconds["ablation_and_flow"] = time.monotonic() - t0
+    echo(f"analyze: exit ablation and token flow in {seconds['ablation_and_flow']:.1f}s")
+
+    return json_safe({
+        "checkpoint": checkpoint,
+        "data": data,
+        "num_images": meter.images,
+        "class_names": names,
+        "operating_point": {"inference": op, "note": note},
+        "layouts": layouts,
+        "policy_vs_oracle": policy_vs_oracle(layouts),
+        "tradeoff": tradeoff,
+        "ablation": ablation,
+        "flow": meter.result(),
+        "units": {"miou": "fraction of 1 (as step eval)", "gflops": "per image, policy "
+                  "network included", "tokens": "per image"},
+        "uses_labels": {"layouts.oracle": True, "everything else": False},
+        "seconds": seconds,
+    })
+
+
+def json_safe(x: Any) -> Any:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x
+
+
+# ---- tables and MLflow -------------------------------------------------------------------
+
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    return buf.getvalue()
+
+
+def tables(doc: dict[str, Any]) -> dict[str, str]:
+    """{file name: CSV text} of every part."""
+    out = {}
+    keys = ["layout", "setting", "tokens_fraction", "token_cut", "ceiling_miou", "uses_labels"]
+    out["layouts.csv"] = _csv(keys, [[r.get(k) for k in keys] for r in doc["layouts"]])
+    keys = ["variant", "miou", "gflops", "gflops_policy", "tokens_mean", "halted_fraction"]
+    out["tradeoff.csv"] = _csv(keys, [[r.get(k) for k in keys] for r in doc["tradeoff"]])
+    abl = doc.get("ablation") or {}
+    if "confidence" in abl:
+        exits = list(abl["confidence"]["halted_per_exit"])
+        rows = [[k, "", abl[k]["miou"], abl[k]["gflops"], *abl[k]["halted_per_exit"].values()]
+                for k in ("confidence", "uniform")]
+        rows += [["random", r["seed"], r["miou"], r["gflops"], *r["halted_per_exit"].values()]
+                 for r in abl["random"]["seeds"]]
+        out["ablation.csv"] = _csv(["exit_policy", "seed", "miou", "gflops",
+                                    *[f"halted_{e}" for e in exits]], rows)
+    flow = doc["flow"]
+    out["flow_tokens.csv"] = _csv(
+        ["what", "key", "tokens_per_image"],
+        [["level", k, v] for k, v in flow["tokens_per_level"].items()]
+        + [["block", i + 1, v] for i, v in enumerate(flow["tokens_per_block"])]
+        + [["halted", k, v] for k, v in flow["halted_per_exit"].items()])
+    per_class = flow.get("per_class") or {}
+    if per_class:
+        first = next(iter(per_class.values()))
+        lv, ex = list(first["level"]), list(first["exit"])
+        out["flow_per_class.csv"] = _csv(
+            ["class", "pixels", *[f"level_{k}" for k in lv], *ex],
+            [[c, v["pixels"], *v["level"].values(), *v["exit"].values()]
+             for c, v in per_class.items()])
+    return out
+
+
+def log_analysis(doc: dict[str, Any], tracking_uri: str, run_id: str) -> list[str]:
+    """CSVs, plots and the document on run ``run_id`` under ``analysis/``; the headline
+    numbers as metrics. Returns the artifact paths."""
+    from pipelines.analyze import plots
+    from pipelines.tracking.runs import RunLogger
+
+    tracker = RunLogger(run_id, tracking_uri)
+    logged = []
+    for name, text in tables(doc).items():
+        tracker.log_text(text, f"analysis/{name}")
+        logged.append(f"analysis/{name}")
+    tracker.log_dict(doc, "analysis/analysis.json")
+    logged.append("analysis/analysis.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        figures = [plots.layouts_plot(tmp_path / "layouts.png", doc["layouts"]),
+                   plots.tradeoff_plot(tmp_path / "tradeoff.png", doc["tradeoff"]),
+                   plots.flow_plot(tmp_path / "flow_per_class.png", doc["flow"])]
+        if "confidence" in (doc.get("ablation") or {}):
+            figures.append(plots.ablation_plot(tmp_path / "ablation.png", doc["ablation"]))
+        for fig in figures:
+            tracker.log_artifact(fig, "analysis")
+            logged.append(f"analysis/{fig.name}")
+    metrics: dict[str, float] = {}
+    pvo = doc["policy_vs_oracle"].get("value")
+    if pvo is not None:
+        metrics["policy_vs_oracle"] = pvo
+    for r in doc["tradeoff"]:
+        for k in ("miou", "gflops"):
+            if r.get(k) is not None:
+                metrics[f"tradeoff_{r['variant']}_{k}"] = r[k]
+    for k in ("confidence", "random", "uniform"):
+        v = (doc.get("ablation") or {}).get(k) or {}
+        if v.get("miou") is not None:
+            metrics[f"ablation_{k}_miou"] = v["miou"]
+    tracker.log_metrics(metrics)
+    # the layout curve's oracle rows read the labels: say so where the run is browsed
+    tracker.set_tags({"step.analysis.oracle_rows": "upper bound: uses labels"})
+    return logged

@@ -1,0 +1,54 @@
+"""The settings of ``step analyze`` and of the pipeline's ``analyze`` section (one sweep)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from pipelines.common.settings import StrictModel
+from pipelines.evaluate.settings import EvalMlflow, InferenceSettings
+
+
+class SweepSettings(StrictModel):
+    """What the analysis measures (shared by the command and the pipeline step)."""
+
+    max_samples: int | None = Field(None, ge=1, description="validation images (default: all)")
+    purities: list[float] = Field([1.0, 0.98, 0.95, 0.9], description="oracle layouts: "
+                                     "label purity a shared window needs (0.95 is the "
+                                     "reference of policy_vs_oracle)")
+    layout_thresholds: list[float] = Field(
+        [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+        description="learned-policy layouts: one merge threshold shared by every level")
+    budgets: list[float] = Field([0.3, 0.4, 0.5, 0.6, 0.7, 0.8], description="learned-"
+                                    "policy layouts: fraction of the grid's tokens kept")
+    seeds: list[int] = Field([0, 1, 2], description="seeds of the random-exit ablation")
+    batch_size: int = Field(1, ge=1, description="images per forward")
+
+    # plain float lists (not constrained items) so that each gets a flag: --budgets 0.4 0.6
+    @field_validator("purities", "budgets")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not 0.0 < x <= 1.0]
+        if bad:
+            raise ValueError(f"values must be in (0, 1], got {bad}")
+        return v
+
+    @field_validator("layout_thresholds")
+    @classmethod
+    def _probabilities(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not 0.0 <= x <= 1.0]
+        if bad:
+            raise ValueError(f"values must be in [0, 1], got {bad}")
+        return v
+
+
+class AnalyzeSettings(SweepSettings):
+    """Everything ``step analyze`` needs."""
+
+    checkpoint: str = Field(description="STEP checkpoint directory (local or s3://), or a "
+                            "Ray run directory (its latest checkpoint)")
+    data: str = Field(description="validation shards written by `step prep`")
+    inference: InferenceSettings = Field(
+        InferenceSettings(), description="the operating point (default: the checkpoint's "
+        "own settings); its sharing is the learned policy")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1 ...")
+    mlflow: EvalMlflow = EvalMlflow()

@@ -1,0 +1,93 @@
+"""``step analyze --checkpoint CKPT --data VAL [--json PATH]``: where the tokens go.
+
+Settings: :class:`pipelines.analyze.settings.AnalyzeSettings`. Measures the layout-quality
+curve (oracle against the learned policy, by ceiling mIoU), ``policy_vs_oracle``, the
+plain / dCTS / exits / STEP trade-off, the exit ablation at matched counts and the token
+flow (:mod:`pipelines.analyze.runner`); logs CSVs and plots to one MLflow run under
+``analysis/`` unless ``--no-mlflow``. ``--thresholds`` (exits), ``--merge-thresholds`` or
+``--budget`` set the operating point.
+"""
+
+from __future__ import annotations
+
+from pipelines.analyze.settings import AnalyzeSettings
+from pipelines.cli.command import Alias, Command, Invocation, Result
+
+ALIASES = (
+    Alias(("--thresholds", "--exit-thresholds"), "inference.exit_thresholds"),
+    Alias(("--merge-thresholds",), "inference.merge_thresholds"),
+    Alias(("--budget",), "inference.budget"),
+    Alias(("--top-k",), "inference.top_k"),
+    Alias(("--tracking-uri",), "mlflow.tracking_uri"),
+    Alias(("--experiment",), "mlflow.experiment"),
+    Alias(("--parent-run-id",), "mlflow.parent_run_id"),
+    Alias(("--mlflow",), "mlflow.enabled"),  # and --no-mlflow
+)
+
+
+def analyze_command(inv: Invocation) -> Result:
+    from pipelines.analyze.runner import analyze, log_analysis
+    from pipelines.common.checkpoint import resolve_checkpoint_dir
+
+    s: AnalyzeSettings = inv.settings
+    checkpoint = resolve_checkpoint_dir(s.checkpoint)
+    doc = analyze(checkpoint, s.data, inference=s.inference.kwargs(),
+                  max_samples=s.max_samples, device=s.device, batch_size=s.batch_size,
+                  purities=s.purities, thresholds=s.layout_thresholds, budgets=s.budgets,
+                  seeds=s.seeds)
+    doc["run_id"] = doc["tracking_uri"] = None
+    if s.mlflow.enabled:
+        from pipelines.tracking.runs import create_run, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(s.mlflow.tracking_uri)
+        run_id = create_run(uri, s.mlflow.experiment, run_name="analyze",
+                            tags={"step.kind": "analyze", "step.checkpoint": checkpoint},
+                            parent_run_id=s.mlflow.parent_run_id)
+        log_analysis(doc, uri, run_id)
+        from pipelines.tracking.runs import RunLogger
+
+        RunLogger(run_id, uri).end("FINISHED")
+        doc["run_id"], doc["tracking_uri"] = run_id, uri
+    for line in summary_lines(doc):
+        print(line)
+    return Result(doc)
+
+
+def _p(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def summary_lines(doc: dict) -> list[str]:
+    n = doc["num_images"]
+    lines = [f"step analyze: {n} image{'s' if n != 1 else ''}; mIoU in %, GFLOPs per image "
+             "(policy network included)", "layouts (ceiling = majority label per token):"]
+    for r in doc["layouts"]:
+        tag = "  [uses labels: upper bound]" if r["uses_labels"] else ""
+        frac = "n/a" if r["tokens_fraction"] is None else f"{r['tokens_fraction']:.3f}"
+        lines.append(f"  {r['layout']:<9} {r['setting']:<5g} tokens {frac}  "
+                     f"ceiling {_p(r['ceiling_miou'])}{tag}")
+    pvo = doc["policy_vs_oracle"]
+    if pvo["value"] is not None:
+        b = pvo["best"]
+        lines.append(f"policy_vs_oracle: {pvo['value']:.3f} ({b['layout']} {b['setting']:g} "
+                     f"cuts {b['token_cut']:.2f}x; the oracle at purity {pvo['oracle_purity']} "
+                     f"cuts {pvo['oracle_cut']:.2f}x at ceiling {_p(pvo['oracle_ceiling'])})")
+    else:
+        lines.append(f"policy_vs_oracle: n/a ({pvo['reason']})")
+    lines.append("trade-off: " + "; ".join(
+        f"{r['variant']} {_p(r['miou'])} @ {r['gflops']:.3g}" for r in doc["tradeoff"]
+        if r.get("gflops") is not None))
+    abl = doc.get("ablation") or {}
+    if "confidence" in abl:
+        lines.append("exit ablation (same counts at every exit): " + "; ".join(
+            f"{k} {_p(abl[k]['miou'])}" for k in ("confidence", "random", "uniform")))
+    if doc.get("run_id"):
+        lines.append(f"MLflow: run {doc['run_id']} (artifacts under analysis/) at "
+                     f"{doc['tracking_uri']}")
+    return lines
+
+
+COMMAND = Command(AnalyzeSettings, analyze_command, aliases=ALIASES,
+                  config_help="analyze settings (YAML: checkpoint, data, inference, ...)")
+configure = COMMAND.configure
+run = COMMAND.run

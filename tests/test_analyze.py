@@ -1,0 +1,218 @@
+"""``step analyze`` (issue 8): layout ceilings, policy_vs_oracle, the JSON of the command
+end to end on tiny real data, and the oracle refusals of eval / tune."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import blocky_labels, tiny
+
+
+def _known_map() -> torch.Tensor:
+    """A 32 x 64 label map (2 x 4 cells) whose left 2 x 2 window mixes classes 1 and 2."""
+    lab = torch.zeros(1, 32, 64, dtype=torch.long)
+    lab[0, :20, :32] = 1      # 640 px of class 1 in the window ...
+    lab[0, 20:, :32] = 2      # ... and 384 px of class 2
+    lab[0, 4:8, 36:40] = 3    # cell (0, 2): class 0 with a 16 px speck of class 3
+    lab[0, :16, 48:] = 2      # cell (0, 3): class 2
+    lab[0, 16:, 32:48] = 3    # cell (1, 2): class 3
+    lab[0, 24:, 48:] = 255    # cell (1, 3): class 0 on top, ignore below
+    return lab
+
+
+def test_ceiling_paints_each_token_with_its_majority_label():
+    from pipelines.analyze.ceiling import cell_counts, layout_confusion
+    from pipelines.evaluate.metrics import confusion_matrix, scores_from_confusion
+    from step_model.selection import build_layout
+
+    labels = _known_map()
+    accepted = {2: torch.tensor([[[True, False]]])}  # one 2 x 2 token over the mixed window
+    layout = build_layout(accepted, (2, 4), 1, "cpu")
+    cm = layout_confusion(cell_counts(labels, 4), layout.cell_to_token)
+    # direct: every pixel takes the most frequent labelled class of its token's pixels
+    token_of_pixel = layout.cell_to_token.view(1, 2, 4).repeat_interleave(16, 1).repeat_interleave(16, 2)
+    painted = torch.zeros_like(labels)
+    for t in token_of_pixel.unique():
+        inside = token_of_pixel == t
+        votes = torch.bincount(labels[inside & (labels != 255)], minlength=4)
+        painted[inside] = int(votes.argmax())
+    assert torch.equal(cm, confusion_matrix(painted, labels, 4))
+    ious = [368 / 384, 640 / 1024, 256 / 640, 256 / 272]  # worked out by hand
+    assert scores_from_confusion(cm).miou == pytest.approx(sum(ious) / 4)
+
+
+def test_oracle_at_purity_one_reaches_100_and_layouts_match_the_model():
+    from pipelines.analyze.layouts import LayoutSweep
+
+    model = tiny("threshold", num_classes=5)
+    labels = torch.cat([blocky_labels(64, 96, 1), blocky_labels(64, 96, 2)])  # no ignore
+    images = torch.rand(2, 3, 64, 96)
+    sweep = LayoutSweep(model, 5, purities=[1.0, 0.5], thresholds=[0.5], budgets=[0.5])
+    sweep.update(images, labels)
+    rows = {(r["layout"], r["setting"]): r for r in sweep.rows()}
+    exact = rows[("oracle", 1.0)]
+    assert exact["ceiling_miou"] == 1.0 and exact["tokens_fraction"] < 1.0
+    assert exact["uses_labels"] and not rows[("threshold", 0.5)]["uses_labels"]
+    assert rows[("oracle", 0.5)]["tokens_fraction"] <= exact["tokens_fraction"]
+    # the same token counts as the model's own selection at those settings
+    cells = 2 * 4 * 6
+    for key, kw in ((("oracle", 1.0), {"policy_mode": "oracle"}),
+                    (("threshold", 0.5), {"merge_thresholds": dict.fromkeys((2, 4, 8, 16), 0.5)}),
+                    (("budget", 0.5), {"budget": 0.5})):
+        model.set_inference(**kw)
+        layout, _ = model.select(images, labels)
+        assert rows[key]["tokens_fraction"] == int(layout.num_tokens.sum()) / cells, key
+
+
+def _row(layout, setting, frac, ceiling):
+    return {"layout": layout, "setting": setting, "tokens_fraction": frac,
+            "ceiling_miou": ceiling, "token_cut": 1 / frac, "uses_labels": layout == "oracle"}
+
+
+def test_policy_vs_oracle_arithmetic():
+    from pipelines.analyze.layouts import policy_vs_oracle
+
+    rows = [_row("oracle", 1.0, 0.565, 0.72), _row("oracle", 0.95, 0.465, 0.695),
+            _row("threshold", 0.5, 0.555, 0.683),   # cuts more but loses ceiling
+            _row("threshold", 0.8, 2 / 3, 0.695),   # reaches the ceiling: cuts 1.5x
+            _row("threshold", 0.9, 0.8, 0.70),      # reaches it too, cuts less
+            _row("budget", 0.5, 0.5, 0.653)]
+    out = policy_vs_oracle(rows)
+    assert out["best"]["setting"] == 0.8
+    assert out["value"] == pytest.approx(1.5 / (1 / 0.465))
+    assert out["oracle_ceiling"] == 0.695 and out["reason"] is None
+    short = policy_vs_oracle([r for r in rows if r["setting"] not in (0.8, 0.9)])
+    assert short["value"] is None and "no learned setting reaches" in short["reason"]
+    assert short["best_ceiling"]["setting"] == 0.5  # the closest learned setting is named
+
+
+# ---- end to end on tiny real data ---------------------------------------------------------
+
+MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linear",
+         "policy": {"mode": "threshold", "pretrained": False, "levels": [2, 4, 8]},
+         "exits": {"blocks": [4, 8], "thresholds": [0.5], "top_k": 1}}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny STEP checkpoint (random init, seeded) and a copy saved in oracle mode."""
+    import yaml
+
+    from pipelines.common.checkpoint import save_checkpoint
+    from pipelines.common.model import build_model, normalize_model_config
+
+    root = tmp_path_factory.mktemp("analyze")
+    torch.manual_seed(0)
+    cfg = normalize_model_config(MODEL)
+    model = build_model(cfg)
+    learned = save_checkpoint(root / "learned", model, cfg)
+    oracle_cfg = {**cfg, "policy": {**cfg["policy"], "mode": "oracle"}}
+    oracle = root / "oracle"
+    oracle.mkdir()
+    (oracle / "model.pt").write_bytes((learned / "model.pt").read_bytes())
+    (oracle / "model_config.yaml").write_text(yaml.safe_dump(oracle_cfg))
+    return {"learned": str(learned), "oracle": str(oracle), "root": root}
+
+
+def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_shards,
+                                                           mlflow_server, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import main
+
+    out = checkpoints["root"] / "analysis.json"
+    rc = main(["analyze", "--checkpoint", checkpoints["learned"], "--data", tiny_shards["val"],
+               "--max-samples", "1", "--thresholds", "0.3", "--merge-thresholds", "0.5",
+               "--layout-thresholds", "0.5", "0.9", "--budgets", "0.5", "--seeds", "3",
+               "--tracking-uri", mlflow_server, "--experiment", "analyze", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"layouts", "policy_vs_oracle", "tradeoff", "ablation", "flow"} <= set(doc)
+    kinds = [(r["layout"], r["setting"]) for r in doc["layouts"]]
+    assert kinds == [("oracle", 1.0), ("oracle", 0.98), ("oracle", 0.95), ("oracle", 0.9),
+                     ("threshold", 0.5), ("threshold", 0.9), ("budget", 0.5)]
+    for r in doc["layouts"]:
+        assert 0 < r["tokens_fraction"] <= 1 and 0 <= r["ceiling_miou"] <= 1
+    assert set(doc["policy_vs_oracle"]) >= {"value", "oracle_cut", "best", "reason"}
+    trade = {r["variant"]: r for r in doc["tradeoff"]}
+    assert list(trade) == ["plain", "dcts", "exits", "step"]
+    # the policy network runs (and is counted) exactly where the learned policy shares
+    assert trade["plain"]["gflops_policy"] == trade["exits"]["gflops_policy"] == 0
+    assert trade["dcts"]["gflops_policy"] > 0 and trade["step"]["gflops_policy"] > 0
+    assert trade["dcts"]["tokens_mean"] < trade["plain"]["tokens_mean"]
+    abl = doc["ablation"]
+    assert abl["random"]["halted_per_exit"] == abl["confidence"]["halted_per_exit"] \
+        == abl["uniform"]["halted_per_exit"]  # the same counts at every exit
+    assert [s["seed"] for s in abl["random"]["seeds"]] == [3]
+    flow = doc["flow"]
+    assert flow["images"] == 1 and len(flow["tokens_per_block"]) == 12
+    assert sum(flow["tokens_per_level"][s] * int(s) ** 2 for s in flow["tokens_per_level"]) \
+        == flow["tokens_in"]  # every cell in exactly one token
+    for shares in flow["per_class"].values():
+        assert sum(shares["level"].values()) == pytest.approx(1.0)
+        assert sum(shares["exit"].values()) == pytest.approx(1.0)
+    assert "policy_vs_oracle" in printed.out and "[uses labels: upper bound]" in printed.out
+    client = MlflowClient(mlflow_server)
+    files = {f.path for f in client.list_artifacts(doc["run_id"], "analysis")}
+    assert {"analysis/layouts.csv", "analysis/tradeoff.csv", "analysis/ablation.csv",
+            "analysis/flow_per_class.csv", "analysis/layouts.png", "analysis/tradeoff.png",
+            "analysis/ablation.png", "analysis/flow_per_class.png"} <= files
+    run = client.get_run(doc["run_id"])
+    assert run.info.status == "FINISHED" and "tradeoff_step_gflops" in run.data.metrics
+
+
+def test_oracle_is_refused_without_allow_oracle_and_labelled_with_it(
+        checkpoints, tiny_shards, mlflow_server, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import main
+    from pipelines.common.settings import ConfigError
+    from pipelines.workflow.report import build_report
+
+    val = tiny_shards["val"]
+    # the checkpoint's own mode, and a mode asked for, are both refused, naming the flag
+    for argv in (["--checkpoint", checkpoints["oracle"]],
+                 ["--checkpoint", checkpoints["learned"], "--policy-mode", "oracle"]):
+        assert main(["eval", *argv, "--data", val, "--no-mlflow"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("step eval: error: ") and "--allow-oracle" in err
+    assert main(["tune", "--checkpoint", checkpoints["oracle"], "--data", val,
+                 "--space", "exits_only"]) == 2
+    assert "--allow-oracle" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="allow_oracle"):
+        build_report(run_id="r", tracking_uri="sqlite:///unused.db", tune_doc={},
+                     eval_doc={"inference": {"policy_mode": "oracle"}},
+                     checkpoint=checkpoints["learned"], val_data=val, num_images=0)
+    # allowed: computed, and labelled an upper bound that uses labels everywhere
+    out = checkpoints["root"] / "eval_oracle.json"
+    assert main(["eval", "--checkpoint", checkpoints["oracle"], "--data", val,
+                 "--allow-oracle", "--max-samples", "1", "--latency-samples", "0",
+                 "--tracking-uri", mlflow_server, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["uses_labels"] is True and doc["upper_bound"] is True
+    assert "upper bound" in capsys.readouterr().out
+    tags = MlflowClient(mlflow_server).get_run(doc["run_id"]).data.tags
+    assert tags["step.uses_labels"] == "true" and tags["step.upper_bound"] == "true"
+
+
+def test_a_pipeline_that_would_tune_the_oracle_is_refused_before_training(tmp_path, monkeypatch):
+    import yaml
+
+    from pipelines.common.settings import ConfigError
+    from pipelines.workflow.runner import run_pipeline
+
+    from helpers import LOVEDA, REPO
+
+    monkeypatch.chdir(REPO)
+    cfg = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
+    cfg.update(policy=None, step={"config": "configs/tiny/step.yaml"},  # oracle sharing
+               tune={**cfg["tune"], "space": "exits_only"}, storage=str(tmp_path),
+               data={**cfg["data"], "src": str(LOVEDA)})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="tune.allow_oracle: true"):
+        run_pipeline(path)
