@@ -112,7 +112,8 @@ def test_every_shipped_space_runs_trials(tiny_case, space, tmp_path, capsys):
     out = tmp_path / "tune.json"
     rc = main(["tune", "--checkpoint", tiny_case["ckpt"], "--data", tiny_case["val"],
                "--space", space, "--max-drop", "100", "--num-samples", "2",
-               "--max-samples", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+               "--max-samples", "2", "--confirm-top", "0",  # confirming: test_guard.py
+               "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
                "--register-name", "", "--storage-path", str(tmp_path / "ray"),
                "--json", str(out)])
     printed = capsys.readouterr()

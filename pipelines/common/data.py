@@ -15,8 +15,11 @@ import logging
 import os
 import posixpath
 import re
+from typing import Literal
 
 import torch
+
+from pipelines.common.holdout import is_held_out
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,8 @@ def batch_to_device(images, labels, device):
 
 def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
                 rank: int | None = None, world_size: int | None = None,
-                max_samples: int | None = None):
+                max_samples: int | None = None, holdout=None,
+                part: Literal["search", "holdout"] = "search", with_keys: bool = False):
     """Every sample of ``uri`` once, whole images at their own resolution.
 
     Under DDP each rank reads its own contiguous range of samples, sizes differing by at
@@ -67,13 +71,112 @@ def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
     the same images whatever the number of ranks (pass the same value to
     ``evaluate_model``). The loader's ``num_samples`` is this rank's share and
     ``total_samples`` the count over all ranks.
+
+    ``holdout`` (a :class:`pipelines.common.holdout.Holdout` or its dict) with
+    ``part="search"`` leaves the held-out images out: a held-out fraction is filtered by
+    key (``max_samples`` then counts the images kept), and a held-out split may not be the
+    split read. ``part="holdout"`` yields only the held-out images: those keys of the
+    split, or the held-out split of ``uri``. ``with_keys`` adds the sample keys as a
+    third batch element.
     """
     from data_prep.loader import build_loader
 
     uri, split = resolve_data_uri(uri)
-    return build_loader(uri, split=split, batch_size=batch_size, crop_size=None, train=False,
-                        num_workers=num_workers, rank=rank, world_size=world_size,
-                        to_float=False, max_samples=max_samples)
+    holdout = as_holdout(holdout)
+    if holdout is not None and holdout.split is not None:
+        if part == "holdout":
+            split = holdout.split
+        elif _picked_split(uri, split) == holdout.split:
+            raise ValueError(f"{uri}: split {holdout.split!r} is held out from the search")
+        holdout = None  # a whole split: nothing to filter
+    if holdout is None:
+        return build_loader(uri, split=split, batch_size=batch_size, crop_size=None,
+                            train=False, num_workers=num_workers, rank=rank,
+                            world_size=world_size, to_float=False, max_samples=max_samples,
+                            with_keys=with_keys)
+    if max_samples is not None and (world_size or 1) > 1:
+        raise ValueError("max_samples with a held-out fraction needs a single-process "
+                         "evaluation (world_size=1)")
+    inner = build_loader(uri, split=split, batch_size=batch_size, crop_size=None, train=False,
+                         num_workers=num_workers, rank=rank, world_size=world_size,
+                         to_float=False, with_keys=True)
+    fraction = holdout.fraction
+    want_held = part == "holdout"
+    kept = sum(is_held_out(k, fraction) == want_held
+               for k in split_keys(uri, _picked_split(uri, split)))
+    if max_samples is not None:
+        kept = min(kept, max_samples)
+    return KeyFilter(inner, lambda k: is_held_out(k, fraction) == want_held, max_samples,
+                     with_keys, total=kept, single=(world_size or 1) == 1)
+
+
+class KeyFilter:
+    """An evaluation loader that passes on only the samples whose key ``keep`` accepts,
+    up to ``max_samples`` of them (the held-out images are read and dropped: the shards do
+    not know the split, and decoding a few images costs less than a second copy of them)."""
+
+    def __init__(self, loader, keep, max_samples: int | None, with_keys: bool, *,
+                 total: int, single: bool):
+        self.loader, self.keep, self.max_samples = loader, keep, max_samples
+        self.with_keys = with_keys
+        self.total_samples = total
+        self.num_samples = total if single else None
+
+    def __iter__(self):
+        seen = 0
+        for images, labels, keys in self.loader:
+            idx = [i for i, k in enumerate(keys) if self.keep(k)]
+            if self.max_samples is not None:
+                idx = idx[: self.max_samples - seen]
+            if not idx:
+                continue
+            sel = torch.tensor(idx)
+            batch = (images[sel], labels[sel])
+            yield (*batch, [keys[i] for i in idx]) if self.with_keys else batch
+            seen += len(idx)
+            if self.max_samples is not None and seen >= self.max_samples:
+                return
+
+
+def as_holdout(value):
+    """A :class:`pipelines.common.holdout.Holdout` from itself, its dict, or None."""
+    from pipelines.common.holdout import Holdout
+
+    if value is None or isinstance(value, Holdout):
+        return value
+    return Holdout.model_validate(value)
+
+
+def split_keys(uri: str, split: str) -> list[str]:
+    """The sample keys of ``split`` in ``uri``'s manifest."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from data_prep import storage
+
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "manifest.parquet"))),
+                          columns=["split", "key"])
+    return [k for s, k in zip(table.column("split").to_pylist(),
+                              table.column("key").to_pylist(), strict=True) if s == split]
+
+
+def holdout_keys(uri: str, holdout) -> tuple[set[str], set[str]]:
+    """(searched keys, held-out keys) of the split that ``uri`` names, under a held-out
+    fraction (a held-out split leaves the whole split to the search)."""
+    uri, split = resolve_data_uri(uri)
+    keys = split_keys(uri, _picked_split(uri, split))
+    holdout = as_holdout(holdout)
+    if holdout is None or holdout.fraction is None:
+        return set(keys), set()
+    held = {k for k in keys if is_held_out(k, holdout.fraction)}
+    return set(keys) - held, held
+
+
+def _picked_split(uri: str, split: str | None) -> str:
+    from data_prep.info import read_dataset_info
+
+    return read_dataset_info(uri).pick_split(split, False)
 
 
 def dataset_info(uri: str):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -39,7 +39,13 @@ import torch.nn.functional as F
 
 from pipelines.common.data import batch_to_device
 from pipelines.common.progress import duration
-from pipelines.evaluate.metrics import IGNORE_INDEX, ConfusionMeter, all_reduce_sum
+from pipelines.evaluate.bootstrap import ImageConfusions
+from pipelines.evaluate.metrics import (
+    IGNORE_INDEX,
+    ConfusionMeter,
+    all_reduce_sum,
+    per_image_confusion,
+)
 
 
 @dataclass
@@ -60,9 +66,12 @@ class EvalResult:
     per_class_halting: dict[str, dict[str, float | None]] = field(default_factory=dict)
     latency_ms: float | None = None
     inference: dict[str, Any] = field(default_factory=dict)
+    # per-image confusion matrices (``per_image=True``): arrays, not part of to_dict()
+    images: ImageConfusions | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return _json_safe({f.name: getattr(self, f.name) for f in fields(self)
+                           if f.name != "images"})
 
     def headline(self) -> dict[str, float | None]:
         """Flat scalar metrics (MLflow, ``--json``, Tune reports)."""
@@ -340,6 +349,7 @@ def evaluate_model(
     precision: str = "fp32",
     progress: bool | None = None,
     progress_every_s: float = 30.0,
+    per_image: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` (a StepSegmenter, already configured) on ``loader`` batches.
 
@@ -358,12 +368,20 @@ def evaluate_model(
     ``progress`` (default: on rank 0 only) writes progress to stderr: a tqdm bar on a
     terminal, else a plain line every ``progress_every_s`` seconds (see :class:`_Progress`).
     ``latency_ms`` is the mean over the timed batches of all ranks.
+
+    ``per_image=True`` keeps one confusion matrix per image in ``result.images`` (with the
+    sample keys when the loader yields them as a third batch element), for
+    :mod:`pipelines.evaluate.bootstrap`; single-process evaluations only.
     """
     device = torch.device(device)
     rank, world = _dist_rank_world()
+    if per_image and world > 1:
+        raise ValueError("per_image needs a single-process evaluation")
     exit_blocks, depth, report_levels = _model_layout(model)
     cap, bar = _cap_and_progress(loader, max_samples, rank, world, progress, progress_every_s)
     sums = _Sums(num_classes, len(exit_blocks))
+    if per_image:
+        sums.images, sums.keys = [], []
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if precision == "bf16" and device.type == "cuda" else _null())
     infer = {"mode": mode, "crop_size": crop_size, "stride": stride}
@@ -373,13 +391,15 @@ def evaluate_model(
         with torch.no_grad():
             for batch in ([] if cap == 0 else loader):
                 images, labels = batch[0], batch[1]
+                keys = list(batch[2]) if len(batch) > 2 else None
                 if cap is not None:
                     images, labels = images[: cap - sums.seen], labels[: cap - sums.seen]
+                    keys = keys[: cap - sums.seen] if keys is not None else None
                 images, labels = batch_to_device(images, labels, device)
                 with autocast:
                     _evaluate_batch(model, images, labels, sums, infer, device,
                                     count_flops=count_flops, latency_samples=latency_samples,
-                                    exit_blocks=exit_blocks, depth=depth)
+                                    exit_blocks=exit_blocks, depth=depth, keys=keys)
                 bar.update(images.shape[0])
                 if cap is not None and sums.seen >= cap:
                     break
@@ -387,7 +407,13 @@ def evaluate_model(
         bar.close()
         if was_training:
             model.train()
-    return _reduce(sums, exit_blocks, depth, report_levels, class_names, count_flops, infer)
+    result = _reduce(sums, exit_blocks, depth, report_levels, class_names, count_flops, infer)
+    if sums.images is not None:
+        mats = torch.cat(sums.images) if sums.images \
+            else torch.zeros(0, num_classes, num_classes, dtype=torch.int64)
+        result.images = ImageConfusions(
+            tuple(sums.keys) if sums.keys is not None else None, mats.numpy())
+    return result
 
 
 def _cap_and_progress(loader, max_samples: int | None, rank: int, world: int,
@@ -420,11 +446,14 @@ class _Sums:
         self.class_table = torch.zeros(num_classes, n_exits + 1, dtype=torch.float64)
         self.seen = 0
         self.timed: list[float] = []  # ms per image of the latency-timed batches
+        self.images: list[torch.Tensor] | None = None  # per-image matrices, when kept
+        self.keys: list[str] | None = None
 
 
 def _evaluate_batch(model, images: torch.Tensor, labels: torch.Tensor, sums: _Sums,
                     infer: dict[str, Any], device: torch.device, *, count_flops: bool,
-                    latency_samples: int, exit_blocks: list[int], depth: int) -> None:
+                    latency_samples: int, exit_blocks: list[int], depth: int,
+                    keys: list[str] | None = None) -> None:
     """One batch: predictions (FLOPs counted), latency on the first batches, and sums."""
     logits, outs = predict(model, images, labels, counter=sums.counter,
                            count_flops=count_flops, **infer)
@@ -436,7 +465,16 @@ def _evaluate_batch(model, images: torch.Tensor, labels: torch.Tensor, sums: _Su
         predict(model, images, labels, **infer)
         _sync(device)
         sums.timed.append((time.perf_counter() - t0) * 1000 / images.shape[0])
-    sums.meter.update(logits.argmax(1), labels)
+    if sums.images is None:
+        sums.meter.update(logits.argmax(1), labels)
+    else:  # the same sum, image by image
+        per = per_image_confusion(logits.argmax(1).cpu(), labels.cpu(), sums.num_classes)
+        sums.meter.cm += per.sum(0)
+        sums.images.append(per)
+        if sums.keys is not None and keys is not None:
+            sums.keys.extend(keys)
+        else:
+            sums.keys = None
     for out, (y, x) in outs:
         win = labels[..., y:y + out.logits.shape[-2], x:x + out.logits.shape[-1]]
         _per_class_cells(out.flow, win, sums.num_classes, exit_blocks, depth, sums.class_table)
@@ -538,10 +576,15 @@ def evaluate_checkpoint(
     count_flops: bool = True,
     latency_samples: int = 3,
     progress: bool | None = None,
+    per_image: bool = False,
+    holdout=None,
+    part: str = "search",
 ) -> EvalResult:
     """Load a checkpoint, apply ``model.set_inference(**inference)``, evaluate ``data_uri``
     (the first ``max_samples`` images of it when given; progress on stderr unless
-    ``progress=False``)."""
+    ``progress=False``). ``holdout`` / ``part``: which images, as
+    :func:`pipelines.common.data.eval_loader` takes them; ``per_image``: keep per-image
+    confusion matrices and sample keys in ``result.images``."""
     from pipelines.common.checkpoint import load_model
     from pipelines.common.data import dataset_info, eval_loader
 
@@ -554,12 +597,13 @@ def evaluate_checkpoint(
         raise ValueError(f"{data_uri} has {info.num_classes} classes but the checkpoint "
                          f"{checkpoint_uri} predicts {num_classes}")
     loader = eval_loader(data_uri, batch_size=batch_size, num_workers=num_workers,
-                         rank=0, world_size=1, max_samples=max_samples)
+                         rank=0, world_size=1, max_samples=max_samples, holdout=holdout,
+                         part=part, with_keys=per_image)
     result = evaluate_model(
         model, loader, num_classes=num_classes, device=device, mode=mode, crop_size=crop_size,
         stride=stride, max_samples=max_samples, count_flops=count_flops,
         latency_samples=latency_samples, class_names=list(info.class_names),
-        progress=progress,
+        progress=progress, per_image=per_image,
     )
     result.inference.update(inference or {})
     return result

@@ -34,6 +34,27 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         num_classes, num_classes)
 
 
+def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                        ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(B, num_classes, num_classes) int64: one :func:`confusion_matrix` per image of the
+    batch (their sum is the batch's matrix), from one ``bincount``."""
+    if pred.shape != target.shape or pred.dim() < 2:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target {tuple(target.shape)}"
+                         " (or no batch dimension)")
+    b = pred.shape[0]
+    pred = pred.reshape(b, -1).long()
+    target = target.reshape(b, -1).long()
+    keep = target != ignore_index
+    if bool(keep.any()):
+        kept = target[keep]
+        if int(kept.max()) >= num_classes or int(kept.min()) < 0:
+            raise ValueError(f"target labels outside [0, {num_classes}) and != {ignore_index}")
+    cc = num_classes * num_classes
+    image = torch.arange(b, device=pred.device).unsqueeze(1).expand_as(pred)
+    idx = image * cc + target * num_classes + pred.clamp(0, num_classes - 1)
+    return torch.bincount(idx[keep], minlength=b * cc).reshape(b, num_classes, num_classes)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over DDP ranks when torch.distributed is initialised; identity otherwise."""
     import torch.distributed as dist

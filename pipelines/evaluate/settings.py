@@ -37,6 +37,10 @@ class InferenceSettings(StrictModel):
     policy_mode: Literal["none", "oracle", "threshold", "budget"] | None = Field(
         None, description="token sharing policy")
     halting: bool | None = Field(None, description="false: the exits predict but never halt")
+    upsample: Literal["probs", "logits"] | None = Field(
+        None, description="upsample class probabilities (consistent across halted and "
+        "active cells) or raw logits (the older path, for comparison)")
+    exit_seed: int | None = Field(None, description="seed of the `random` exit policy")
 
     def kwargs(self) -> dict[str, Any]:
         """What was set, as ``set_inference`` keyword arguments."""
@@ -65,4 +69,6 @@ class EvalSettings(StrictModel):
     device: str = Field("cpu", description="cpu, cuda, cuda:1 ...")
     latency_samples: int = Field(3, ge=0, description="batches timed without FLOP counting "
                                  "(0: no latency)")
+    allow_oracle: bool = Field(False, description="allow policy mode 'oracle' (tokens chosen "
+                               "from the labels: an upper bound, labelled as such)")
     mlflow: EvalMlflow = EvalMlflow()

@@ -10,10 +10,16 @@ Conventions (the unit of ``max_drop`` is the same in both modes: percent):
 * ``relative``: drop = 100 * (baseline - miou) / baseline, in percent of the baseline.
   The STEP papers quote "at most 2.0 %" without saying which; both are offered.
 * Feasible means drop <= max_drop (a tolerance of 1e-9 absorbs float noise; a trial that
-  *gains* mIoU has a negative drop and is feasible).
+  *gains* mIoU has a negative drop and is feasible). Under the guard ``ci`` the drop
+  compared with the limit is the upper end of the trial's bootstrap interval
+  (``drop_hi``, :mod:`pipelines.evaluate.bootstrap`), so a trial is feasible only when the
+  limit holds with 97.5 % confidence, not just on the images measured; ``none`` compares
+  the point estimate. A trial without an interval falls back to its point estimate.
 * The answer is the feasible trial with the fewest GFLOPs; ties go to the higher mIoU.
-  With no feasible trial there is no answer; the *closest* trial (smallest drop, then
-  fewest GFLOPs) is reported instead, clearly marked as infeasible.
+  Both rules' answers are kept (``plain``, ``guarded``); ``best`` is the one of the guard
+  asked for. With no feasible trial there is no answer; the *closest* trial (smallest
+  drop under the rule, then fewest GFLOPs) is reported instead, clearly marked as
+  infeasible.
 * The Pareto front minimises GFLOPs and maximises mIoU over all finished trials.
 """
 
@@ -23,11 +29,12 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 DropMode = Literal["points", "relative"]
+Guard = Literal["none", "ci"]
 TOL = 1e-9
 
 
@@ -47,6 +54,16 @@ def miou_drop(baseline_miou: float, miou: float, mode: DropMode = "points") -> f
 
 def is_feasible(drop: float, max_drop: float) -> bool:
     return drop <= max_drop + TOL
+
+
+def rule_drop(trial: dict[str, Any], guard: Guard = "none") -> float:
+    """The drop a guard compares with the limit: the point estimate, or under ``ci`` the
+    upper end of the interval when the trial has one."""
+    if guard == "ci" and trial.get("drop_hi") is not None and math.isfinite(trial["drop_hi"]):
+        return float(trial["drop_hi"])
+    if guard not in ("none", "ci"):
+        raise ValueError(f"guard must be 'none' or 'ci', got {guard!r}")
+    return float(trial["drop"])
 
 
 def penalised_objective(gflops: float, drop: float, max_drop: float, ref_gflops: float) -> float:
@@ -97,62 +114,107 @@ class Selection:
     baseline_miou: float
     max_drop: float
     drop_mode: DropMode
-    best: dict[str, Any] | None  # cheapest feasible trial, or None
+    best: dict[str, Any] | None  # cheapest feasible trial under the guard, or None
     closest: dict[str, Any] | None  # smallest drop, reported when nothing is feasible
     front: list[dict[str, Any]] = field(default_factory=list)
     n_trials: int = 0
     n_feasible: int = 0
+    guard: Guard = "none"
+    plain: dict[str, Any] | None = None  # cheapest with the point drop within the limit
+    guarded: dict[str, Any] | None = None  # cheapest with drop_hi within the limit
 
     @property
     def feasible(self) -> bool:
         return self.best is not None
 
     def message(self) -> str:
+        rule = " (guard ci: upper end of the interval)" if self.guard == "ci" else ""
         if self.best is not None:
             b = self.best
             return (f"{self.n_feasible}/{self.n_trials} trials within the {self.max_drop:g} "
-                    f"({self.drop_mode}) drop limit; cheapest: {b['gflops']:.3f} GFLOPs at "
-                    f"mIoU {b['miou']:.4f} (drop {b['drop']:.2f})")
+                    f"({self.drop_mode}) drop limit{rule}; cheapest: {b['gflops']:.3f} GFLOPs "
+                    f"at mIoU {b['miou']:.4f} (drop {describe_drop(b)})")
         if self.closest is None:
             return f"no trial finished ({self.n_trials} evaluated): nothing to choose from"
         c = self.closest
         return (f"NO FEASIBLE CONFIGURATION: none of the {self.n_trials} trials keeps the mIoU "
-                f"drop within {self.max_drop:g} ({self.drop_mode}); the closest drops "
-                f"{c['drop']:.2f} (mIoU {c['miou']:.4f}, {c['gflops']:.3f} GFLOPs)")
+                f"drop within {self.max_drop:g} ({self.drop_mode}){rule}; the closest drops "
+                f"{describe_drop(c)} (mIoU {c['miou']:.4f}, {c['gflops']:.3f} GFLOPs)")
+
+    def choices(self) -> str:
+        """Both rules' answers, one line each (the search prints them)."""
+        lines = []
+        for name, t in (("plain (point drop)", self.plain),
+                        ("guarded (interval's upper end)", self.guarded)):
+            mark = " <- chosen" if t is not None and t is self.best else ""
+            lines.append(f"  {name}: " + (
+                f"{t['gflops']:.3f} GFLOPs, mIoU {t['miou']:.4f}, drop {describe_drop(t)}{mark}"
+                if t is not None else "none within the limit"))
+        return "\n".join(lines)
+
+
+def describe_drop(t: dict[str, Any]) -> str:
+    """``1.38`` or ``1.38 [0.41, 2.35]`` (the 95 % interval, when the trial has one)."""
+    text = f"{t['drop']:.2f}"
+    if t.get("drop_lo") is not None and t.get("drop_hi") is not None:
+        text += f" [{t['drop_lo']:.2f}, {t['drop_hi']:.2f}]"
+    return text
 
 
 def annotate(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: float,
-             mode: DropMode = "points") -> list[dict[str, Any]]:
-    """Copies of the valid trials with ``drop`` and ``feasible`` filled in."""
+             mode: DropMode = "points", guard: Guard = "none") -> list[dict[str, Any]]:
+    """Copies of the valid trials with ``drop`` and ``feasible`` (under ``guard``) filled in."""
     out = []
     for t in _valid(trials):
         d = miou_drop(baseline_miou, t["miou"], mode)
-        out.append({**t, "drop": d, "feasible": is_feasible(d, max_drop)})
+        a = {**t, "drop": d}
+        a["feasible"] = is_feasible(rule_drop(a, guard), max_drop)
+        out.append(a)
     return out
 
 
+def _cheapest(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return min(trials, key=lambda t: (t["gflops"], -t["miou"])) if trials else None
+
+
 def select(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: float,
-           mode: DropMode = "points") -> Selection:
+           mode: DropMode = "points", guard: Guard = "none") -> Selection:
     """Cheapest feasible trial, the Pareto front, and the closest one when none is feasible."""
     if max_drop < 0:
         raise ValueError(f"max_drop must be >= 0, got {max_drop}")
-    done = annotate(trials, baseline_miou, max_drop, mode)
+    done = annotate(trials, baseline_miou, max_drop, mode, guard)
     feasible = [t for t in done if t["feasible"]]
-    best = min(feasible, key=lambda t: (t["gflops"], -t["miou"])) if feasible else None
+    plain = _cheapest([t for t in done if is_feasible(t["drop"], max_drop)])
+    guarded = _cheapest([t for t in done if is_feasible(rule_drop(t, "ci"), max_drop)])
+    best = guarded if guard == "ci" else plain
     closest = None
     if best is None and done:
-        closest = min(done, key=lambda t: (t["drop"], t["gflops"]))
+        closest = min(done, key=lambda t: (rule_drop(t, guard), t["gflops"]))
     return Selection(
         baseline_miou=baseline_miou, max_drop=max_drop, drop_mode=mode, best=best,
         closest=closest, front=pareto_front(done), n_trials=len(done), n_feasible=len(feasible),
+        guard=guard, plain=plain, guarded=guarded,
     )
+
+
+def mark_choices(selection: Selection, trials: Sequence[dict[str, Any]],
+                 best: dict[str, Any] | None, plain: dict[str, Any] | None) -> Selection:
+    """``selection`` (over ``trials``, figures on the searched images) with the answers of
+    a later stage (the confirmation) as its ``best`` / ``plain``: the same trials, found by
+    ``trial_id``, so that the plot marks them where the search measured them."""
+    by_id = {t.get("trial_id"): t for t in trials}
+
+    def find(t: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if t is None else by_id.get(t.get("trial_id"), t)
+
+    return replace(selection, best=find(best), plain=find(plain))
 
 
 # ---------------------------------------------------------------------------------------
 # artifacts: the trials table and the plot
 
 CSV_FIELDS = ("trial_id", "on_front", "feasible", "miou", "drop", "gflops", "tokens_mean",
-              "halted_fraction", "latency_ms")
+              "halted_fraction", "latency_ms", "drop_lo", "drop_hi")
 
 
 def trials_csv(trials: list[dict[str, Any]], selection: Selection) -> str:
@@ -166,16 +228,19 @@ def trials_csv(trials: list[dict[str, Any]], selection: Selection) -> str:
     for t in sorted(trials, key=lambda t: t["gflops"]):
         on_front = id(t) in front or t.get("trial_id") in front_ids
         drop = t.get("drop", miou_drop(selection.baseline_miou, t["miou"], selection.drop_mode))
-        feasible = drop <= selection.max_drop + 1e-9
+        feasible = is_feasible(rule_drop({**t, "drop": drop}, selection.guard),
+                               selection.max_drop)
         row = [t.get("trial_id"), int(on_front), int(feasible), t["miou"], drop, t["gflops"],
-               t.get("tokens_mean"), t.get("halted_fraction"), t.get("latency_ms")]
+               t.get("tokens_mean"), t.get("halted_fraction"), t.get("latency_ms"),
+               t.get("drop_lo"), t.get("drop_hi")]
         w.writerow(row + [t["params"].get(n) for n in names])
     return buf.getvalue()
 
 
 def pareto_plot(path: str | Path, trials: list[dict[str, Any]], selection: Selection,
                 baseline: dict[str, Any], title: str = "GFLOPs vs mIoU") -> Path:
-    """GFLOPs (x) against mIoU (y): all trials, the front, the limit and the answer."""
+    """GFLOPs (x) against mIoU (y): all trials (with their drop's 95 % interval as a
+    vertical error bar, when they have one), the front, the limit and the answers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,13 +248,25 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], selection: Selec
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    ann = [{**t, "feasible": t.get("drop", 0) <= selection.max_drop + 1e-9} for t in trials]
+    ann = [{**t, "feasible": is_feasible(rule_drop({"drop": 0.0, **t}, selection.guard),
+                                         selection.max_drop)} for t in trials]
+    # a drop of 1 (points, or percent of the reference) is this many mIoU points
+    unit = 1.0 if selection.drop_mode == "points" else selection.baseline_miou
     for feas, colour, label in ((True, "tab:blue", "feasible trial"),
                                 (False, "tab:gray", "infeasible trial")):
         pts = [t for t in ann if t["feasible"] == feas]
         if pts:
             ax.scatter([t["gflops"] for t in pts], [100 * t["miou"] for t in pts], s=18,
                        c=colour, alpha=0.7, label=label)
+            bars = [t for t in pts if t.get("drop_lo") is not None
+                    and t.get("drop_hi") is not None and "drop" in t]
+            if bars:
+                # a higher drop is a lower mIoU: drop_hi sets the lower end of the bar
+                low = [max(0.0, (t["drop_hi"] - t["drop"]) * unit) for t in bars]
+                high = [max(0.0, (t["drop"] - t["drop_lo"]) * unit) for t in bars]
+                ax.errorbar([t["gflops"] for t in bars], [100 * t["miou"] for t in bars],
+                            yerr=[low, high], fmt="none", ecolor=colour, alpha=0.45,
+                            elinewidth=0.8, capsize=2)
     if selection.front:
         ax.plot([t["gflops"] for t in selection.front],
                 [100 * t["miou"] for t in selection.front], "-o", c="tab:orange", ms=4,
@@ -201,12 +278,19 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], selection: Selec
         else selection.max_drop * selection.baseline_miou)
     ax.axhline(limit, ls="--", c="tab:red", lw=1,
                label=f"drop limit {selection.max_drop:g} ({selection.drop_mode})")
+    if selection.plain is not None and selection.plain is not selection.best:
+        ax.scatter([selection.plain["gflops"]], [100 * selection.plain["miou"]], marker="s",
+                   s=60, facecolors="none", edgecolors="tab:purple", linewidths=1.5,
+                   label="plain choice (point drop)", zorder=6)
     if selection.best is not None:
+        rule = "guarded" if selection.guard == "ci" else "cheapest feasible"
         ax.scatter([selection.best["gflops"]], [100 * selection.best["miou"]], marker="D",
                    s=60, facecolors="none", edgecolors="tab:green", linewidths=2,
-                   label="chosen (cheapest feasible)", zorder=6)
+                   label=f"chosen ({rule})", zorder=6)
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("mIoU (%)")
+    if any(t.get("drop_hi") is not None for t in trials):
+        title += " (bars: 95 % interval of the drop)"
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

@@ -3,16 +3,21 @@
 ``search(settings)`` does, in order:
 
 1. evaluates the checkpoint once *unpruned* (no merging, no halting): the reference mIoU
-   and GFLOPs every drop is measured against;
+   and GFLOPs every drop is measured against, and its per-image confusion matrices;
 2. runs Ray Tune trials. Every knob is an inference-time setting
    (``StepSegmenter.set_inference``), so a trial only *evaluates* the fixed checkpoint with
    its thresholds; nothing is trained. Trials run in parallel within the resources given
-   (``resources_per_trial``: CPUs here, a GPU each on a cluster). Each reports mIoU, drop,
-   GFLOPs, tokens, halted fraction and latency;
+   (``resources_per_trial``: CPUs here, a GPU each on a cluster). Each reports mIoU, drop
+   with its 95 % paired-bootstrap interval (``drop_lo``, ``drop_hi``), GFLOPs, tokens,
+   halted fraction and latency. Images held out (``holdout``) never reach a trial;
 3. picks the answer over *all* finished trials with :mod:`pipelines.tune.pareto` (cheapest
    feasible, Pareto front, closest when nothing is feasible) rather than trusting the
    searcher's own "best": the searcher optimises a penalised scalar, the answer follows the
-   rule the user asked for;
+   rule the user asked for. Under ``guard: ci`` (default) feasible means the interval's
+   upper end is within the limit; the point-estimate ("plain") answer is reported too;
+3b. confirms (:mod:`pipelines.tune.confirm`): the few cheapest feasible trials and the
+   reference are evaluated again on every searchable image (not ``max_samples``), and
+   the answer is chosen over those figures;
 4. logs to MLflow: a parent run for the search, one nested child run per trial
    (``mlflow.parentRunId``), each ended FINISHED or FAILED, the Pareto CSV and plot and the
    best thresholds as params on the parent, and the tuned model registered in the model
@@ -44,15 +49,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pipelines.common.holdout import Holdout
 from pipelines.common.settings import StrictModel
+from pipelines.tune.confirm import Confirmation, candidates, confirm, searchable_images
 from pipelines.tune.credentials import keys_out_of_env, tune_storage, upload_results
-from pipelines.tune.pareto import Selection, pareto_plot, select, trials_csv
+from pipelines.tune.pareto import Selection, mark_choices, pareto_plot, select, trials_csv
 from pipelines.tune.progress import error_summary, progress_callback, trial_error
 from pipelines.tune.space import SearchSpace, load_space
 from pipelines.tune.trial import (
     TRIAL_METRICS,
     TrialContext,
-    evaluate,
+    evaluate_images,
     model_num_exits,
     reference_inference,
     run_trial,
@@ -87,12 +94,23 @@ class TuneSettings(StrictModel):
     max_concurrent: int = Field(2, ge=1)
     resources_per_trial: TrialResources = TrialResources()
     max_samples: int | None = Field(None, ge=1, description="val images per evaluation")
+    guard: Literal["none", "ci"] = Field(
+        "ci", description="feasible when the point drop (none) or the upper end of its 95% "
+        "bootstrap interval (ci) is within max_drop")
+    confirm_top: int = Field(3, ge=0, description="cheapest feasible trials (per rule) "
+                             "re-evaluated on every searchable image before choosing; 0 = off")
+    bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the drop interval")
+    holdout: Holdout | None = Field(None, description="images the search never sees: "
+                                    "{fraction: F} of the validation keys, or {split: S}")
     seed: int = 0
     name: str = "step-tune"
     storage_path: str = Field("runs/ray", description="Ray Tune results (local or s3://)")
     tracking_uri: str | None = None
     experiment: str = "step-seg"
     register_name: str | None = Field("step-seg", description="registry name; None = skip")
+    allow_oracle: bool = Field(False, description="allow trials in policy mode 'oracle' "
+                               "(tokens chosen from the labels: an upper bound)")
 
 
 @dataclass
@@ -108,21 +126,38 @@ class TuneOutcome:
     failed_trials: int = 0
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    confirmation: Confirmation | None = None
+    inference_of: Any = None  # params -> set_inference kwargs (SearchSpace.to_inference)
+
+    @property
+    def final(self) -> Selection:
+        """The selection the answer comes from: over the confirmed candidates when there
+        was a confirmation, else over every trial."""
+        return self.confirmation.selection if self.confirmation else self.selection
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document of ``step tune`` (and the core of ``step run``'s)."""
-        sel = self.selection
+        sel, final = self.selection, self.final
 
-        def brief(t: dict[str, Any] | None) -> dict[str, Any] | None:
+        def brief(t: dict[str, Any] | None, inference: bool = False) -> dict[str, Any] | None:
             if t is None:
                 return None
-            return {"miou": t["miou"], "gflops": t["gflops"], "drop": t["drop"],
-                    "tokens_mean": t.get("tokens_mean"),
-                    "halted_fraction": t.get("halted_fraction"),
-                    "latency_ms": t.get("latency_ms"), "params": t["params"],
-                    "trial_id": t.get("trial_id"), "run_id": t.get("run_id")}
+            out = {"miou": t["miou"], "gflops": t["gflops"], "drop": t["drop"],
+                   "drop_lo": t.get("drop_lo"), "drop_hi": t.get("drop_hi"),
+                   "tokens_mean": t.get("tokens_mean"),
+                   "halted_fraction": t.get("halted_fraction"),
+                   "latency_ms": t.get("latency_ms"), "params": t["params"],
+                   "trial_id": t.get("trial_id"), "run_id": t.get("run_id")}
+            out["num_images"] = t.get("num_images")
+            if "search_drop" in t:  # confirmed: the figures on the searched images too
+                out.update(search={k: t.get(f"search_{k}") for k in
+                                   ("miou", "drop", "drop_lo", "drop_hi", "gflops",
+                                    "num_images")})
+            if inference and self.inference_of is not None:
+                out["inference"] = self.inference_of(t["params"])
+            return out
 
-        best = brief(sel.best)
+        best = brief(final.best)
         if best is not None:
             best["inference"] = self.best_inference
         return {
@@ -130,21 +165,32 @@ class TuneOutcome:
             "parent_run_id": self.parent_run_id,
             "max_drop": sel.max_drop,
             "drop_mode": sel.drop_mode,
+            "guard": final.guard,
             "search": self.settings.search,
             "space": self.settings.space,
             "baseline": {k: self.baseline.get(k) for k in
-                         ("miou", "gflops", "tokens_mean", "halted_fraction", "latency_ms")},
-            "feasible": sel.feasible,
-            "message": sel.message(),
+                         ("miou", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
+                          "num_images")},
+            "feasible": final.feasible,
+            "message": final.message(),
+            "search_message": sel.message(),
             "best": best,
-            "closest": brief(sel.closest),
+            "plain": brief(final.plain, inference=True),
+            "guarded": brief(final.guarded, inference=True),
+            "closest": brief(final.closest),
+            "confirmation": self.confirmation.to_json() if self.confirmation else None,
+            "holdout": self.settings.holdout.model_dump() if self.settings.holdout else None,
             "pareto": [brief(t) for t in sel.front],
-            "evaluations": len(self.trials) + 1,  # + the reference evaluation
+            "evaluations": len(self.trials) + 1 + (  # + the reference evaluation(s)
+                len(self.confirmation.trials) + 1 if self.confirmation else 0),
             "n_trials": len(self.trials),
             "n_feasible": sel.n_feasible,
             "failed_trials": self.failed_trials,
             "registered_model": self.registered_model,
             "wall_s": round(self.wall_s, 2),
+            # trials of the label oracle: an upper bound, never a model's result
+            "uses_labels": bool(self.extra.get("uses_labels")),
+            "upper_bound": bool(self.extra.get("uses_labels")),
         }
 
 
@@ -180,9 +226,24 @@ def preflight(settings: TuneSettings) -> tuple[SearchSpace, int]:
     except FileNotFoundError as err:
         raise ConfigError(f"tune: --checkpoint {settings.checkpoint}: {err}") from None
     space.check_model(num_exits)
+    if uses_oracle_trials(settings, space) and not settings.allow_oracle:
+        from pipelines.common.oracle import refuse_oracle
+
+        refuse_oracle("tune", "--allow-oracle (tune.allow_oracle: true in a pipeline config)")
     if settings.search == "grid" and space.grid_size() is None:
         space.tune_param_space("grid")  # raises, naming the continuous dimension
     return space, num_exits
+
+
+def uses_oracle_trials(settings: TuneSettings, space: SearchSpace) -> bool:
+    """Whether the trials select tokens with the label oracle: the space sets no policy
+    mode of its own (no merge thresholds, no budget) and the checkpoint's mode is oracle."""
+    from pipelines.common.checkpoint import resolve_checkpoint_dir
+    from pipelines.common.oracle import checkpoint_policy_mode
+
+    if space.merge_thresholds is not None or space.budget is not None:
+        return False
+    return checkpoint_policy_mode(resolve_checkpoint_dir(settings.checkpoint)) == "oracle"
 
 
 def search(settings: TuneSettings, *, parent_run_id: str | None = None,
@@ -208,8 +269,16 @@ def search(settings: TuneSettings, *, parent_run_id: str | None = None,
         run_id = create_run(tracking_uri, settings.experiment, run_name=settings.name,
                             tags={"step.kind": "tune"}, parent_run_id=parent_run_id)
     tracker = RunLogger(run_id, tracking_uri)
+    oracle = uses_oracle_trials(settings, space)
+    if oracle:
+        from pipelines.common.oracle import ORACLE_TAGS
+
+        tracker.set_tags(ORACLE_TAGS)
+        print("tune: the trials use the label oracle: every figure is an upper bound",
+              flush=True)
     try:
         outcome = _search(settings, space, num_exits, checkpoint, data, tracker)
+        outcome.extra["uses_labels"] = oracle
     except BaseException:
         if owned:
             tracker.end("FAILED")
@@ -230,6 +299,9 @@ def _search(settings: TuneSettings, space: SearchSpace, num_exits: int, checkpoi
         "search": settings.search, "num_samples": _num_trials(settings, space),
         "max_samples": settings.max_samples, "seed": settings.seed,
         "resources_per_trial": settings.resources_per_trial.model_dump(),
+        "guard": settings.guard, "confirm_top": settings.confirm_top,
+        "bootstrap_samples": settings.bootstrap_samples, "confidence": settings.confidence,
+        "holdout": settings.holdout.model_dump() if settings.holdout else None,
     })
     tracker.log_dict(space.model_dump(mode="json"), "search_space.json")
 
@@ -265,16 +337,24 @@ def _reference(settings: TuneSettings, space: SearchSpace, num_exits: int, check
         # from their arguments only
         init_ray()
     log.info("tune: reference evaluation of %s (unpruned)", checkpoint)
-    baseline = evaluate(checkpoint, data, reference_inference(num_exits),
-                        max_samples=settings.max_samples, device=device)
+    holdout = settings.holdout.model_dump() if settings.holdout else None
+    baseline, images = evaluate_images(checkpoint, data, reference_inference(num_exits),
+                                       max_samples=settings.max_samples, device=device,
+                                       holdout=holdout)
     tracker.log_metrics({f"baseline_{k}": baseline[k] for k in
-                         ("miou", "gflops", "tokens_mean", "latency_ms") if k in baseline})
+                         ("miou", "gflops", "tokens_mean", "latency_ms", "num_images")
+                         if k in baseline})
     tracker.log_dict(baseline, "baseline_eval.json")
+    if len(images) < 20:
+        print(f"warning: the drop intervals come from {len(images)} image(s); a bootstrap "
+              "over so few is too narrow to guard anything (raise max_samples)", flush=True)
     return TrialContext(
         space=space.model_dump(mode="json"), num_exits=num_exits, checkpoint=checkpoint,
         data=data, baseline=baseline, max_drop=settings.max_drop,
         drop_mode=settings.drop_mode, max_samples=settings.max_samples, device=device,
-        cpus=settings.resources_per_trial.cpu, s3_env=s3_env)
+        cpus=settings.resources_per_trial.cpu, s3_env=s3_env, reference=images,
+        guard=settings.guard, bootstrap_samples=settings.bootstrap_samples,
+        confidence=settings.confidence, seed=settings.seed, holdout=holdout)
 
 
 def _run_trials(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
@@ -333,42 +413,98 @@ def _run_trials(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
             continue
         trials.append({"trial_id": tid, "run_id": callback.run_ids.get(tid),
                        "params": space.normalise(result.config),
+                       "num_images": ctx.baseline.get("num_images"),
                        **{k: metrics[k] for k in TRIAL_METRICS if k in metrics}})
     return trials, failed, first_error
 
 
 def _choose(settings: TuneSettings, space: SearchSpace, num_exits: int, ctx: TrialContext,
             trials: list[dict[str, Any]], failed: int, tracker) -> TuneOutcome:
-    """Select over all trials, record the answer on the search's run, register it."""
+    """Select over all trials, confirm the cheapest candidates, record the answer on the
+    search's run, register it."""
     from pipelines.tracking.registry import register_tuned_model
 
     baseline = ctx.baseline
-    selection = select(trials, baseline["miou"], settings.max_drop, settings.drop_mode)
+    selection = select(trials, baseline["miou"], settings.max_drop, settings.drop_mode,
+                       settings.guard)
     print(selection.message(), flush=True)
-    best_inference = space.to_inference(selection.best["params"], num_exits) \
-        if selection.best else None
+    confirmation = _confirm(settings, space, ctx, trials)
+    inference_of = lambda params: space.to_inference(params, num_exits)  # noqa: E731
     outcome = TuneOutcome(tracking_uri=tracker.tracking_uri, parent_run_id=tracker.run_id,
                           settings=settings, baseline=baseline, selection=selection,
-                          trials=trials, best_inference=best_inference, failed_trials=failed)
+                          trials=trials, failed_trials=failed, confirmation=confirmation,
+                          inference_of=inference_of)
+    final = outcome.final
+    if confirmation is not None:
+        print(f"after confirmation on {confirmation.images} images: {final.message()}",
+              flush=True)
+    print(final.choices(), flush=True)
+    outcome.best_inference = inference_of(final.best["params"]) if final.best else None
     tracker.log_metrics({"n_trials": len(trials), "n_feasible": selection.n_feasible,
-                         "failed_trials": failed, "feasible": float(selection.feasible)})
-    tracker.set_tags({"step.tune.result": "feasible" if selection.feasible else "infeasible",
-                      "step.tune.message": selection.message()})
-    b = selection.best
+                         "failed_trials": failed, "feasible": float(final.feasible)})
+    tracker.set_tags({"step.tune.result": "feasible" if final.feasible else "infeasible",
+                      "step.tune.message": final.message(), "step.tune.guard": settings.guard})
+    _log_choices(tracker, final, baseline, confirmation)
+    b = final.best
     if b is not None:
         tracker.log_params({f"best.{k}": v for k, v in b["params"].items()})
-        tracker.log_params({"best.inference": json.dumps(best_inference)})
-        tracker.log_metrics({"best_miou": b["miou"], "best_gflops": b["gflops"],
-                             "best_drop": b["drop"], "best_tokens_mean": b.get("tokens_mean", 0),
-                             "best_halted_fraction": b.get("halted_fraction", 0),
-                             "gflops_reduction": baseline["gflops"] / max(b["gflops"], 1e-12)})
-    _log_pareto(tracker, selection, trials, baseline)
+        tracker.log_params({"best.inference": json.dumps(outcome.best_inference)})
+    shown = mark_choices(selection, trials, final.best, final.plain)
+    _log_pareto(tracker, shown, trials, baseline)
     if b is not None and settings.register_name:
         outcome.registered_model = register_tuned_model(
-            tracker.tracking_uri, tracker.run_id, ctx.checkpoint, best_inference, b,
-            name=settings.register_name, max_drop=selection.max_drop,
-            drop_mode=selection.drop_mode, baseline_miou=selection.baseline_miou)
+            tracker.tracking_uri, tracker.run_id, ctx.checkpoint, outcome.best_inference, b,
+            name=settings.register_name, max_drop=final.max_drop,
+            drop_mode=final.drop_mode, baseline_miou=final.baseline_miou, guard=final.guard)
     return outcome
+
+
+def _confirm(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
+             trials: list[dict[str, Any]]) -> Confirmation | None:
+    """Re-evaluate the cheapest candidates on every searchable image (see
+    :mod:`pipelines.tune.confirm`); None when there is nothing to confirm, or the trials
+    already saw every such image."""
+    if settings.confirm_top == 0 or settings.max_samples is None:
+        return None
+    seen = int(ctx.baseline.get("num_images") or 0)
+    if seen >= searchable_images(ctx.data, ctx.holdout):
+        return None
+    cands = candidates(trials, ctx.baseline["miou"], settings.max_drop, settings.drop_mode,
+                       settings.confirm_top)
+    if not cands:
+        return None
+    return confirm(ctx, space, cands, echo=lambda line: print(line, flush=True))
+
+
+def _log_choices(tracker, final: Selection, baseline: dict[str, Any],
+                 confirmation: Confirmation | None) -> None:
+    """Both rules' answers (and the one chosen) as metrics of the search's run."""
+    metrics: dict[str, float] = {}
+    for name, t in (("best", final.best), ("plain", final.plain), ("guarded", final.guarded)):
+        if t is None:
+            continue
+        metrics.update({f"{name}_miou": t["miou"], f"{name}_gflops": t["gflops"],
+                        f"{name}_drop": t["drop"]})
+        metrics.update({f"{name}_{k}": t[k] for k in ("drop_lo", "drop_hi")
+                        if t.get(k) is not None})
+    b = final.best
+    if b is not None:
+        metrics.update(best_tokens_mean=b.get("tokens_mean", 0),
+                       best_halted_fraction=b.get("halted_fraction", 0),
+                       gflops_reduction=baseline["gflops"] / max(b["gflops"], 1e-12))
+    if confirmation is not None:
+        metrics.update(confirm_images=confirmation.images,
+                       confirm_candidates=len(confirmation.trials),
+                       confirm_baseline_miou=confirmation.reference["miou"])
+        tracker.log_dict(confirmation.to_json(), "confirmation.json")
+        from pipelines.tracking.runs import RunLogger
+
+        for t in confirmation.trials:  # the full-split figures on each candidate's own run
+            if t.get("run_id"):
+                RunLogger(t["run_id"], tracker.tracking_uri).log_metrics({
+                    f"confirmed_{k}": t[k] for k in ("miou", "drop", "drop_lo", "drop_hi",
+                                                     "gflops") if t.get(k) is not None})
+    tracker.log_metrics(metrics)
 
 
 def _trial_id_of(result) -> str | None:

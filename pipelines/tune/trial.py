@@ -2,7 +2,9 @@
 
 Nothing is trained: every knob is an inference-time setting
 (``StepSegmenter.set_inference``). The same evaluation gives the search its reference
-(the unpruned model, :func:`reference_inference`).
+(the unpruned model, :func:`reference_inference`). Each evaluation keeps its per-image
+confusion matrices; a trial resamples them with the reference's (same images, same order,
+checked by sample key) into its drop's interval (:mod:`pipelines.evaluate.bootstrap`).
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.tune.pareto import miou_drop, penalised_objective
+from pipelines.tune.pareto import is_feasible, miou_drop, penalised_objective, rule_drop
 from pipelines.tune.space import SearchSpace
 
 # What a trial reports, and what the Pareto CSV carries per trial.
 TRIAL_METRICS = ("miou", "drop", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
-                 "feasible", "objective")
+                 "feasible", "objective", "drop_lo", "drop_hi")
 
 
 def reference_inference(num_exits: int) -> dict[str, Any]:
@@ -27,14 +29,26 @@ def reference_inference(num_exits: int) -> dict[str, Any]:
 
 
 def evaluate(checkpoint: str, data: str, inference: dict[str, Any] | None, *,
-             max_samples: int | None, device: str, progress: bool = False) -> dict[str, Any]:
+             max_samples: int | None, device: str, progress: bool = False,
+             holdout: dict[str, Any] | None = None) -> dict[str, Any]:
     """One evaluation as a plain dict. Quiet by default: a search shows one line per
     trial (:mod:`pipelines.tune.progress`), not each evaluation's own progress."""
+    return evaluate_images(checkpoint, data, inference, max_samples=max_samples,
+                           device=device, progress=progress, holdout=holdout)[0]
+
+
+def evaluate_images(checkpoint: str, data: str, inference: dict[str, Any] | None, *,
+                    max_samples: int | None, device: str, progress: bool = False,
+                    holdout: dict[str, Any] | None = None, part: str = "search"):
+    """(evaluation dict, :class:`~pipelines.evaluate.bootstrap.ImageConfusions`): the images
+    of ``data`` the search may see (``holdout`` left out), or with ``part="holdout"``
+    only the held-out ones."""
     from pipelines.evaluate.evaluator import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, inference=inference,
-                                 max_samples=max_samples, device=device, progress=progress)
-    return result.to_dict()
+                                 max_samples=max_samples, device=device, progress=progress,
+                                 per_image=True, holdout=holdout, part=part)
+    return result.to_dict(), result.images
 
 
 def model_num_exits(checkpoint: str) -> int:
@@ -56,8 +70,11 @@ def model_num_exits(checkpoint: str) -> int:
 
 
 def trial_metrics(m: dict[str, Any], baseline: dict[str, Any], max_drop: float,
-                  drop_mode: str) -> dict[str, float]:
-    """The flat metrics a trial reports (and MLflow logs), from an evaluation dict."""
+                  drop_mode: str, interval=None, guard: str = "none") -> dict[str, float]:
+    """The flat metrics a trial reports (and MLflow logs), from an evaluation dict and,
+    when given, the drop's bootstrap interval (a ``DropInterval``). ``feasible`` and the
+    searcher's ``objective`` follow the guard, so that the searcher is pulled towards
+    configurations the guarded rule can pick."""
     drop = miou_drop(baseline["miou"], m["miou"], drop_mode)
     out = {
         "miou": float(m["miou"]),
@@ -66,9 +83,12 @@ def trial_metrics(m: dict[str, Any], baseline: dict[str, Any], max_drop: float,
         "tokens_mean": float(m.get("tokens_mean") or 0.0),
         "halted_fraction": float(m.get("halted_fraction") or 0.0),
         "latency_ms": float(m.get("latency_ms") or 0.0),
-        "feasible": float(drop <= max_drop + 1e-9),
-        "objective": penalised_objective(m["gflops"], drop, max_drop, baseline["gflops"]),
     }
+    if interval is not None:
+        out.update(drop_lo=float(interval.lo), drop_hi=float(interval.hi))
+    ruled = rule_drop(out, guard)  # type: ignore[arg-type]
+    out["feasible"] = float(is_feasible(ruled, max_drop))
+    out["objective"] = penalised_objective(m["gflops"], ruled, max_drop, baseline["gflops"])
     return out
 
 
@@ -93,6 +113,14 @@ class TrialContext:
     device: str = "cpu"
     cpus: float = 1.0
     s3_env: dict[str, str] | None = None
+    # the reference's per-image confusion matrices (an ImageConfusions): what each trial
+    # is resampled against; None = no interval
+    reference: Any = None
+    guard: str = "none"
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    holdout: dict[str, Any] | None = None  # Holdout.model_dump(): images the trials skip
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -106,6 +134,19 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     torch.set_num_threads(max(1, int(ctx.cpus)))
     space = SearchSpace.model_validate(ctx.space)
     inference = space.to_inference(config, ctx.num_exits)
-    m = evaluate(ctx.checkpoint, ctx.data, inference, max_samples=ctx.max_samples,
-                 device=ctx.device)
-    tune.report(trial_metrics(m, ctx.baseline, ctx.max_drop, ctx.drop_mode))
+    m, images = evaluate_images(ctx.checkpoint, ctx.data, inference,
+                                max_samples=ctx.max_samples, device=ctx.device,
+                                holdout=ctx.holdout)
+    tune.report(trial_metrics(m, ctx.baseline, ctx.max_drop, ctx.drop_mode,
+                              interval=drop_interval(ctx, images), guard=ctx.guard))
+
+
+def drop_interval(ctx: TrialContext, images):
+    """The paired bootstrap of ``images`` against the reference's (None without one)."""
+    from pipelines.evaluate.bootstrap import paired_bootstrap
+
+    if ctx.reference is None:
+        return None
+    return paired_bootstrap(ctx.reference, images, mode=ctx.drop_mode,  # type: ignore[arg-type]
+                            samples=ctx.bootstrap_samples, confidence=ctx.confidence,
+                            seed=ctx.seed)

@@ -1,0 +1,97 @@
+"""Confirmation: the few cheapest feasible trials, measured again on every searchable image.
+
+Trials are measured on ``max_samples`` images to keep the search cheap, and the cheapest
+trial under a limit is, by construction, the one whose drop was most flattered by those
+images (the winner's curse). So before choosing, the ``confirm_top`` cheapest trials
+feasible under the point rule, plus the ``confirm_top`` cheapest feasible under the
+guarded rule, are evaluated again on the whole split the search may see (held-out images
+still excluded), together with the unpruned reference (their per-image matrices give new
+intervals), and the choice is made over those figures only. Nothing runs when the trials
+already saw every searchable image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pipelines.tune.pareto import Selection, annotate, is_feasible, rule_drop, select
+from pipelines.tune.trial import (
+    TrialContext,
+    drop_interval,
+    evaluate_images,
+    reference_inference,
+    trial_metrics,
+)
+
+SEARCH_FIGURES = ("miou", "drop", "drop_lo", "drop_hi", "gflops", "num_images")
+
+
+@dataclass
+class Confirmation:
+    reference: dict[str, Any]  # the reference evaluation on every searchable image
+    trials: list[dict[str, Any]]  # the candidates, full-split figures + search_* figures
+    selection: Selection  # the choice over them
+
+    @property
+    def images(self) -> int:
+        return int(self.reference.get("num_images") or 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"images": self.images,
+                "reference": {k: self.reference.get(k) for k in ("miou", "gflops")},
+                "candidates": [{k: t.get(k) for k in (
+                    "trial_id", "params", *SEARCH_FIGURES,
+                    *(f"search_{f}" for f in SEARCH_FIGURES))} for t in self.trials]}
+
+
+def candidates(trials: list[dict[str, Any]], baseline_miou: float, max_drop: float,
+               mode: str, top: int) -> list[dict[str, Any]]:
+    """The ``top`` cheapest trials feasible under each rule (point drop, interval's upper
+    end), cheapest first, each once."""
+    done = annotate(trials, baseline_miou, max_drop, mode)  # type: ignore[arg-type]
+
+    def cheapest(guard: str) -> list[dict[str, Any]]:
+        ok = [t for t in done if is_feasible(rule_drop(t, guard), max_drop)]  # type: ignore[arg-type]
+        return sorted(ok, key=lambda t: (t["gflops"], -t["miou"]))[:top]
+
+    out: dict[Any, dict[str, Any]] = {}
+    for t in [*cheapest("none"), *cheapest("ci")]:
+        out.setdefault(t.get("trial_id") or id(t), t)
+    return sorted(out.values(), key=lambda t: (t["gflops"], -t["miou"]))
+
+
+def searchable_images(data: str, holdout: dict[str, Any] | None) -> int:
+    from pipelines.common.data import holdout_keys
+
+    return len(holdout_keys(data, holdout)[0])
+
+
+def confirm(ctx: TrialContext, space, cands: list[dict[str, Any]],
+            echo=print) -> Confirmation:
+    """Evaluate the reference and each candidate on every searchable image (on the driver,
+    like the reference evaluation: a handful of evaluations, one after the other)."""
+    ref, ref_images = evaluate_images(ctx.checkpoint, ctx.data,
+                                      reference_inference(ctx.num_exits), max_samples=None,
+                                      device=ctx.device, holdout=ctx.holdout)
+    full = replace(ctx, baseline=ref, reference=ref_images, max_samples=None)
+    echo(f"confirm: the reference and {len(cands)} candidate(s) on all {len(ref_images)} "
+         f"searchable images; reference mIoU {100 * ref['miou']:.2f}")
+    confirmed = []
+    for t in cands:
+        inference = space.to_inference(t["params"], ctx.num_exits)
+        m, images = evaluate_images(ctx.checkpoint, ctx.data, inference, max_samples=None,
+                                    device=ctx.device, holdout=ctx.holdout)
+        metrics = trial_metrics(m, ref, ctx.max_drop, ctx.drop_mode,
+                                interval=drop_interval(full, images), guard=ctx.guard)
+        row = {**{k: v for k, v in t.items() if k not in ("feasible",)},
+               **{f"search_{k}": t.get(k) for k in SEARCH_FIGURES}, **metrics,
+               "num_images": len(images)}
+        confirmed.append(row)
+        echo(f"confirm: trial {t.get('trial_id')}: {row['gflops']:.3f} GFLOPs, drop "
+             f"{row['drop']:.2f} [{row.get('drop_lo', float('nan')):.2f}, "
+             f"{row.get('drop_hi', float('nan')):.2f}] (searched images: "
+             f"{t['drop']:.2f})")
+    selection = select(confirmed, ref["miou"], ctx.max_drop, ctx.drop_mode,  # type: ignore[arg-type]
+                       ctx.guard)  # type: ignore[arg-type]
+    return Confirmation(reference=ref, trials=confirmed, selection=selection)
