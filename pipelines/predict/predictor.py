@@ -1,0 +1,111 @@
+"""The model on one worker (this process, or a Ray Data actor): images in, files and
+per-image records out.
+
+A call gets a batch of inputs (``{"uri", "name"}``), decodes them (a bad one becomes a
+``skipped`` record), groups them by size (a forward needs one size; the model pads each
+size to a multiple of 16 itself and crops the logits back) and runs one forward per
+group. With ``flops`` the forward runs under ``step_model.flop_counter``, the counter
+``measure_gflops`` uses, so the GFLOPs are those of the forward that produced the masks,
+policy and halting included; each image of a group gets the group's mean, which is its
+own exact count at batch size 1.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from pipelines.predict.images import BadImage, read_image
+from pipelines.predict.writer import write_outputs
+
+
+class Predictor:
+    """Holds the model; ``plan`` is the runner's picklable description of the job."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        import torch
+
+        from pipelines.common.checkpoint import load_model
+
+        self.plan = plan
+        self.device = torch.device(plan["device"])
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {plan['device']}: no CUDA device on this machine")
+        self.model, _ = load_model(plan["checkpoint"], device=self.device)
+        if plan["inference"]:
+            self.model.set_inference(**plan["inference"])
+        if self.model.cfg.policy.mode == "oracle":
+            raise ValueError("policy mode 'oracle' needs labels (see --policy-mode)")
+        self.depth = int(self.model.encoder.depth)
+        self.palette = np.asarray(plan["palette"], dtype=np.uint8)
+
+    def __call__(self, items: list[dict[str, str]]) -> list[dict[str, Any]]:
+        records: list[dict[str, Any] | None] = [None] * len(items)
+        groups: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+        for i, item in enumerate(items):
+            try:
+                image = read_image(item["uri"])
+            except BadImage as err:
+                records[i] = {"image": item["uri"], "name": item["name"], "status": "skipped",
+                              "reason": err.reason, "detail": err.detail}
+                continue
+            groups.setdefault(image.shape[:2], []).append((i, image))
+        for group in groups.values():
+            for i, rec in zip([i for i, _ in group], self._forward(
+                    [items[i] for i, _ in group], [im for _, im in group]), strict=True):
+                records[i] = rec
+        return [r for r in records if r is not None]
+
+    def _forward(self, items: list[dict[str, str]], images: list[np.ndarray]
+                 ) -> list[dict[str, Any]]:
+        import torch
+
+        from pipelines.evaluate.evaluator import flops_by_part
+
+        x = torch.from_numpy(np.stack(images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255)
+        b = x.shape[0]
+        split: dict[str, float] | None = None
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if self.plan["flops"]:
+                from step_model import flop_counter
+
+                with flop_counter() as fc:
+                    out = self.model(x)
+                split = flops_by_part(fc.get_flop_counts(), type(self.model).__name__)
+                total = fc.get_total_flops() / 1e9
+                split["encoder"] = total - sum(split.values())
+                split["total"] = total
+            else:
+                out = self.model(x)
+            masks = out.logits.argmax(1).to(torch.uint8).cpu().numpy()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = (time.perf_counter() - t0) / b
+        flow = out.flow
+        tokens = flow.num_tokens.cpu().tolist()
+        halted = flow.halted_per_exit.sum(1).cpu().tolist()
+        levels = flow.cell_level.cpu().numpy() if self.plan["token_maps"] else None
+        depths = flow.cell_exit_depth.cpu().numpy() if self.plan["token_maps"] else None
+        records = []
+        for j, (item, image) in enumerate(zip(items, images, strict=True)):
+            cells = None if levels is None else {
+                "level": levels[j], "depth": depths[j], "max_depth": self.depth}
+            paths = write_outputs(self.plan["out"], item["name"], image, masks[j],
+                                  self.palette, cells)
+            records.append({
+                "image": item["uri"], "name": item["name"], "status": "ok",
+                "height": int(image.shape[0]), "width": int(image.shape[1]),
+                "outputs": paths, "batch": b,
+                "gflops": None if split is None else split["total"] / b,
+                "gflops_split": None if split is None else {k: v / b for k, v in split.items()
+                                                            if k != "total"},
+                "tokens": int(tokens[j]), "tokens_in": int(flow.tokens_in),
+                "halted": int(halted[j]),
+                "halted_fraction": float(halted[j]) / tokens[j] if tokens[j] else 0.0,
+                "forward_ms": 1000 * seconds,
+            })
+        return records

@@ -1,0 +1,52 @@
+"""The settings of ``step predict``: one typed model (YAML, ``--set`` and flags all fill it).
+
+``inference`` holds ``StepSegmenter.set_inference`` keyword arguments applied on top of the
+registered model's thresholds (or of the checkpoint's own settings): what is set here wins.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipelines.common.settings import StrictModel
+from pipelines.evaluate.settings import InferenceSettings
+
+Palette = Literal["auto", "fixed", "loveda", "cityscapes", "ade20k", "coco_stuff"]
+
+
+class PredictSettings(StrictModel):
+    """Everything ``step predict`` needs."""
+
+    model: str = Field(description="models:/NAME/VERSION (or models:/NAME@ALIAS, "
+                       "models:/NAME/latest), a checkpoint directory or a Ray run directory "
+                       "(its latest checkpoint), local or s3://",
+                       json_schema_extra={"metavar": "URI"})
+    images: str = Field(description="a folder of images (searched recursively) or one image "
+                        "file, local or s3://", json_schema_extra={"metavar": "DIR"})
+    out: str = Field(description="output folder, local or s3:// (with a multi-machine Ray "
+                     "cluster: s3:// or a shared file system)",
+                     json_schema_extra={"metavar": "DIR"})
+    thresholds_from_registry: bool = Field(
+        True, description="apply the thresholds registered with a models:/ version")
+    inference: InferenceSettings = InferenceSettings()
+    token_maps: bool = Field(False, description="also write the superpatch level and the exit "
+                             "depth of every 16x16 cell (PNGs) and a small visual per image")
+    batch_size: int = Field(1, ge=1, description="images per forward; images of different "
+                            "sizes go through separate forwards")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1 ...")
+    ray: bool | None = Field(None, description="run as Ray Data map_batches (default: when "
+                             "RAY_ADDRESS names a cluster)")
+    workers: int | None = Field(None, ge=1, description="Ray actors that hold a model "
+                                "(default: one per GPU with --device cuda, else one per 2 "
+                                "cluster CPUs, at most one per batch)")
+    flops: bool = Field(True, description="count the GFLOPs of every forward (exact, but "
+                        "slows the forward down; --no-flops for pure throughput)")
+    palette: Palette = Field(
+        "auto", description="colours of the colour masks: auto = the training dataset's "
+        "when recorded, else the fixed palette")
+    strict: bool = Field(False, description="stop at the first bad image instead of "
+                         "skipping it")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ "
+                                     "(None: $MLFLOW_TRACKING_URI, else ./runs/mlflow.db)")
