@@ -1,17 +1,25 @@
-"""``step ui``: the MLflow UI on 127.0.0.1 over the embedded store (or any tracking URI).
+"""``step ui``: the MLflow UI on 127.0.0.1 over the embedded store, or a remote server's.
 
 Binds to 127.0.0.1 only: the UI has no authentication, and the store holds everything the
-pipelines logged. To look at a cluster's runs, point a browser at the cluster's own
-tracking server instead (``MLFLOW_TRACKING_URI``); this command is for local stores.
+pipelines logged. A cluster's runs are on its own tracking server: ``--tracking-uri
+http://HOST:PORT`` (or ``MLFLOW_TRACKING_URI``) prints that server's UI address and serves
+nothing; with ``--forward [user@]gateway`` it opens ``ssh -N -L`` from 127.0.0.1:PORT
+(``--port``) to HOST:PORT as the gateway sees it, for a server that listens only on the
+cluster's network (or on the head node's loopback: ``http://127.0.0.1:5000``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field
 
@@ -20,7 +28,16 @@ from pipelines.common.settings import ConfigError, StrictModel
 
 
 class UiSettings(StrictModel):
-    port: int = Field(5000, ge=1, le=65535, description="port on 127.0.0.1")
+    port: int = Field(5000, ge=1, le=65535, description="port on 127.0.0.1 (the local UI, "
+                      "or the local end of --forward)")
+    tracking_uri: str | None = Field(
+        None, description="a remote tracking server, http(s)://HOST:PORT: print its UI's "
+        "address instead of serving a local store (default: $MLFLOW_TRACKING_URI when it is "
+        "one and no --backend-store-uri is given)")
+    forward: str | None = Field(
+        None, description="[user@]host to reach the server through: runs `ssh -N -L "
+        "127.0.0.1:PORT:HOST:SERVERPORT [user@]host` (HOST:SERVERPORT from --tracking-uri, "
+        "as that host sees it) until Ctrl-C")
     backend_store_uri: str | None = Field(
         None, description="a sqlite:/// store (default: $MLFLOW_TRACKING_URI if it is a "
         "sqlite:// URI, else the embedded store ./runs/mlflow.db)")
@@ -52,18 +69,108 @@ def command(settings: UiSettings) -> list[str]:
             artifacts, "--host", "127.0.0.1", "--port", str(settings.port), "--workers", "1"]
 
 
+def remote_uri(settings: UiSettings) -> str | None:
+    """The remote server to show: --tracking-uri, else an http(s) $MLFLOW_TRACKING_URI
+    (unless a local store was asked for); None: serve a local store."""
+    uri = settings.tracking_uri
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri is None and settings.backend_store_uri is None and \
+            env_uri.startswith(("http://", "https://")):
+        uri = env_uri
+    if uri is None:
+        if settings.forward:
+            raise ConfigError("invalid settings:\n  forward: needs --tracking-uri "
+                              "http(s)://HOST:PORT (the server, as the forward's host sees it)")
+        return None
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"invalid settings:\n  tracking_uri: {uri!r}: expected "
+                          "http://HOST:PORT or https://HOST:PORT (a tracking server)")
+    fwd = settings.forward
+    if fwd is not None and (fwd.startswith("-") or not re.fullmatch(r"[\w.@:\[\]-]+", fwd)):
+        raise ConfigError(f"invalid settings:\n  forward: {settings.forward!r}: expected "
+                          "[user@]host (an ssh destination)")
+    return uri
+
+
+def _server(uri: str) -> tuple[str, int]:
+    parts = urlsplit(uri)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def forward_command(settings: UiSettings, uri: str) -> list[str]:
+    host, port = _server(uri)
+    # ExitOnForwardFailure: a local port already taken fails now, not at the first click
+    return ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-L",
+            f"127.0.0.1:{settings.port}:{host}:{port}", settings.forward]
+
+
+def show_remote(settings: UiSettings, uri: str) -> int:
+    from pipelines.workflow.review import server_base
+
+    if settings.forward:
+        cmd = forward_command(settings, uri)
+        if settings.print_command:
+            print(shlex.join(cmd))
+            return 0
+        scheme = urlsplit(uri).scheme
+        host, port = _server(uri)
+        print(f"MLflow UI on {scheme}://127.0.0.1:{settings.port}/ (forwarded through "
+              f"{settings.forward} to {host}:{port}); Ctrl-C stops it", flush=True)
+        try:
+            return subprocess.call(cmd)
+        except KeyboardInterrupt:
+            return 0
+    base = server_base(uri)  # without any user:password@ of the URI
+    print(f"MLflow UI: {base}")
+    try:
+        with urllib.request.urlopen(base + "health", timeout=5):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answers (an authenticating proxy, say): the browser will sign in
+    except OSError as err:
+        print(f"warning: {base} does not answer from here ({type(err).__name__}: {err}); "
+              "behind a gateway, add --forward [user@]gateway", file=sys.stderr)
+        return 0
+    print_experiments(uri, base)
+    return 0
+
+
+def print_experiments(tracking_uri: str, base: str) -> None:
+    """The experiments' addresses in the model-training view: MLflow 3.17's UI opens every
+    experiment in the GenAI view until its sidebar switch is flipped (once per browser)."""
+    from pipelines.tracking.runs import experiment_views
+
+    try:
+        views = experiment_views(tracking_uri, base)
+    except Exception as err:  # noqa: BLE001 - a convenience: the UI works without it
+        print(f"(experiments not listed: {type(err).__name__}: {str(err)[:200]})")
+        return
+    for name, url in views:
+        print(f"  {name}: {url}")
+
+
 def serve(inv: Invocation) -> int:
     settings: UiSettings = inv.settings
+    remote = remote_uri(settings)
+    if remote is not None:
+        return show_remote(settings, remote)
     cmd = command(settings)
     if settings.print_command:
         print(" ".join(cmd))
         return 0
-    print(f"MLflow UI on http://127.0.0.1:{settings.port} (store {cmd[3]}); Ctrl-C stops it")
+    print(f"MLflow UI on http://127.0.0.1:{settings.port} (store {cmd[3]}); Ctrl-C stops it",
+          flush=True)
     # job execution off: the UI alone starts in ~4 s and ~0.5 GiB instead of ~7 s / 1.9 GiB
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(cmd, env=env)
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
+        # while the server starts (listing them costs MLflow's import, seconds)
+        print_experiments(cmd[3], f"http://127.0.0.1:{settings.port}/")
+        sys.stdout.flush()
+        return proc.wait()
+    except KeyboardInterrupt:  # the server got the same Ctrl-C
+        proc.wait()
         return 0
 
 

@@ -11,7 +11,7 @@ from pipelines.tracking.runs import RunLogger, global_tracking_uri
 def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
                          inference: dict[str, Any], best: dict[str, Any], *,
                          name: str, max_drop: float, drop_mode: str,
-                         baseline_miou: float) -> dict[str, Any] | None:
+                         baseline_miou: float, guard: str | None = None) -> dict[str, Any] | None:
     """Log the checkpoint's model with the chosen thresholds set into run ``run_id`` and
     register it as a new version of ``name``; None when MLflow could not take it.
 
@@ -32,10 +32,17 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
         "miou_drop": repr(float(best["drop"])),
         "max_drop": repr(float(max_drop)),
         "drop_mode": drop_mode,
+        **({"guard": guard} if guard else {}),
         "baseline_miou": repr(float(baseline_miou)),
         "checkpoint": checkpoint,
         "tune_run_id": run_id,
     }
+    # the drop's interval and the images it was measured on (after confirmation: every
+    # searchable image), when the search measured them
+    for key, tag in (("drop_lo", "miou_drop_lo"), ("drop_hi", "miou_drop_hi"),
+                     ("num_images", "eval_images")):
+        if best.get(key) is not None:
+            tags[tag] = repr(float(best[key])) if key != "num_images" else str(best[key])
     for k, v in inference.items():
         tags[k] = json.dumps(v) if not isinstance(v, str) else v
     tracker = RunLogger(run_id, tracking_uri)
@@ -46,3 +53,62 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
         version = mlflow.register_model(model_uri, name, tags=tags)
     tracker.set_tags({"step.registered_model": f"{name}/{version.version}"})
     return {"name": name, "version": str(version.version), "model_uri": model_uri}
+
+
+def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """What ``step predict`` needs of ``models:/NAME/VERSION`` (also ``models:/NAME@ALIAS``
+    and ``models:/NAME/latest``): {"name", "version", "checkpoint", "inference", "data",
+    "tags", "tracking_uri"}.
+
+    ``checkpoint`` and ``inference`` are the tags :func:`register_tuned_model` wrote: the
+    weights are read from the checkpoint (``weights_only`` loading) rather than unpickled
+    from the logged MLflow model. ``data`` is the shard directory the search evaluated on
+    (its run's ``data`` parameter), which names the dataset; None when unknown.
+    FileNotFoundError when the version does not exist, ValueError for a malformed URI.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking.runs import _short_http_budget, resolve_tracking_uri
+
+    body = uri[len("models:/"):] if uri.startswith("models:/") else ""
+    name, alias, version = body, None, None
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+    if not name or not (alias or version) or (version and version != "latest"
+                                               and not version.isdigit()):
+        raise ValueError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or "
+                         "models:/NAME@ALIAS")
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        with _short_http_budget():  # a dead server fails in seconds, not minutes
+            if alias:
+                mv = client.get_model_version_by_alias(name, alias)
+            elif version == "latest":
+                found = client.search_model_versions(f"name = '{name}'")
+                if not found:
+                    raise FileNotFoundError(f"{uri}: no versions of {name!r} on {tracking_uri}")
+                mv = max(found, key=lambda v: int(v.version))
+            else:
+                mv = client.get_model_version(name, version)
+            tags = dict(mv.tags or {})
+            data = None
+            if tags.get("tune_run_id"):
+                try:
+                    data = client.get_run(tags["tune_run_id"]).data.params.get("data")
+                except MlflowException:
+                    data = None  # the run was deleted: only the palette falls back
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            raise FileNotFoundError(f"{uri}: no such registered model version on "
+                                    f"{tracking_uri}") from None
+        raise
+    if not tags.get("checkpoint"):
+        raise ValueError(f"{uri}: version {mv.version} of {name!r} has no 'checkpoint' tag "
+                         "(not registered by `step tune`); pass its checkpoint as --model")
+    return {"name": name, "version": str(mv.version), "checkpoint": tags["checkpoint"],
+            "inference": json.loads(tags.get("inference") or "{}"), "data": data,
+            "tags": tags, "tracking_uri": tracking_uri}

@@ -107,23 +107,56 @@ def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return folder.resolve().as_uri()
 
 
+# MLflow 3's UI opens an experiment in its model-training view only with this tag; without
+# it, the GenAI view (traces, prompts), which shows none of a training's runs or metrics.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(tracking_uri: str, name: str) -> str:
-    """Experiment id for ``name``, created with an explicit artifact location if new."""
+    """Experiment id for ``name``, created with an explicit artifact location if new.
+
+    New and existing experiments get ``mlflow.experimentKind``; an existing one keeps a kind
+    that someone chose, and loses a kind the UI only guessed (``*_inferred``,
+    ``no_inferred_type``).
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        _ensure_kind(client, exp)
         return exp.experiment_id
     try:
         return client.create_experiment(
-            name, artifact_location=default_artifact_location(tracking_uri, name)
+            name, artifact_location=default_artifact_location(tracking_uri, name),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     except Exception:  # created concurrently by another process (e.g. parallel trials)
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
+        _ensure_kind(client, exp)
         return exp.experiment_id
+
+
+def _ensure_kind(client, exp) -> None:
+    kind = (exp.tags or {}).get(EXPERIMENT_KIND_TAG)
+    if kind is None or kind.endswith("_inferred") or kind == "no_inferred_type":
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def experiment_views(tracking_uri: str, base: str, limit: int = 10) -> list[tuple[str, str]]:
+    """(name, address) of the store's model-training experiments, newest first: ``base``
+    (the UI's root) + the runs table in the model-training view."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking.notes import experiment_link
+
+    exps = MlflowClient(tracking_uri).search_experiments(
+        filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{EXPERIMENT_KIND}'",
+        max_results=limit, order_by=["last_update_time DESC"])
+    return [(e.name, base + experiment_link(e.experiment_id)) for e in exps]
 
 
 def find_run(tracking_uri: str, experiment_id: str, tags: Mapping[str, str]) -> str | None:
@@ -150,9 +183,12 @@ def create_run(
     """Create (or, when ``resume_tags`` match an existing run, reopen) a run; returns its id.
 
     With ``parent_run_id`` the run is nested: MLflow shows it under the parent only through
-    the ``mlflow.parentRunId`` tag.
+    the ``mlflow.parentRunId`` tag. A new run gets its description
+    (:func:`pipelines.tracking.notes.describe`); a reopened one keeps the one it has.
     """
     from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking.notes import NOTE_TAG, with_note
 
     client = MlflowClient(tracking_uri)
     exp_id = get_or_create_experiment(tracking_uri, experiment)
@@ -163,8 +199,10 @@ def create_run(
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         for k, v in all_tags.items():
-            client.set_tag(run_id, k, v)
+            if k != NOTE_TAG:
+                client.set_tag(run_id, k, v)
         return run_id
+    all_tags = with_note(all_tags, exp_id)
     return client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
 
 
@@ -277,6 +315,22 @@ class RunLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("log_artifact", self.client.log_artifact, self.run_id, str(path),
                    artifact_path)
+
+    def log_datasets(self, datasets: Mapping[str, str | None]) -> None:
+        """``{context: step prep directory}`` as the run's dataset inputs (see
+        :mod:`pipelines.tracking.datasets`); ``training`` reads the training split."""
+        from pipelines.tracking.datasets import dataset_inputs
+
+        try:
+            inputs = dataset_inputs({k: v for k, v in datasets.items() if v})
+        except Exception as err:  # noqa: BLE001 - a description must not stop a training
+            # (and is no tracking outage: the circuit breaker stays closed)
+            warnings.warn(f"dataset inputs of run {self.run_id} not logged: "
+                          f"{type(err).__name__}: {str(err)[:300]}", RuntimeWarning,
+                          stacklevel=2)
+            return
+        if inputs:
+            self._call("log_inputs", self.client.log_inputs, self.run_id, datasets=inputs)
 
     def log_model(self, model, name: str = "model", **kwargs) -> str | None:
         """``mlflow.pytorch.log_model`` into this run; returns the model URI or None.

@@ -25,6 +25,8 @@ def trial_runs_callback(tracking_uri: str, experiment_id: str, parent_run_id: st
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from pipelines.tracking.notes import with_note
+
     class TrialRuns(tune.Callback):
         """One nested MLflow run per trial, always ended FINISHED or FAILED."""
 
@@ -39,8 +41,8 @@ def trial_runs_callback(tracking_uri: str, experiment_id: str, parent_run_id: st
                 return
             run = self.client.create_run(
                 experiment_id, run_name=f"trial-{trial.trial_id}",
-                tags={"mlflow.parentRunId": parent_run_id, "step.kind": "tune-trial",
-                      "ray.trial_id": trial.trial_id},
+                tags=with_note({"mlflow.parentRunId": parent_run_id,
+                                "step.kind": "tune-trial", "ray.trial_id": trial.trial_id}),
             )
             rid = run.info.run_id
             self.run_ids[trial.trial_id] = rid
