@@ -99,6 +99,15 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, mlflow_server) -> dict:
+    """``step run configs/tiny/pipeline.yaml`` killed in train_step, resumed, rerun (see
+    tests/test_workflow_e2e.py), once per session: the e2e and review tests read it."""
+    from test_workflow_e2e import killed_resumed_rerun
+
+    return killed_resumed_rerun(tmp_path_factory, mlflow_server)
+
+
 # ---- training data (issue 4): real LoveDA fixtures, sharded once per session -------------
 
 

@@ -62,6 +62,7 @@ def test_every_command_is_generated_from_its_settings_model(path, capsys):
 
 
 def test_the_models_behind_the_commands():
+    from pipelines.analyze.settings import AnalyzeSettings
     from pipelines.bench.gpu import BenchGpuSettings
     from pipelines.bench.train import BenchTrainOptions
     from pipelines.cli.bench_data import BenchDataSettings
@@ -72,6 +73,7 @@ def test_the_models_behind_the_commands():
     from pipelines.cli.train import TrainOptions
     from pipelines.cli.ui import UiSettings
     from pipelines.evaluate.settings import EvalSettings
+    from pipelines.predict.settings import PredictSettings
     from pipelines.train.config import TrainConfig
     from pipelines.tune.search import TuneSettings
     from pipelines.workflow.config import PipelineConfig
@@ -80,6 +82,8 @@ def test_the_models_behind_the_commands():
         ("prep",): (PrepSettings, None), ("train", "policy"): (TrainConfig, TrainOptions),
         ("train", "step"): (TrainConfig, TrainOptions), ("eval",): (EvalSettings, None),
         ("tune",): (TuneSettings, None), ("run",): (PipelineConfig, RunOptions),
+        ("analyze",): (AnalyzeSettings, None),
+        ("predict",): (PredictSettings, None),
         ("submit",): (PipelineConfig, SubmitOptions), ("ui",): (UiSettings, None),
         ("bench", "train"): (TrainConfig, BenchTrainOptions),
         ("bench", "gpu"): (BenchGpuSettings, None),
@@ -136,12 +140,13 @@ def test_eval_old_spellings_are_aliases(tmp_path, capsys):
         "eval", "--config", str(cfg), "--set", "inference.exit_thresholds=0.7",
         "--thresholds", "0.5,0.6", "--merge-thresholds", "2=0.5,4=0.6", "--budget", "0.5",
         "--top-k", "3", "--exit-policy", "random", "--policy-mode", "budget",
-        "--no-halting", "--tracking-uri", "sqlite:///x.db", "--experiment", "e",
+        "--no-halting", "--set", "inference.upsample=logits", "--set", "inference.exit_seed=3",
+        "--tracking-uri", "sqlite:///x.db", "--experiment", "e",
         "--parent-run-id", "p", "--no-mlflow"])
     assert got["inference"] == {"exit_thresholds": [0.5, 0.6],
                                 "merge_thresholds": {"2": 0.5, "4": 0.6}, "budget": 0.5,
                                 "top_k": 3, "exit_policy": "random", "policy_mode": "budget",
-                                "halting": False}
+                                "halting": False, "upsample": "logits", "exit_seed": 3}
     assert got["mlflow"] == {"tracking_uri": "sqlite:///x.db", "experiment": "e",
                              "parent_run_id": "p", "enabled": False}
     assert _printed_settings(capsys, ["eval", "--config", str(cfg), "--exit-thresholds",
@@ -187,6 +192,10 @@ BAD = {
                         ["optim.lr", "greater than 0"]),
     ("eval",): (["--checkpoint", "c", "--data", "d", "--mode", "tiled"],
                 ["mode", "'whole' or 'slide'", "tiled"]),
+    ("analyze",): (["--checkpoint", "c", "--data", "d", "--budgets", "0.5", "1.5"],
+                   ["budgets", "(0, 1]", "1.5"]),
+    ("predict",): (["--model", "m", "--images", "i", "--out", "o", "--palette", "rainbow"],
+                   ["palette", "'loveda'", "rainbow"]),
     ("tune",): (["--checkpoint", "c", "--data", "d", "--drop-mode", "percent"],
                 ["drop_mode", "'points' or 'relative'", "percent"]),
     ("run",): (["configs/tiny/pipeline.yaml", "--set", "data.dataset=mnist"],

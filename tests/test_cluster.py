@@ -140,3 +140,37 @@ def test_the_secret_reaches_no_log_and_no_mlflow_field(cluster_run) -> None:
     for version in client.search_model_versions(f"name='{MODEL}'"):
         fields += [str(version.tags), str(version.description)]
     assert fields and not any(cluster_run["secret"] in f for f in fields)
+
+
+def test_step_predict_runs_the_registered_model_on_the_cluster(cluster_run, tmp_path) -> None:
+    """``step predict`` with RAY_ADDRESS: Ray Data actors on the cluster's nodes apply the
+    registered model (checkpoint and thresholds from the registry) to 3 val tiles on S3."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import node_env
+
+    assert cluster_run["rc"] == 0
+    bucket = cluster_run["bucket"]
+    tiles = sorted(k for k in files.list_files(f"s3://{bucket}/pipelines")
+                   if "/tiles/img_dir/val/" in k and k.endswith(".png"))[:3]
+    assert len(tiles) == 3
+    for i, key in enumerate(tiles):
+        files.write_bytes(f"s3://{bucket}/predict-in/t{i}.png",
+                          files.read_bytes(f"s3://{bucket}/pipelines/{key}"))
+    head = cluster_run["nodes"][0]
+    env = dict(node_env(head.token), RAY_ADDRESS=head.gcs)
+    doc_path = tmp_path / "predict.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "predict", "--model", f"models:/{MODEL}/latest",
+         "--tracking-uri", cluster_run["tracking_uri"], "--images", f"s3://{bucket}/predict-in",
+         "--out", f"s3://{bucket}/predict-out", "--batch-size", "3", "--json", str(doc_path)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    doc = json.loads(doc_path.read_text())
+    assert doc["executor"] == "ray" and doc["nodes"] and doc["images"] == 3
+    assert doc["inference"] and doc["thresholds_from_registry"]
+    written = files.list_files(f"s3://{bucket}/predict-out")
+    assert {f"masks/t{i}.png" for i in range(3)} <= set(written) and "summary.json" in written
+    assert cluster_run["secret"] not in proc.stdout + proc.stderr

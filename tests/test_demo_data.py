@@ -29,7 +29,7 @@ def test_demo_config_references_nothing_outside_the_repository() -> None:
     assert "../" not in text and "shared/" not in text
     cfg = yaml.safe_load(text)
     paths = {k: v for k, v in _paths(cfg)
-             if "/" in v and "://" not in v and "=" not in v}  # paths, not overrides or URIs
+             if "/" in v and "://" not in v and "=" not in v and " " not in v}  # not overrides, URIs, prose
     assert {"data.src", "policy.config", "step.config", "storage"} <= paths.keys()
     for key, value in paths.items():
         assert not Path(value).is_absolute(), f"{key}: {value}"

@@ -49,3 +49,14 @@ def test_absent_classes_do_not_count_in_the_mean() -> None:
 def test_labels_out_of_range_are_an_error() -> None:
     with pytest.raises(ValueError, match="outside"):
         confusion_matrix(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 9, 255]), 4)
+
+
+def test_majority_class_predictor_is_its_share_over_the_classes_present():
+    from pipelines.evaluate.metrics import majority_class_miou, scores_from_confusion
+
+    # ground truth: 6 pixels of class 0, 4 of class 1, none of class 2
+    cm = torch.tensor([[5, 1, 0], [2, 2, 0], [0, 0, 0]])
+    direct = scores_from_confusion(torch.tensor([[6, 0, 0], [4, 0, 0], [0, 0, 0]])).miou
+    assert majority_class_miou(cm.sum(1)) == pytest.approx(direct) == pytest.approx(0.3)
+    assert scores_from_confusion(cm).majority_miou == pytest.approx(0.3)
+    assert majority_class_miou(torch.zeros(3)) is None

@@ -56,9 +56,12 @@ PIPELINE_LAYERS = {
     "evaluate": {"common"},
     "train": {"common", "tracking", "evaluate"},
     "tune": {"common", "tracking", "evaluate"},
+    "analyze": {"common", "tracking", "evaluate"},
+    "predict": {"common", "tracking", "evaluate"},
     "bench": {"common", "tracking", "evaluate", "train"},
-    "workflow": {"common", "tracking", "evaluate", "train", "tune"},
-    "cli": {"common", "tracking", "evaluate", "train", "tune", "workflow", "bench"},
+    "workflow": {"common", "tracking", "evaluate", "train", "tune", "analyze"},
+    "cli": {"common", "tracking", "evaluate", "train", "tune", "workflow", "bench", "analyze",
+            "predict"},
 }
 
 

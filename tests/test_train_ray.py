@@ -150,10 +150,12 @@ def test_step_eval_cli_on_the_trained_run(crashed_step_run, tiny_shards, tmp_pat
     cfg, result = crashed_step_run
     out = tmp_path / "eval.json"
     run_dir = str(Path(cfg.storage.storage_path) / cfg.name)  # resolves to its latest checkpoint
+    # configs/tiny/step.yaml shares with the label oracle: allowed, and labelled so
     assert main(["eval", "--checkpoint", run_dir, "--data", tiny_shards["val"],
                  "--thresholds", "0.5", "--tracking-uri", result.tracking_uri,
-                 "--latency-samples", "1", "--json", str(out)]) == 0
+                 "--latency-samples", "1", "--allow-oracle", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
+    assert got["uses_labels"] is True and got["upper_bound"] is True
     assert got["checkpoint"] == result.checkpoint
     assert got["inference"] == {"exit_thresholds": [0.5]}
     assert got["result"]["num_images"] == 3

@@ -87,7 +87,7 @@ def _plan(tmp_path, *overrides):
 
 def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
     base = _plan(tmp_path)
-    assert [p["action"] for p in base.values()] == ["run"] * 6
+    assert [p["action"] for p in base.values()] == ["run"] * 7
     fps = {k: v["fingerprint"] for k, v in base.items()}
     assert _plan(tmp_path) == base  # deterministic
 
@@ -95,12 +95,16 @@ def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
         new = _plan(tmp_path, *overrides)
         return sorted(k for k in fps if new[k]["fingerprint"] != fps[k])
 
-    downstream_of_tune = ["evaluate", "report", "tune"]
+    downstream_of_tune = ["analyze", "evaluate", "report", "tune"]
     assert changed("tune.max_drop=1.0") == downstream_of_tune
     assert changed("tune.space=exits_only") == downstream_of_tune
+    # a held-out fraction is chosen when val is read: no re-sharding, no retraining
+    assert changed("data.holdout.fraction=0.3") == downstream_of_tune
     assert changed("step.set=[model.policy.mode=threshold, train.steps=9]") == \
         sorted(["train_step", *downstream_of_tune])
     assert changed("report.num_images=2") == ["report"]
+    assert changed("analyze.seeds=[5]") == ["analyze"]
+    assert "analyze" not in _plan(tmp_path, "analyze.enabled=false")
     assert changed("data.tile.size=256") == sorted(fps)  # new data: everything reruns
     # where results go (storage, tracking) is not part of what a step computes
     assert changed("mlflow.experiment=other") == []

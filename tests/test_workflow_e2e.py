@@ -26,7 +26,7 @@ from helpers import LOVEDA, REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-STEPS = ["prepare", "train_policy", "train_step", "tune", "evaluate", "report"]
+STEPS = ["prepare", "train_policy", "train_step", "tune", "evaluate", "report", "analyze"]
 
 
 def _cmd(storage: Path, tracking_uri: str, json_path: Path) -> list[str]:
@@ -49,8 +49,14 @@ def _state(path: Path) -> dict:
         return {}
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, mlflow_server):
+@pytest.fixture
+def pipeline(tiny_pipeline):
+    return tiny_pipeline
+
+
+def killed_resumed_rerun(tmp_path_factory, mlflow_server) -> dict:
+    """The scenario of the module docstring; the session fixture ``tiny_pipeline``
+    (conftest.py) runs it once for every module that reads it."""
     root = tmp_path_factory.mktemp("pipeline")
     storage = root / "store"
     state_file = storage / "tiny-pipeline" / "pipeline_state.json"
@@ -158,6 +164,12 @@ def test_mlflow_runs_complete_and_nested(pipeline):
             "report/token_maps"} <= files
     assert [a.path for a in client.list_artifacts(rep, "report/token_maps")] == \
         ["report/token_maps/00.png"]
+    # the analyze step: its document in --json, its CSVs and plots on its run
+    assert doc["checkpoints"]["step"] == doc["steps"]["train_step"]["outputs"]["checkpoint"]
+    assert doc["checkpoints"]["policy"] == doc["steps"]["train_policy"]["outputs"]["checkpoint"]
+    assert {"layouts", "policy_vs_oracle", "tradeoff", "ablation", "flow"} <= set(doc["analysis"])
+    ana = {a.path for a in client.list_artifacts(doc["steps"]["analyze"]["run_id"], "analysis")}
+    assert {"analysis/layouts.csv", "analysis/layouts.png", "analysis/tradeoff.png"} <= ana
 
 
 def test_registered_model_and_thresholds_hold_on_reevaluation(pipeline):

@@ -1,4 +1,5 @@
-"""``step run CONFIG``: the whole pipeline (prepare -> policy -> STEP -> tune -> evaluate -> report).
+"""``step run CONFIG``: the whole pipeline (prepare -> policy -> STEP -> tune -> evaluate -> report
+-> analyze). ``--json`` also holds ``checkpoints`` (policy, STEP) and ``analysis``.
 
 Settings: :class:`pipelines.workflow.config.PipelineConfig` (``--config FILE`` or the
 positional ``CONFIG``, ``--set``, ``--name``, ``--storage``); the training configs it
@@ -39,6 +40,9 @@ def run_command(inv: Invocation) -> Result:
     if doc.get("registered_model"):
         r = doc["registered_model"]
         print(f"\nregistered model: {r['name']} version {r['version']}")
+    pvo = ((doc.get("analysis") or {}).get("policy_vs_oracle") or {}).get("value")
+    if pvo is not None:
+        print(f"policy_vs_oracle (token cut at the oracle's ceiling): {pvo:.3f}")
     if result.skipped:
         print(f"skipped (unchanged): {', '.join(result.skipped)}")
     print(f"\nMLflow: pipeline run {result.parent_run_id} at {result.tracking_uri}")
@@ -62,13 +66,17 @@ def result_json(result) -> dict:
         "registered_model": s.get("registered_model"),
         "evaluation": {"baseline": s.get("baseline"), "tuned": s.get("tuned"),
                        "drop": s.get("drop_on_reevaluation"),
-                       "within_limit": s.get("within_limit_on_reevaluation")},
+                       "within_limit": s.get("within_limit_on_reevaluation"),
+                       "holdout": s.get("holdout")},
         "steps": {n: {"run_id": r.run_id, "fingerprint": r.fingerprint, "skipped": r.skipped,
                       "reused_run_id": r.reused_run_id, "outputs": r.outputs}
                   for n, r in result.steps.items()},
         "skipped": result.skipped,
         "resumed": result.resumed,
         "summary_table": s.get("table_md", ""),
+        "checkpoints": s.get("checkpoints") or {"policy": None, "step": None},
+        # what `step analyze --json` writes, from the pipeline's analyze step (None: disabled)
+        "analysis": s.get("analysis"),
     }
 
 

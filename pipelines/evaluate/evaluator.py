@@ -55,6 +55,7 @@ class EvalResult:
     pixel_accuracy: float
     mean_accuracy: float
     num_images: int
+    majority_miou: float | None = None  # the most frequent class everywhere (a floor)
     gflops: float | None = None
     gflops_split: dict[str, float] = field(default_factory=dict)
     tokens_in: float | None = None
@@ -77,7 +78,7 @@ class EvalResult:
         """Flat scalar metrics (MLflow, ``--json``, Tune reports)."""
         out: dict[str, float | None] = {
             "miou": self.miou, "pixel_accuracy": self.pixel_accuracy,
-            "gflops": self.gflops, "tokens_mean": self.tokens_mean,
+            "majority_miou": self.majority_miou, "gflops": self.gflops, "tokens_mean": self.tokens_mean,
             "tokens_in": self.tokens_in, "halted_fraction": self.halted_fraction,
             "latency_ms": self.latency_ms,
         }
@@ -532,6 +533,7 @@ def _reduce(sums: _Sums, exit_blocks: list[int], depth: int, report_levels: tupl
         pixel_accuracy=scores.pixel_accuracy,
         mean_accuracy=scores.mean_accuracy,
         num_images=int(n),
+        majority_miou=scores.majority_miou,
         gflops=float(flops[4]) / n if count_flops and n else None,
         gflops_split={k: float(flops[i]) / n for i, k in enumerate(flops_keys[:4])}
         if count_flops and n else {},

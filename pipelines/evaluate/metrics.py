@@ -75,6 +75,17 @@ class SegScores:
     per_class_iou: list[float]
     pixel_accuracy: float
     mean_accuracy: float
+    majority_miou: float | None = None
+
+
+def majority_class_miou(gt: torch.Tensor) -> float | None:
+    """mIoU of the constant predictor that answers the split's most frequent class
+    everywhere: the floor a segmenter that learned anything must clear. Its IoU is that
+    class's pixel share; every other class present scores 0."""
+    total = float(gt.sum())
+    if total <= 0:
+        return None
+    return float(gt.max()) / total / int((gt > 0).sum())
 
 
 def scores_from_confusion(cm: torch.Tensor) -> SegScores:
@@ -91,6 +102,7 @@ def scores_from_confusion(cm: torch.Tensor) -> SegScores:
         per_class_iou=[float(x) for x in iou],
         pixel_accuracy=float(tp.sum() / total) if total > 0 else float("nan"),
         mean_accuracy=float(torch.nanmean(acc)) if bool((gt > 0).any()) else float("nan"),
+        majority_miou=majority_class_miou(gt),
     )
 
 

@@ -125,6 +125,7 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None) -> TrainResult:
     tracker = RunLogger(run_id, tracking_uri)
     tracker.log_params(flatten(cfg))
     tracker.log_text(dump_config(cfg), "config.yaml")
+    tracker.log_datasets({"training": cfg.data.train, "validation": cfg.data.val})
 
     init_ray()
     trainer = build_trainer(cfg, {
@@ -182,6 +183,7 @@ def _completed_result(cfg: TrainConfig, ckpt: str, tracking_uri: str,
         tracker = RunLogger(run_id, tracking_uri)
         tracker.log_params(flatten(cfg))
         tracker.log_text(dump_config(cfg), "config.yaml")
+        tracker.log_datasets({"training": cfg.data.train, "validation": cfg.data.val})
         model_uri = None
     else:
         tracker = RunLogger(run_id, tracking_uri)

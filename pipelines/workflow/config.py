@@ -1,4 +1,5 @@
-"""The pipeline config of ``step run``: one YAML for prepare -> train -> tune -> evaluate -> report.
+"""The pipeline config of ``step run``: one YAML for prepare -> train -> tune -> evaluate ->
+report -> analyze.
 
 The two trainings keep their own configs (``pipelines.train.config.TrainConfig`` files, the same
 ones ``step train`` takes); the pipeline config points at them and adds ``--set``-style
@@ -18,6 +19,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.analyze.settings import SweepSettings
+from pipelines.common.holdout import Holdout
 from pipelines.common.settings import (
     ConfigError,
     MlflowSection,
@@ -51,6 +54,20 @@ class DataSection(StrictModel):
     samples_per_shard: int | None = Field(None, ge=1)
     shard_size: str | None = Field(None, description="e.g. 512MB (default when no count)")
     tile: TileSection | None = None
+    holdout: Holdout | None = Field(None, description="images the search never sees, whose "
+                                    "drop evaluate and report show: {fraction: 0.3} of "
+                                    "val by key hash, or {split: test}")
+
+    @model_validator(mode="after")
+    def _holdout_split_apart(self) -> DataSection:
+        h = self.holdout
+        if h is not None and h.split in (self.train_split, self.val_split):
+            raise ValueError(f"holdout.split {h.split!r} must differ from train_split and "
+                             "val_split (the search reads val, training reads train)")
+        if h is not None and h.split is not None and self.tile is not None:
+            raise ValueError("holdout.split: tiling writes only train and val; hold out "
+                             "a fraction of val instead (holdout: {fraction: 0.3})")
+        return self
 
 
 class TrainStepSection(StrictModel):
@@ -67,6 +84,17 @@ class EvaluateSection(StrictModel):
 
 class ReportSection(StrictModel):
     num_images: int = Field(3, ge=0, description="validation images with token maps")
+    note: str | None = Field(None, description="a paragraph put first in the summary, e.g. how "
+                             "far a demo run is from a real one")
+
+
+class AnalyzeSection(SweepSettings):
+    """The last step: ``step analyze`` on the trained checkpoint at the tuned thresholds,
+    on the validation split (a Ray task, like ``evaluate``)."""
+
+    enabled: bool = True
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
 
 
 class RaySection(StrictModel):
@@ -79,6 +107,7 @@ class PipelineTune(TuneSettings):
 
     checkpoint: None = None
     data: None = None
+    holdout: None = None  # from data.holdout
 
 
 class PipelineConfig(StrictModel):
@@ -93,6 +122,7 @@ class PipelineConfig(StrictModel):
     tune: PipelineTune = PipelineTune()
     evaluate: EvaluateSection = EvaluateSection()
     report: ReportSection = ReportSection()
+    analyze: AnalyzeSection = AnalyzeSection()
 
     @model_validator(mode="after")
     def _configs_exist(self) -> PipelineConfig:

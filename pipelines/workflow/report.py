@@ -64,7 +64,36 @@ def summary_table(eval_doc: dict[str, Any]) -> str:
     elif b and not t:
         lines.append("")
         lines.append("no tuned model: no configuration met the mIoU-drop limit")
+    if b and b.get("majority_miou") is not None:
+        lines.append(f"majority-class predictor (the split's most frequent class everywhere): "
+                     f"{100 * b['majority_miou']:.2f} mIoU; the baseline scores "
+                     f"{b['miou'] / b['majority_miou']:.1f}x that")
+    from pipelines.workflow.holdout import holdout_line
+
+    line = holdout_line(eval_doc.get("holdout"))
+    if line:
+        lines += ["", line]
     return "\n".join(lines)
+
+
+def choices_lines(tune_doc: dict[str, Any]) -> list[str]:
+    """The search's two answers (point-drop rule, guarded rule) with their GFLOPs."""
+    out = []
+    for name in ("plain", "guarded"):
+        t = tune_doc.get(name)
+        if name not in tune_doc:
+            continue
+        chosen = t is not None and (tune_doc.get("best") or {}).get("trial_id") == t.get(
+            "trial_id") and tune_doc.get("guard", "none") == ("ci" if name == "guarded"
+                                                               else "none")
+        text = "none within the limit" if t is None else (
+            f"{t['gflops']:.3f} GFLOPs, mIoU {100 * t['miou']:.2f}, drop {t['drop']:.2f}"
+            + (f" [{t['drop_lo']:.2f}, {t['drop_hi']:.2f}]" if t.get("drop_hi") is not None
+               else "") + (f" on {t['num_images']} images" if t.get("num_images") else ""))
+        rule = "point drop" if name == "plain" else "upper end of the interval"
+        out.append(f"- {name} choice ({rule} within the limit): {text}"
+                   + (" (chosen)" if chosen else ""))
+    return out
 
 
 def summary_csv(eval_doc: dict[str, Any]) -> str:
@@ -194,19 +223,42 @@ def token_maps(checkpoint: str, val_data: str, inference: dict[str, Any] | None,
 
 def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
                  eval_doc: dict[str, Any], checkpoint: str, val_data: str,
-                 num_images: int) -> dict[str, Any]:
-    """Write every artifact to the report run; return the summary (what ``--json`` shows)."""
-    from pipelines.tracking.runs import RunLogger
-    from pipelines.tune.pareto import pareto_plot, select, trials_csv
+                 num_images: int, allow_oracle: bool = False,
+                 note: str | None = None) -> dict[str, Any]:
+    """Write every artifact to the report run; return the summary (what ``--json`` shows).
 
+    A tuned model that selects tokens with the label oracle is refused unless
+    ``allow_oracle``; then the summary and the run say it is an upper bound."""
+    from pipelines.common.oracle import ORACLE_NOTE, ORACLE_TAGS, refuse_oracle, uses_oracle
+    from pipelines.tracking.runs import RunLogger
+    from pipelines.tune.pareto import mark_choices, pareto_plot, select, trials_csv
+
+    inference = eval_doc.get("inference") or (tune_doc.get("best") or {}).get("inference")
+    oracle = uses_oracle(checkpoint, inference)
+    if oracle and not allow_oracle:
+        refuse_oracle("report", "tune.allow_oracle: true (--allow-oracle)")
     tracker = RunLogger(run_id, tracking_uri)
+    if oracle:
+        tracker.set_tags(ORACLE_TAGS)
+        tracker.log_text(ORACLE_NOTE + "\n", "report/UPPER_BOUND.txt")
     table = summary_table(eval_doc)
+    choices = choices_lines(tune_doc)
+    if choices:
+        table += "\n\nthe search's answers:\n" + "\n".join(choices)
+    if note:
+        table = f"{note.strip()}\n\n{table}"
+    if oracle:
+        table = f"**{ORACLE_NOTE}**\n\n{table}"
     tracker.log_text(table, "report/summary.md")
     tracker.log_text(summary_csv(eval_doc), "report/summary.csv")
 
     trials = tune_doc.get("trials") or []
     baseline = tune_doc["baseline"]
-    selection = select(trials, baseline["miou"], tune_doc["max_drop"], tune_doc["drop_mode"])
+    selection = select(trials, baseline["miou"], tune_doc["max_drop"], tune_doc["drop_mode"],
+                       tune_doc.get("guard", "none"))
+    if "plain" in tune_doc:  # the answers after confirmation, marked where the search saw them
+        selection = mark_choices(selection, trials, tune_doc.get("best"),
+                                 tune_doc.get("plain"))
     tracker.log_text(trials_csv(trials, selection), "report/pareto.csv")
     tuned_metrics = eval_doc.get("tuned") or {}
     tracker.log_text(per_class_halting_md(tuned_metrics), "report/per_class_halting.md")
@@ -221,7 +273,6 @@ def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
         tmp_path = Path(tmp)
         pareto_plot(tmp_path / "pareto.png", trials, selection, baseline)
         tracker.log_artifact(tmp_path / "pareto.png", "report")
-        inference = eval_doc.get("inference") or (tune_doc.get("best") or {}).get("inference")
         (tmp_path / "maps").mkdir()
         for p in token_maps(checkpoint, val_data, inference, tmp_path / "maps", num_images):
             tracker.log_artifact(p, "report/token_maps")
@@ -241,7 +292,13 @@ def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
         "registered_model": tune_doc.get("registered_model"),
         "drop_on_reevaluation": eval_doc.get("drop"),
         "within_limit_on_reevaluation": eval_doc.get("within_limit"),
+        "guard": tune_doc.get("guard"),
+        "plain": tune_doc.get("plain"),
+        "guarded": tune_doc.get("guarded"),
+        "holdout": eval_doc.get("holdout"),
         "table_md": table,
         "token_maps": maps,
         "report_run_id": run_id,
+        "uses_labels": oracle,
+        "upper_bound": oracle,
     }

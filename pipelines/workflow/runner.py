@@ -1,4 +1,5 @@
-"""``step run``: prepare data -> train policy -> train STEP -> tune -> evaluate -> report.
+"""``step run``: prepare data -> train policy -> train STEP -> tune -> evaluate -> report
+-> analyze (``step analyze`` on the tuned checkpoint; ``analyze.enabled: false`` drops it).
 
 One MLflow parent run per pipeline, one child run per step; under them the runs the steps
 make themselves (the training runs, the search's trial runs). The same code runs on a
@@ -18,7 +19,7 @@ Design choices:
   when a FINISHED run of the same pipeline and step carries the same fingerprint *and*
   its outputs still exist; its outputs (URIs, a few numbers; the ``step.outputs`` tag) are
   reused. A skipped step still gets a (FINISHED, ``step.skipped=true``) child run pointing
-  at the run it reuses, so every pipeline run shows all six steps.
+  at the run it reuses, so every pipeline run shows all its steps.
 * **Resume.** A pipeline that died leaves its parent run and the running step's run
   RUNNING and the state file saying ``running``. The next ``step run`` with the same
   config (same resolved config, same tracking URI) reopens that parent run, marks the
@@ -46,7 +47,7 @@ from pipelines.workflow.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-STEPS = ("prepare", "train_policy", "train_step", "tune", "evaluate", "report")
+STEPS = ("prepare", "train_policy", "train_step", "tune", "evaluate", "report", "analyze")
 STATE_FILE = "pipeline_state.json"
 SUMMARY_KEYS = ("miou", "gflops", "tokens_mean", "halted_fraction", "latency_ms")
 
@@ -214,6 +215,10 @@ class Workflow:
         except BaseException as err:
             self.runs.end(self.parent_run_id, "FAILED", f"{type(err).__name__}: {err}")
             raise
+        from pipelines.workflow.review import log_review
+
+        # after every step (analysis figures included): the parent run's one page to read
+        log_review(self.runs, self.parent_run_id, summary, echo=self.echo)
         self.runs.end(self.parent_run_id)
         self.state["finished"] = True
         self._save_state()
@@ -248,6 +253,16 @@ class Workflow:
             lambda rid: steps.report(cfg, rid, self, data, trained, tuned, evaluated),
             steps.json_done)
         summary = read_json(reported["result"]) or {}
+        summary["checkpoints"] = {"policy": policy.get("checkpoint"),
+                                  "step": trained["checkpoint"]}
+        summary["analysis"] = None
+        if cfg.analyze.enabled:
+            analyzed = self.step(
+                "analyze", steps.analyze_payload(
+                    cfg, [self.fps["train_step"], self.fps["tune"], self.fps["prepare"]]),
+                lambda rid: steps.analyze(cfg, rid, self, data, trained, tuned),
+                steps.json_done)
+            summary["analysis"] = read_json(analyzed["result"])
         self._log_parent_summary(summary)
         return summary
 
@@ -265,6 +280,11 @@ class Workflow:
         reg = summary.get("registered_model")
         if reg:
             logger.set_tags({"step.registered_model": f"{reg['name']}/{reg['version']}"})
+        from pipelines.workflow.holdout import holdout_tags
+
+        tags = holdout_tags(summary.get("holdout"))
+        if tags:  # the held-out check's verdict, visible on the pipeline's own run
+            logger.set_tags(tags)
 
     def plan(self) -> list[dict[str, Any]]:
         """What ``run`` would do, without doing it: each step's fingerprint and whether a
@@ -289,6 +309,10 @@ class Workflow:
         chain.append(("evaluate", fps["evaluate"], steps.json_done))
         fps["report"] = fingerprint(steps.report_payload(cfg, [fps["evaluate"], fps["tune"]]))
         chain.append(("report", fps["report"], steps.json_done))
+        if cfg.analyze.enabled:
+            fps["analyze"] = fingerprint(steps.analyze_payload(
+                cfg, [fps["train_step"], fps["tune"], fps["prepare"]]))
+            chain.append(("analyze", fps["analyze"], steps.json_done))
         out = []
         for name, fp, done in chain:
             found = self.runs.finished_step(cfg.name, name, fp)
@@ -332,3 +356,14 @@ def _check_policy_free(cfg: PipelineConfig) -> None:
             f"step.config {cfg.step.config}: model.policy.mode={policy_mode(tc.model)!r} needs "
             "a trained policy, but the pipeline's policy step is disabled (enable `policy`, "
             "or use policy mode 'oracle')")
+    if policy_mode(tc.model) == "oracle" and not cfg.tune.allow_oracle:
+        from pipelines.tune.space import load_space
+
+        space = load_space(cfg.tune.space)
+        if space.merge_thresholds is None and space.budget is None:
+            # said before any training: tune and the report would refuse it hours later
+            raise ConfigError(
+                f"step.config {cfg.step.config}: model.policy.mode='oracle' and tune.space "
+                f"{cfg.tune.space!r} sets no merge thresholds: tune and the report would "
+                "measure the label oracle, an upper bound; set tune.allow_oracle: true "
+                "(--allow-oracle) or enable the policy step")

@@ -1,4 +1,4 @@
-"""The six steps of ``step run``, each as (fingerprint payload, body, "outputs still there?").
+"""The steps of ``step run``, each as (fingerprint payload, body, "outputs still there?").
 
 Kept apart from :mod:`pipelines.workflow.runner` (which only sequences, fingerprints, skips and
 resumes) so that each step reads as the plain program it is. Every body receives the MLflow
@@ -54,8 +54,13 @@ def prepare_payload(cfg: PipelineConfig) -> dict[str, Any]:
         from data_prep import storage as files
 
         layout = files.read_bytes(cfg.data.layout).decode(errors="replace")
-    return {"data": cfg.data.model_dump(mode="json"), "listing": listing, "layout": layout,
-            "format": 1}
+    data = cfg.data.model_dump(mode="json")
+    # a held-out fraction of val is chosen when the data is read, not when it is sharded:
+    # setting it must not re-shard (nor, through the fingerprints, retrain) anything
+    holdout = data.pop("holdout", None)
+    if isinstance(holdout, dict) and holdout.get("split"):
+        data["holdout_split"] = holdout["split"]
+    return {"data": data, "listing": listing, "layout": layout, "format": 1}
 
 
 def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
@@ -81,7 +86,10 @@ def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
                               dataset=d.dataset, layout=d.layout)
         tracker.log_metrics({f"tiles_{k}": v for k, v in counts.items()})
     outputs: dict[str, Any] = {}
-    for role, split in (("train", d.train_split), ("val", d.val_split)):
+    roles = [("train", d.train_split), ("val", d.val_split)]
+    if d.holdout is not None and d.holdout.split is not None:
+        roles.append(("holdout", d.holdout.split))  # a split no search ever reads
+    for role, split in roles:
         out = wf.path("data", _fp_short(wf, "prepare"), role)
         report = prep(d.dataset, src, out, split=split, samples_per_shard=d.samples_per_shard,
                       shard_size=d.shard_size, max_side=d.max_side, layout=d.layout,
@@ -126,6 +134,11 @@ def train_payload(cfg: PipelineConfig, stage: str, inputs: list[str | None]) -> 
         tc.pop(key, None)
     tc["data"].pop("train", None)
     tc["data"].pop("val", None)
+    # the model as configured, not every default of today's StepConfig: a model option added
+    # later (at a default that keeps the old behaviour) must not retrain finished stages
+    from step_model import StepConfig
+
+    tc["model"] = StepConfig.model_validate(tc["model"]).model_dump(mode="json", exclude_defaults=True)
     return {"train": tc, "inputs": inputs, "stage": stage}
 
 
@@ -174,15 +187,22 @@ def _tune_settings(cfg: PipelineConfig, wf: Workflow, checkpoint: str | None,
     values = cfg.tune.model_dump()
     values.update(checkpoint=checkpoint, data=data, tracking_uri=wf.tracking_uri,
                   experiment=cfg.mlflow.experiment, storage_path=wf.path("ray"),
-                  name=f"{cfg.name}-tune")
+                  name=f"{cfg.name}-tune", holdout=_holdout(cfg))
     return TuneSettings.model_validate(values)
+
+
+def _holdout(cfg: PipelineConfig) -> dict[str, Any] | None:
+    return cfg.data.holdout.model_dump(mode="json") if cfg.data.holdout else None
 
 
 def tune_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
     from pipelines.tune.space import load_space
 
-    return {"tune": cfg.tune.model_dump(mode="json"),
-            "space": load_space(cfg.tune.space).model_dump(mode="json"), "inputs": inputs}
+    payload = {"tune": cfg.tune.model_dump(mode="json"),
+               "space": load_space(cfg.tune.space).model_dump(mode="json"), "inputs": inputs}
+    if cfg.data.holdout is not None:  # only then: other pipelines keep their fingerprints
+        payload["holdout"] = _holdout(cfg)
+    return payload
 
 
 def tune(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
@@ -208,19 +228,28 @@ def json_done(outputs: dict[str, Any]) -> bool:
 # evaluate (a Ray task: on a cluster it lands on a GPU node)
 
 def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
-    return {"evaluate": cfg.evaluate.model_dump(mode="json"), "inputs": inputs,
-            "max_drop": cfg.tune.max_drop, "drop_mode": cfg.tune.drop_mode}
+    payload = {"evaluate": cfg.evaluate.model_dump(mode="json"), "inputs": inputs,
+               "max_drop": cfg.tune.max_drop, "drop_mode": cfg.tune.drop_mode}
+    if cfg.data.holdout is not None:
+        payload["holdout"] = _holdout(cfg)
+    return payload
 
 
 def _evaluate_pair(checkpoint: str, data: str, tuned: dict[str, Any] | None,
-                   max_samples: int | None, device: str) -> dict[str, Any]:
+                   max_samples: int | None, device: str,
+                   holdout: dict[str, Any] | None = None) -> dict[str, Any]:
     from pipelines.tune.trial import evaluate, model_num_exits, reference_inference
 
     baseline = evaluate(checkpoint, data, reference_inference(model_num_exits(checkpoint)),
                         max_samples=max_samples, device=device)
     after = evaluate(checkpoint, data, tuned, max_samples=max_samples, device=device) \
         if tuned is not None else None
-    return {"baseline": baseline, "tuned": after}
+    out = {"baseline": baseline, "tuned": after}
+    if holdout is not None:
+        from pipelines.workflow.holdout import holdout_check
+
+        out["holdout"] = holdout_check(checkpoint, device=device, tuned=tuned, **holdout)
+    return out
 
 
 def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
@@ -235,7 +264,8 @@ def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any
     e = cfg.evaluate
     task = ray.remote(num_cpus=e.cpus, num_gpus=e.gpus)(_evaluate_pair)
     res = ray.get(task.remote(trained["checkpoint"], data["val"], tuned["best_inference"],
-                              e.max_samples, "cuda" if e.gpus > 0 else "cpu"))
+                              e.max_samples, "cuda" if e.gpus > 0 else "cpu",
+                              _holdout_args(cfg, data, tuned)))
     tracker = RunLogger(run_id, wf.tracking_uri)
     out: dict[str, Any] = {"baseline": _headline(res["baseline"]),
                            "tuned": _headline(res["tuned"]) if res["tuned"] else None,
@@ -247,11 +277,40 @@ def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any
         out["within_limit"] = is_feasible(drop, cfg.tune.max_drop)
         tracker.log_metrics({f"tuned_{k}": v for k, v in out["tuned"].items()})
         tracker.log_metrics({"drop": drop, "within_limit": float(out["within_limit"])})
+    if res.get("holdout"):
+        _record_holdout(res["holdout"], tracker)
     tracker.log_dict(res, "evaluation.json")
+    tracker.log_datasets({"evaluation": data["val"]})
     result = wf.path("evaluate", _fp_short(wf, "evaluate"), "evaluation.json")
     write_json(result, {**res, **{k: out.get(k) for k in ("drop", "within_limit",
                                                             "inference")}})
     return {"result": result, "drop": out.get("drop"), "within_limit": out.get("within_limit")}
+
+
+def _holdout_args(cfg: PipelineConfig, data: dict[str, Any],
+                  tuned: dict[str, Any]) -> dict[str, Any] | None:
+    """What :func:`pipelines.workflow.holdout.holdout_check` needs besides the chosen
+    model: where the held-out images are, the limit, and the plain rule's answer."""
+    h, t = cfg.data.holdout, cfg.tune
+    if h is None:
+        return None
+    doc = _read_json(tuned["result"])
+    plain, best = doc.get("plain") or {}, doc.get("best") or {}
+    # by trial: the inference dicts differ once JSON has made the level keys strings
+    plain = plain.get("inference") if plain.get("trial_id") != best.get("trial_id") else None
+    return {"data": data["holdout"] if h.split is not None else data["val"],
+            "holdout": _holdout(cfg), "max_drop": t.max_drop, "drop_mode": t.drop_mode,
+            "samples": t.bootstrap_samples, "confidence": t.confidence, "seed": t.seed,
+            "plain": plain}
+
+
+def _record_holdout(check: dict[str, Any], tracker) -> None:
+    from pipelines.workflow.holdout import holdout_line
+
+    print(holdout_line(check), flush=True)
+    tracker.log_metrics({f"holdout_{k}": float(check[k]) for k in
+                         ("images", "drop", "drop_lo", "drop_hi", "limit_broken")
+                         if check.get(k) is not None})
 
 
 def _headline(m: dict[str, Any]) -> dict[str, float]:
@@ -276,13 +335,49 @@ def report(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
     summary = build_report(
         run_id=run_id, tracking_uri=wf.tracking_uri, tune_doc=tune_doc, eval_doc=eval_doc,
         checkpoint=trained["checkpoint"], val_data=data["val"],
-        num_images=cfg.report.num_images,
+        num_images=cfg.report.num_images, allow_oracle=cfg.tune.allow_oracle,
+        note=cfg.report.note,
     )
     summary.update(tracking_uri=wf.tracking_uri, parent_run_id=wf.parent_run_id,
                    pipeline=cfg.name)
     result = wf.path("report", _fp_short(wf, "report"), "summary.json")
     write_json(result, summary)
     return {"result": result}
+
+
+# ---------------------------------------------------------------------------------------
+# analyze (a Ray task, as evaluate: on a cluster it lands where the resources are)
+
+def analyze_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
+    return {"analyze": cfg.analyze.model_dump(mode="json"), "inputs": inputs, "format": 1}
+
+
+def _analyze_task(checkpoint: str, data: str, inference: dict[str, Any] | None,
+                  sweep: dict[str, Any], device: str) -> dict[str, Any]:
+    from pipelines.analyze.runner import analyze as run_analysis
+
+    return run_analysis(checkpoint, data, inference=inference, device=device,
+                        max_samples=sweep["max_samples"], batch_size=sweep["batch_size"],
+                        purities=sweep["purities"], thresholds=sweep["layout_thresholds"],
+                        budgets=sweep["budgets"], seeds=sweep["seeds"])
+
+
+def analyze(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
+            trained: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    from pipelines.analyze.runner import log_analysis
+    from pipelines.common.cluster import init_ray
+
+    init_ray()
+    a = cfg.analyze
+    task = ray.remote(num_cpus=a.cpus, num_gpus=a.gpus)(_analyze_task)
+    doc = ray.get(task.remote(trained["checkpoint"], data["val"], tuned.get("best_inference"),
+                              a.model_dump(mode="json"), "cuda" if a.gpus > 0 else "cpu"))
+    log_analysis(doc, wf.tracking_uri, run_id)
+    result = wf.path("analyze", _fp_short(wf, "analyze"), "analysis.json")
+    write_json(result, doc)
+    return {"result": result, "policy_vs_oracle": doc["policy_vs_oracle"]["value"]}
 
 
 # ---------------------------------------------------------------------------------------
