@@ -81,10 +81,12 @@ def result_json(result) -> dict:
 
 
 def ui_hint(tracking_uri: str) -> str:
+    review = ("; the parent run's artifact report.html is the review page (the UI's "
+              "\"Model training\" view lists the runs)")
     if tracking_uri.startswith("sqlite:"):
-        return ("open the MLflow UI: `step ui` (serves this store on http://127.0.0.1:5000), "
-                "then the experiment's newest run")
-    return f"open the MLflow UI: {tracking_uri}"
+        return ("open the MLflow UI: `step ui` (serves this store on 127.0.0.1 and prints each "
+                "experiment's address), then the experiment's newest run" + review)
+    return f"open the MLflow UI: {tracking_uri}" + review
 
 
 COMMAND = Command(PipelineConfig, run_command, options=RunOptions, load=load,
