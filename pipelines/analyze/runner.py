@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pipelines.common.storage import json_safe
 
 DEFAULT_PURITIES = [1.0, 0.98, 0.95, 0.9]
 DEFAULT_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -141,16 +142,6 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
         "uses_labels": {"layouts.oracle": True, "everything else": False},
         "seconds": seconds,
     })
-
-
-def json_safe(x: Any) -> Any:
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [json_safe(v) for v in x]
-    return x
 
 
 # ---- tables and MLflow -------------------------------------------------------------------

@@ -11,18 +11,15 @@ flow (:mod:`pipelines.analyze.runner`); logs CSVs and plots to one MLflow run un
 from __future__ import annotations
 
 from pipelines.analyze.settings import AnalyzeSettings
-from pipelines.cli.command import Alias, Command, Invocation, Result
-
-ALIASES = (
-    Alias(("--thresholds", "--exit-thresholds"), "inference.exit_thresholds"),
-    Alias(("--merge-thresholds",), "inference.merge_thresholds"),
-    Alias(("--budget",), "inference.budget"),
-    Alias(("--top-k",), "inference.top_k"),
-    Alias(("--tracking-uri",), "mlflow.tracking_uri"),
-    Alias(("--experiment",), "mlflow.experiment"),
-    Alias(("--parent-run-id",), "mlflow.parent_run_id"),
-    Alias(("--mlflow",), "mlflow.enabled"),  # and --no-mlflow
+from pipelines.cli.command import (
+    MLFLOW_ALIASES,
+    OPERATING_POINT_ALIASES,
+    Command,
+    Invocation,
+    Result,
 )
+
+ALIASES = (*OPERATING_POINT_ALIASES, *MLFLOW_ALIASES)
 
 
 def analyze_command(inv: Invocation) -> Result:

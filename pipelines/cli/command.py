@@ -73,6 +73,27 @@ class Alias:
     help: str | None = None
 
 
+# The flags every command that runs a checkpoint spells the same way.
+OPERATING_POINT_ALIASES = (
+    Alias(("--thresholds", "--exit-thresholds"), "inference.exit_thresholds"),
+    Alias(("--merge-thresholds",), "inference.merge_thresholds"),
+    Alias(("--budget",), "inference.budget"),
+    Alias(("--top-k",), "inference.top_k"),
+)
+INFERENCE_ALIASES = (
+    *OPERATING_POINT_ALIASES,
+    Alias(("--exit-policy",), "inference.exit_policy"),
+    Alias(("--policy-mode",), "inference.policy_mode"),
+    Alias(("--halting",), "inference.halting"),  # and --no-halting
+)
+MLFLOW_ALIASES = (
+    Alias(("--tracking-uri",), "mlflow.tracking_uri"),
+    Alias(("--experiment",), "mlflow.experiment"),
+    Alias(("--parent-run-id",), "mlflow.parent_run_id"),
+    Alias(("--mlflow",), "mlflow.enabled"),  # and --no-mlflow
+)
+
+
 @dataclass
 class Invocation:
     """What a handler gets: the validated settings and options, plus how they were given

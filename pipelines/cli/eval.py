@@ -13,22 +13,16 @@ results are then marked ``uses_labels`` / ``upper_bound`` (JSON, MLflow tags, ou
 
 from __future__ import annotations
 
-from pipelines.cli.command import Alias, Command, Invocation, Result
+from pipelines.cli.command import (
+    INFERENCE_ALIASES,
+    MLFLOW_ALIASES,
+    Command,
+    Invocation,
+    Result,
+)
 from pipelines.evaluate.settings import EvalSettings
 
-ALIASES = (
-    Alias(("--thresholds", "--exit-thresholds"), "inference.exit_thresholds"),
-    Alias(("--merge-thresholds",), "inference.merge_thresholds"),
-    Alias(("--budget",), "inference.budget"),
-    Alias(("--top-k",), "inference.top_k"),
-    Alias(("--exit-policy",), "inference.exit_policy"),
-    Alias(("--policy-mode",), "inference.policy_mode"),
-    Alias(("--halting",), "inference.halting"),  # and --no-halting
-    Alias(("--tracking-uri",), "mlflow.tracking_uri"),
-    Alias(("--experiment",), "mlflow.experiment"),
-    Alias(("--parent-run-id",), "mlflow.parent_run_id"),
-    Alias(("--mlflow",), "mlflow.enabled"),  # and --no-mlflow
-)
+ALIASES = (*INFERENCE_ALIASES, *MLFLOW_ALIASES)
 
 
 def evaluate(inv: Invocation) -> Result:

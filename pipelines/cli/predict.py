@@ -11,18 +11,10 @@ them. Runs as Ray Data ``map_batches`` when ``RAY_ADDRESS`` names a cluster (or
 
 from __future__ import annotations
 
-from pipelines.cli.command import Alias, Command, Invocation, Result
+from pipelines.cli.command import INFERENCE_ALIASES, Command, Invocation, Result
 from pipelines.predict.settings import PredictSettings
 
-ALIASES = (
-    Alias(("--thresholds", "--exit-thresholds"), "inference.exit_thresholds"),
-    Alias(("--merge-thresholds",), "inference.merge_thresholds"),
-    Alias(("--budget",), "inference.budget"),
-    Alias(("--top-k",), "inference.top_k"),
-    Alias(("--exit-policy",), "inference.exit_policy"),
-    Alias(("--policy-mode",), "inference.policy_mode"),
-    Alias(("--halting",), "inference.halting"),  # and --no-halting
-)
+ALIASES = INFERENCE_ALIASES
 
 
 def predict(inv: Invocation) -> Result:

@@ -11,6 +11,7 @@ honours a custom endpoint (moto, MinIO) when it is given explicitly, so
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,17 @@ is_s3 = files.is_s3
 join = files.join
 exists = files.exists
 list_files = files.list_files
+
+
+def json_safe(x: Any) -> Any:
+    """NaN and inf -> None, keys -> str, tuples -> lists, recursively: strict JSON."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def read_json(uri: str) -> dict[str, Any] | None:

@@ -28,7 +28,6 @@ worker logs).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from pipelines.common.data import batch_to_device
 from pipelines.common.progress import duration
+from pipelines.common.storage import json_safe
 from pipelines.evaluate.bootstrap import ImageConfusions
 from pipelines.evaluate.metrics import (
     IGNORE_INDEX,
@@ -71,7 +71,7 @@ class EvalResult:
     images: ImageConfusions | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({f.name: getattr(self, f.name) for f in fields(self)
+        return json_safe({f.name: getattr(self, f.name) for f in fields(self)
                            if f.name != "images"})
 
     def headline(self) -> dict[str, float | None]:
@@ -84,17 +84,7 @@ class EvalResult:
         }
         out.update({f"gflops_{k}": v for k, v in self.gflops_split.items()})
         out.update({f"halted_fraction_{k}": v for k, v in self.halted_per_exit.items()})
-        return _json_safe(out)
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
+        return json_safe(out)
 
 
 # ---- inference ------------------------------------------------------------------------
