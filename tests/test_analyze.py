@@ -127,6 +127,7 @@ def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_sha
     rc = main(["analyze", "--checkpoint", checkpoints["learned"], "--data", tiny_shards["val"],
                "--max-samples", "1", "--thresholds", "0.3", "--merge-thresholds", "0.5",
                "--layout-thresholds", "0.5", "0.9", "--budgets", "0.5", "--seeds", "3",
+               "--ablation-thresholds", "0.2", "0.99",
                "--tracking-uri", mlflow_server, "--experiment", "analyze", "--json", str(out)])
     printed = capsys.readouterr()
     assert rc == 0, printed.err[-3000:]
@@ -148,6 +149,18 @@ def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_sha
     assert abl["random"]["halted_per_exit"] == abl["confidence"]["halted_per_exit"] \
         == abl["uniform"]["halted_per_exit"]  # the same counts at every exit
     assert [s["seed"] for s in abl["random"]["seeds"]] == [3]
+    sweep = doc["ablation_sweep"]
+    assert [r["exit_threshold"] for r in sweep] == [0.2, 0.99]
+    for r in sweep:  # matched counts at every exit, at every threshold of the curve
+        assert r["random"]["halted_per_exit"] == r["confidence"]["halted_per_exit"] \
+            == r["uniform"]["halted_per_exit"]
+        assert r["confidence_wins"] == (r["confidence"]["miou"] > max(
+            r["random"]["miou"], r["uniform"]["miou"]))
+    halted = [sum(r["confidence"]["halted_per_exit"].values()) for r in sweep]
+    assert halted[0] > halted[1]  # a lower threshold halts more
+    assert doc["confidence_wins"] == all(
+        [abl["confidence"]["miou"] > max(abl["random"]["miou"], abl["uniform"]["miou"])]
+        + [r["confidence_wins"] for r in sweep])
     flow = doc["flow"]
     assert flow["images"] == 1 and len(flow["tokens_per_block"]) == 12
     assert sum(flow["tokens_per_level"][s] * int(s) ** 2 for s in flow["tokens_per_level"]) \
@@ -160,7 +173,8 @@ def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_sha
     files = {f.path for f in client.list_artifacts(doc["run_id"], "analysis")}
     assert {"analysis/layouts.csv", "analysis/tradeoff.csv", "analysis/ablation.csv",
             "analysis/flow_per_class.csv", "analysis/layouts.png", "analysis/tradeoff.png",
-            "analysis/ablation.png", "analysis/flow_per_class.png"} <= files
+            "analysis/ablation.png", "analysis/flow_per_class.png",
+            "analysis/ablation_sweep.csv", "analysis/ablation_sweep.png"} <= files
     run = client.get_run(doc["run_id"])
     assert run.info.status == "FINISHED" and "tradeoff_step_gflops" in run.data.metrics
 

@@ -103,3 +103,35 @@ def test_progress_line_says_step_loss_speed_and_eta() -> None:
     assert line == ("[train step] step 300/1500 (20%)  loss 0.5123  7.2 samples/s"
                     "  ETA 30m00s")
     assert progress_line("policy", 10, 10, 1.0, 1.0, 9.0).endswith("ETA 0s")
+
+
+def test_sharing_mix_draws_a_merge_threshold_per_step_and_restores_the_configured_one(tmp_path) -> None:
+    from pipelines.common.settings import ConfigError
+
+    cfg = load_train_config("configs/tiny/step.yaml", [
+        "model.policy.mode=threshold", f"policy_checkpoint={tmp_path}",
+        "sharing_mix.thresholds=[0.5, 1.0]"], stage="step")
+    model = build_model(cfg.model)
+    with torch.no_grad():  # a policy that merges every window it is asked about
+        for s in model.cfg.policy.levels:
+            model.policy.heads[str(s)].bias.fill_(6.0)
+    configured = model.cfg
+    stage = StepStage()
+    images = torch.rand(1, 3, 64, 64)
+    grid_cells = (64 // 16) ** 2
+
+    def tokens_at(step: int) -> tuple[int, str]:
+        with stage.step_settings(model, cfg, step):
+            layout, _ = model.select(images, None)
+            mode = model.cfg.policy.mode
+        assert model.cfg is configured  # evaluation and checkpoints keep the configured one
+        return int(layout.num_tokens.sum()), mode
+
+    draws = [tokens_at(step) for step in range(24)]
+    assert draws == [tokens_at(step) for step in range(24)]  # a function of (seed, step)
+    assert {mode for _, mode in draws} == {"threshold", "none"}  # both drawn
+    assert all(n == grid_cells for n, mode in draws if mode == "none")  # 1.0: no sharing
+    assert all(n < grid_cells for n, mode in draws if mode == "threshold")
+
+    with pytest.raises(ConfigError, match="sharing_mix.thresholds"):
+        load_train_config("configs/tiny/step.yaml", ["sharing_mix.thresholds=[0.5]"], stage="step")

@@ -116,3 +116,35 @@ def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                             for k in keys},
         "seeds": per_seed,
     }
+
+
+def ablation_sweep(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+                   num_classes: int, inference: dict[str, Any], seeds: list[int],
+                   thresholds: list[float]) -> list[dict[str, Any]]:
+    """:func:`run_ablation` at each shared exit threshold (the sharing of ``inference``):
+    one row per threshold, with ``confidence_wins`` (its mIoU above both others')."""
+    if not model.exit_blocks:
+        return []
+    rows = []
+    for t in thresholds:
+        res = run_ablation(model, batches, num_classes=num_classes,
+                           inference={**inference, "exit_thresholds": float(t)}, seeds=seeds)
+        rows.append({"exit_threshold": float(t), **res, "confidence_wins": _wins(res)})
+    model.set_inference(**{k: v for k, v in inference.items() if k != "halting"})
+    return rows
+
+
+def _wins(res: dict[str, Any]) -> bool | None:
+    mious = [(res.get(k) or {}).get("miou") for k in ("confidence", "random", "uniform")]
+    if any(m is None for m in mious):
+        return None
+    return mious[0] > max(mious[1:])
+
+
+def confidence_wins(ablation: dict[str, Any], sweep: list[dict[str, Any]]) -> bool | None:
+    """Confidence exits score above random and uniform at every measured operating point
+    (the analysed one and every sweep threshold); None when nothing was measured."""
+    verdicts = [_wins(ablation)] if "confidence" in (ablation or {}) else []
+    verdicts += [r["confidence_wins"] for r in sweep]
+    verdicts = [v for v in verdicts if v is not None]
+    return all(verdicts) if verdicts else None

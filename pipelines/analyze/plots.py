@@ -76,6 +76,26 @@ def ablation_plot(path: Path, ablation: dict[str, Any]) -> Path:
     return _save(fig, path)
 
 
+def ablation_sweep_plot(path: Path, sweep: list[dict[str, Any]]) -> Path:
+    """mIoU against GFLOPs for each exit rule, one point per exit threshold."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=110)
+    for k, color in (("confidence", "tab:green"), ("random", "tab:gray"),
+                     ("uniform", "tab:purple")):
+        pts = sorted((r[k]["gflops"], _pct(r[k]["miou"]), r["exit_threshold"]) for r in sweep
+                     if r[k].get("miou") is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=k)
+        if k == "confidence":
+            for g, m, t in pts:
+                ax.annotate(f"{t:g}", (g, m), xytext=(3, 3), textcoords="offset points",
+                            fontsize=7)
+    ax.set_xlabel("GFLOPs per image (policy included)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("exit rules at matched counts, per exit threshold", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def flow_plot(path: Path, flow: dict[str, Any]) -> Path:
     """Per class: the share of its pixels at each superpatch level and at each exit."""
     plt = _plt()

@@ -64,9 +64,10 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
             max_samples: int | None = None, device: str = "cpu", batch_size: int = 1,
             purities: list[float] | None = None, thresholds: list[float] | None = None,
             budgets: list[float] | None = None, seeds: list[int] | None = None,
+            ablation_thresholds: list[float] | None = None,
             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every part; returns the ``step analyze`` JSON document."""
-    from pipelines.analyze.ablation import run_ablation
+    from pipelines.analyze.ablation import ablation_sweep, confidence_wins, run_ablation
     from pipelines.analyze.flow import FlowMeter
     from pipelines.analyze.layouts import LayoutSweep, policy_vs_oracle
     from pipelines.analyze.tradeoff import run_tradeoff
@@ -126,6 +127,14 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
     seconds["ablation_and_flow"] = time.monotonic() - t0
     echo(f"analyze: exit ablation and token flow in {seconds['ablation_and_flow']:.1f}s")
 
+    t0 = time.monotonic()
+    sweep_rows = ablation_sweep(model, batches, num_classes=num_classes, inference=op,
+                                seeds=list(seeds), thresholds=list(ablation_thresholds or []))
+    if sweep_rows:
+        seconds["ablation_sweep"] = time.monotonic() - t0
+        echo(f"analyze: exit ablation at {len(sweep_rows)} more thresholds in "
+             f"{seconds['ablation_sweep']:.1f}s")
+
     return json_safe({
         "checkpoint": checkpoint,
         "data": data,
@@ -136,6 +145,8 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
         "policy_vs_oracle": policy_vs_oracle(layouts),
         "tradeoff": tradeoff,
         "ablation": ablation,
+        "ablation_sweep": sweep_rows,
+        "confidence_wins": confidence_wins(ablation, sweep_rows),
         "flow": meter.result(),
         "units": {"miou": "fraction of 1 (as step eval)", "gflops": "per image, policy "
                   "network included", "tokens": "per image"},
@@ -168,6 +179,15 @@ def tables(doc: dict[str, Any]) -> dict[str, str]:
                  for r in abl["random"]["seeds"]]
         out["ablation.csv"] = _csv(["exit_policy", "seed", "miou", "gflops",
                                     *[f"halted_{e}" for e in exits]], rows)
+    sweep = doc.get("ablation_sweep") or []
+    if sweep:
+        exits = list(sweep[0]["confidence"]["halted_per_exit"])
+        out["ablation_sweep.csv"] = _csv(
+            ["exit_threshold", "exit_policy", "miou", "miou_std", "gflops",
+             *[f"halted_{e}" for e in exits]],
+            [[r["exit_threshold"], k, r[k]["miou"], r[k].get("miou_std"), r[k]["gflops"],
+              *r[k]["halted_per_exit"].values()]
+             for r in sweep for k in ("confidence", "uniform", "random")])
     flow = doc["flow"]
     out["flow_tokens.csv"] = _csv(
         ["what", "key", "tokens_per_image"],
@@ -205,6 +225,9 @@ def log_analysis(doc: dict[str, Any], tracking_uri: str, run_id: str) -> list[st
                    plots.flow_plot(tmp_path / "flow_per_class.png", doc["flow"])]
         if "confidence" in (doc.get("ablation") or {}):
             figures.append(plots.ablation_plot(tmp_path / "ablation.png", doc["ablation"]))
+        if doc.get("ablation_sweep"):
+            figures.append(plots.ablation_sweep_plot(tmp_path / "ablation_sweep.png",
+                                                     doc["ablation_sweep"]))
         for fig in figures:
             tracker.log_artifact(fig, "analysis")
             logged.append(f"analysis/{fig.name}")
@@ -220,6 +243,8 @@ def log_analysis(doc: dict[str, Any], tracking_uri: str, run_id: str) -> list[st
         v = (doc.get("ablation") or {}).get(k) or {}
         if v.get("miou") is not None:
             metrics[f"ablation_{k}_miou"] = v["miou"]
+    if doc.get("confidence_wins") is not None:
+        metrics["ablation_confidence_wins"] = float(doc["confidence_wins"])
     tracker.log_metrics(metrics)
     # the layout curve's oracle rows read the labels: say so where the run is browsed
     tracker.set_tags({"step.analysis.oracle_rows": "upper bound: uses labels"})

@@ -21,6 +21,9 @@ class SweepSettings(StrictModel):
     budgets: list[float] = Field([0.3, 0.4, 0.5, 0.6, 0.7, 0.8], description="learned-"
                                     "policy layouts: fraction of the grid's tokens kept")
     seeds: list[int] = Field([0, 1, 2], description="seeds of the random-exit ablation")
+    ablation_thresholds: list[float] = Field(
+        [], description="exit thresholds at which the exit ablation is repeated (at the "
+        "operating point's sharing): the ablation as a curve, from few halted tokens to many")
     batch_size: int = Field(1, ge=1, description="images per forward")
 
     # plain float lists (not constrained items) so that each gets a flag: --budgets 0.4 0.6
@@ -32,7 +35,7 @@ class SweepSettings(StrictModel):
             raise ValueError(f"values must be in (0, 1], got {bad}")
         return v
 
-    @field_validator("layout_thresholds")
+    @field_validator("layout_thresholds", "ablation_thresholds")
     @classmethod
     def _probabilities(cls, v: list[float]) -> list[float]:
         bad = [x for x in v if not 0.0 <= x <= 1.0]

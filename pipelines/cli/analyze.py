@@ -31,7 +31,7 @@ def analyze_command(inv: Invocation) -> Result:
     doc = analyze(checkpoint, s.data, inference=s.inference.kwargs(),
                   max_samples=s.max_samples, device=s.device, batch_size=s.batch_size,
                   purities=s.purities, thresholds=s.layout_thresholds, budgets=s.budgets,
-                  seeds=s.seeds)
+                  seeds=s.seeds, ablation_thresholds=s.ablation_thresholds)
     doc["run_id"] = doc["tracking_uri"] = None
     if s.mlflow.enabled:
         from pipelines.tracking.runs import create_run, resolve_tracking_uri

@@ -244,11 +244,27 @@ class Worker:
                 self.checkpoint()
 
     def optimizer_step(self, batches) -> tuple[dict[str, float], torch.Tensor | None]:
-        """One optimizer step over ``grad_accum`` micro-batches (DDP's ``no_sync`` on all
-        but the last); returns the loss terms and the gradient norm before clipping."""
-        cfg, ddp = self.cfg, self.ddp
-        ddp.train()
+        """One optimizer step at the stage's settings for this step; returns the loss terms
+        and the gradient norm before clipping."""
+        cfg = self.cfg
+        self.ddp.train()
         self.stage.train_mode(self.model)
+        with self.stage.step_settings(self.model, cfg, self.state.step):
+            terms = self._accumulate(batches)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+                     if cfg.optim.grad_clip else None)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.window["loss_sum"] += terms["total"]
+        self.window["n"] += 1
+        return terms, grad_norm
+
+    def _accumulate(self, batches) -> dict[str, float]:
+        """Forward and backward over ``grad_accum`` micro-batches (DDP's ``no_sync`` on all
+        but the last); returns the loss terms averaged over them."""
+        cfg, ddp = self.cfg, self.ddp
         accum = cfg.optim.grad_accum
         terms: dict[str, float] = {}
         for micro in range(accum):
@@ -262,15 +278,7 @@ class Worker:
             for k, v in losses.items():
                 terms[k] = terms.get(k, 0.0) + float(v.detach()) / accum
             self.window["samples"] += images.shape[0]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip else None)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        self.window["loss_sum"] += terms["total"]
-        self.window["n"] += 1
-        return terms, grad_norm
+        return terms
 
     def log(self, terms: dict[str, float], grad_norm: torch.Tensor | None) -> None:
         """Metrics averaged over ranks to MLflow, and rank 0's progress line."""

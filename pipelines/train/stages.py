@@ -19,6 +19,7 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ class PolicyStage:
     def start_finetune(self, model, cfg: TrainConfig) -> None:  # stage 2 only
         pass
 
+    @contextlib.contextmanager
+    def step_settings(self, model, cfg: TrainConfig, step: int):  # stage 2 only
+        yield
+
     def losses(self, ddp, model, images, labels, cfg: TrainConfig) -> dict[str, torch.Tensor]:
         from step_model import policy_loss
 
@@ -100,6 +105,27 @@ class StepStage:
             model.set_inference(**cfg.finetune.inference)
         model.cfg.exits.halting = True
         model.cfg.exits.halt_in_training = True
+
+    @contextlib.contextmanager
+    def step_settings(self, model, cfg: TrainConfig, step: int):
+        """The optimizer step's sharing: a merge threshold drawn from
+        ``sharing_mix.thresholds`` (see :class:`SharingMixConfig`), the configured one
+        restored afterwards so that evaluation and checkpoints keep it."""
+        choices = cfg.sharing_mix.thresholds
+        if not choices:
+            yield
+            return
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+        tau = float(choices[int(torch.randint(len(choices), (1,), generator=gen))])
+        saved = model.cfg
+        if tau >= 1.0:
+            model.set_inference(policy_mode="none")
+        else:
+            model.set_inference(merge_thresholds=dict.fromkeys(model.cfg.policy.levels, tau))
+        try:
+            yield
+        finally:
+            model.cfg = saved
 
     def losses(self, ddp, model, images, labels, cfg: TrainConfig) -> dict[str, torch.Tensor]:
         from step_model import step_loss

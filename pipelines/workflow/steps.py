@@ -359,7 +359,8 @@ def _analyze_task(checkpoint: str, data: str, inference: dict[str, Any] | None,
     return run_analysis(checkpoint, data, inference=inference, device=device,
                         max_samples=sweep["max_samples"], batch_size=sweep["batch_size"],
                         purities=sweep["purities"], thresholds=sweep["layout_thresholds"],
-                        budgets=sweep["budgets"], seeds=sweep["seeds"])
+                        budgets=sweep["budgets"], seeds=sweep["seeds"],
+                        ablation_thresholds=sweep["ablation_thresholds"])
 
 
 def analyze(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
