@@ -52,6 +52,9 @@ class PolicyConfig(_Strict):
     # Run the policy on the image resized by this factor: its cost falls with the square
     # (0.5: a quarter), its stride-32 map is resized back to the 16-px cell grid / 2.
     input_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    # The heads also read the stage at 32 image px (see PolicyNet): finer boundaries for a
+    # downscaled input, at the cost of one more 1x1 conv input.
+    fine_features: bool = False
 
     @field_validator("thresholds")
     @classmethod

@@ -181,7 +181,8 @@ class StepSegmenter(nn.Module):
         cfg.exits.threshold_per_exit(len(self.exit_blocks))  # validate now, not at inference
         dim = self.encoder.embed_dim
         self.policy = PolicyNet(tuple(cfg.policy.levels), pretrained=cfg.policy.pretrained,
-                                input_scale=cfg.policy.input_scale)
+                                input_scale=cfg.policy.input_scale,
+                                fine_features=cfg.policy.fine_features)
         if cfg.policy.weights:
             state = torch.load(cfg.policy.weights, map_location="cpu", weights_only=True)
             self.policy.load_state_dict(state)

@@ -99,9 +99,15 @@ def load_lite0_weights(model: nn.Module, path: str | Path | None = None) -> dict
 
 
 class PolicyNet(nn.Module):
-    """EfficientNet-Lite0 features (stride 32) + one homogeneity head per level."""
+    """EfficientNet-Lite0 features (stride 32) + one homogeneity head per level.
 
-    def __init__(self, levels: tuple[int, ...] = LEVELS, pretrained: bool = True, input_scale: float = 1.0) -> None:
+    ``fine_features``: the heads also read the stage whose stride on the policy's input is
+    32 image pixels (at ``input_scale`` 0.5 the 112-channel stride-16 stage), concatenated
+    with the final map. On a downscaled input the final map is coarser than the 32-px
+    windows of level 2, and boundaries between small objects are lost in the resize."""
+
+    def __init__(self, levels: tuple[int, ...] = LEVELS, pretrained: bool = True,
+                 input_scale: float = 1.0, fine_features: bool = False) -> None:
         super().__init__()
         self.input_scale = float(input_scale)
         net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
@@ -111,6 +117,14 @@ class PolicyNet(nn.Module):
         self.net = net
         self.levels = tuple(levels)
         width = net.num_features
+        self.fine_index: int | None = None
+        if fine_features:
+            # the finest stage still no finer than 32 image px (an input px is 1/scale)
+            stride = 32 * self.input_scale
+            infos = list(net.feature_info)
+            self.fine_index = max((i for i, f in enumerate(infos) if f["reduction"] <= stride + 1e-9),
+                                  default=0)
+            width += infos[self.fine_index]["num_chs"]
         self.heads = nn.ModuleDict({str(s): nn.Conv2d(width, 1, kernel_size=1) for s in self.levels})
         cfg = net.pretrained_cfg or {}
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5,) * 3)).view(1, 3, 1, 1), persistent=False)
@@ -127,10 +141,15 @@ class PolicyNet(nn.Module):
             # area-downscale the input; the coarser feature map is resized back to the
             # stride-32 grid (ceil: timm's "same" padding rounds up) that the heads read
             x = F.interpolate(x, scale_factor=self.input_scale, mode="area")
-            feats = self.net.forward_features(x)
-            feats = F.interpolate(feats, size=(-(-gh // 2), -(-gw // 2)), mode="bilinear", align_corners=False)
+        if self.fine_index is None:
+            maps = [self.net.forward_features(x)]
         else:
-            feats = self.net.forward_features(x)
+            final, (fine,) = self.net.forward_intermediates(x, indices=[self.fine_index])
+            maps = [final, fine]
+        size = (-(-gh // 2), -(-gw // 2))
+        feats = torch.cat([m if m.shape[-2:] == size else
+                           F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                           for m in maps], dim=1)
         out: dict[int, torch.Tensor] = {}
         for s in self.levels:
             h, w = gh // s, gw // s

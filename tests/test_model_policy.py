@@ -64,3 +64,27 @@ def test_gradients_reach_decoder_and_exit_heads_not_the_frozen_policy() -> None:
         assert head.head.weight.grad.abs().sum() > 0
     assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.encoder.vit.pos_embed.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scale, stride, channels", [(0.5, 16, 112), (1.0, 32, 320)])
+def test_fine_features_add_the_stage_at_32_image_pixels_to_the_heads(scale, stride, channels) -> None:
+    torch.manual_seed(0)
+    fine = PolicyNet((2, 4), pretrained=False, input_scale=scale, fine_features=True).eval()
+    info = fine.net.feature_info[fine.fine_index]
+    assert (info["reduction"], info["num_chs"]) == (stride, channels)
+    plain = PolicyNet((2, 4), pretrained=False, input_scale=scale).eval()
+    plain.net.load_state_dict(fine.net.state_dict())
+    width = plain.net.num_features
+    x = torch.rand(1, 3, 160, 224)
+    with torch.no_grad():
+        for s in ("2", "4"):
+            assert fine.heads[s].in_channels == width + channels
+            plain.heads[s].weight.copy_(fine.heads[s].weight[:, :width])
+            plain.heads[s].bias.copy_(fine.heads[s].bias)
+        with_fine, base = fine(x), plain(x)
+        for h in fine.heads.values():  # drop the fine map's share: the final map alone
+            h.weight[:, width:] = 0
+        without_fine = fine(x)
+    for s in (2, 4):
+        assert not torch.allclose(with_fine[s], base[s])
+        assert torch.allclose(without_fine[s], base[s], atol=1e-5)

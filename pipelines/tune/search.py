@@ -95,12 +95,13 @@ class TuneSettings(StrictModel):
     resources_per_trial: TrialResources = TrialResources()
     max_samples: int | None = Field(None, ge=1, description="val images per evaluation")
     guard: Literal["none", "ci"] = Field(
-        "ci", description="feasible when the point drop (none) or the upper end of its 95% "
-        "bootstrap interval (ci) is within max_drop")
+        "ci", description="feasible when the point drop (none) or the upper end of its "
+        "bootstrap interval at level `confidence` (ci) is within max_drop")
     confirm_top: int = Field(3, ge=0, description="cheapest feasible trials (per rule) "
                              "re-evaluated on every searchable image before choosing; 0 = off")
     bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples")
-    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the drop interval")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the drop interval "
+                              "(two-sided: 0.95 guards the upper end at 97.5 %)")
     holdout: Holdout | None = Field(None, description="images the search never sees: "
                                     "{fraction: F} of the validation keys, or {split: S}")
     seed: int = 0
