@@ -169,6 +169,9 @@ def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_sha
         assert sum(shares["level"].values()) == pytest.approx(1.0)
         assert sum(shares["exit"].values()) == pytest.approx(1.0)
     assert "policy_vs_oracle" in printed.out and "[uses labels: upper bound]" in printed.out
+    assert "at exit threshold 0.99:" in printed.out
+    assert "beat random and uniform at every point: " + ("yes" if doc["confidence_wins"] else "no") \
+        in printed.out
     client = MlflowClient(mlflow_server)
     files = {f.path for f in client.list_artifacts(doc["run_id"], "analysis")}
     assert {"analysis/layouts.csv", "analysis/tradeoff.csv", "analysis/ablation.csv",
@@ -177,6 +180,36 @@ def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_sha
             "analysis/ablation_sweep.csv", "analysis/ablation_sweep.png"} <= files
     run = client.get_run(doc["run_id"])
     assert run.info.status == "FINISHED" and "tradeoff_step_gflops" in run.data.metrics
+
+
+def test_layouts_only_runs_the_policy_alone(checkpoints, tiny_shards, mlflow_server, capsys):
+    """``--layouts-only`` (a stage-1 checkpoint is enough): the layout curve of the layout
+    sweep itself, no STEP forward, and only its table and plot in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.analyze.layouts import LayoutSweep
+    from pipelines.cli import main
+    from pipelines.common.checkpoint import load_model
+    from pipelines.common.data import eval_loader
+
+    out = checkpoints["root"] / "layouts.json"
+    model, _ = load_model(checkpoints["learned"])
+    assert main(["analyze", "--checkpoint", checkpoints["learned"], "--data", tiny_shards["val"],
+                 "--layouts-only", "--layout-thresholds", "0.5", "--budgets", "0.5",
+                 "--tracking-uri", mlflow_server, "--experiment", "analyze",
+                 "--json", str(out)]) == 0, capsys.readouterr().err[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["layouts_only"] and doc["tradeoff"] == [] and doc["flow"] is None
+    sweep = LayoutSweep(model, 7, purities=[1.0, 0.98, 0.95, 0.9], thresholds=[0.5], budgets=[0.5])
+    for images, labels in eval_loader(tiny_shards["val"], num_workers=0):
+        sweep.update(images, labels)
+    assert doc["num_images"] == sweep.images == 3
+    assert [r["tokens_fraction"] for r in doc["layouts"]] == pytest.approx(
+        [r["tokens_fraction"] for r in sweep.rows()])
+    files = {f.path for f in MlflowClient(mlflow_server).list_artifacts(doc["run_id"], "analysis")}
+    assert {"analysis/layouts.csv", "analysis/layouts.png"} <= files
+    assert not {"analysis/tradeoff.csv", "analysis/flow_tokens.csv"} & files
+    assert list(doc["seconds"]) == ["layouts"]  # nothing else ran
 
 
 def test_oracle_is_refused_without_allow_oracle_and_labelled_with_it(

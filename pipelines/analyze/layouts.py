@@ -40,6 +40,7 @@ class LayoutSweep:
     thresholds: list[float]
     budgets: list[float]
     accs: list[_Acc] = field(default_factory=list)
+    images: int = 0
 
     def __post_init__(self) -> None:
         settings = ([(ORACLE, p) for p in self.purities]
@@ -64,6 +65,7 @@ class LayoutSweep:
             acc.cm += layout_confusion(cells, layout.cell_to_token)
             acc.tokens += int(layout.num_tokens.sum())
             acc.cells += b * gh * gw
+        self.images += b
 
     def _learned_scores(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         """P(homogeneous) per level, as ``StepSegmenter.select`` computes it."""

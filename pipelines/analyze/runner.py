@@ -64,7 +64,7 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
             max_samples: int | None = None, device: str = "cpu", batch_size: int = 1,
             purities: list[float] | None = None, thresholds: list[float] | None = None,
             budgets: list[float] | None = None, seeds: list[int] | None = None,
-            ablation_thresholds: list[float] | None = None,
+            ablation_thresholds: list[float] | None = None, layouts_only: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every part; returns the ``step analyze`` JSON document."""
     from pipelines.analyze.ablation import ablation_sweep, confidence_wins, run_ablation
@@ -105,6 +105,15 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
     layouts = sweep.rows()
     seconds["layouts"] = time.monotonic() - t0
     echo(f"analyze: {len(layouts)} layouts in {seconds['layouts']:.1f}s")
+    if layouts_only:  # only the policy network ran: a stage-1 checkpoint is enough
+        return json_safe({
+            "checkpoint": checkpoint, "data": data, "num_images": sweep.images,
+            "class_names": names, "operating_point": None, "layouts": layouts,
+            "policy_vs_oracle": policy_vs_oracle(layouts), "tradeoff": [], "ablation": {},
+            "ablation_sweep": [], "confidence_wins": None, "flow": None,
+            "units": {"tokens_fraction": "tokens / grid cells over all images"},
+            "uses_labels": {"layouts.oracle": True, "everything else": False},
+            "seconds": seconds, "layouts_only": True})
 
     t0 = time.monotonic()
     tradeoff = run_tradeoff(model, loader, num_classes=num_classes, op=op, device=device,
@@ -169,7 +178,8 @@ def tables(doc: dict[str, Any]) -> dict[str, str]:
     keys = ["layout", "setting", "tokens_fraction", "token_cut", "ceiling_miou", "uses_labels"]
     out["layouts.csv"] = _csv(keys, [[r.get(k) for k in keys] for r in doc["layouts"]])
     keys = ["variant", "miou", "gflops", "gflops_policy", "tokens_mean", "halted_fraction"]
-    out["tradeoff.csv"] = _csv(keys, [[r.get(k) for k in keys] for r in doc["tradeoff"]])
+    if doc["tradeoff"]:
+        out["tradeoff.csv"] = _csv(keys, [[r.get(k) for k in keys] for r in doc["tradeoff"]])
     abl = doc.get("ablation") or {}
     if "confidence" in abl:
         exits = list(abl["confidence"]["halted_per_exit"])
@@ -189,6 +199,8 @@ def tables(doc: dict[str, Any]) -> dict[str, str]:
               *r[k]["halted_per_exit"].values()]
              for r in sweep for k in ("confidence", "uniform", "random")])
     flow = doc["flow"]
+    if flow is None:  # layouts only
+        return out
     out["flow_tokens.csv"] = _csv(
         ["what", "key", "tokens_per_image"],
         [["level", k, v] for k, v in flow["tokens_per_level"].items()]
@@ -220,9 +232,10 @@ def log_analysis(doc: dict[str, Any], tracking_uri: str, run_id: str) -> list[st
     logged.append("analysis/analysis.json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        figures = [plots.layouts_plot(tmp_path / "layouts.png", doc["layouts"]),
-                   plots.tradeoff_plot(tmp_path / "tradeoff.png", doc["tradeoff"]),
-                   plots.flow_plot(tmp_path / "flow_per_class.png", doc["flow"])]
+        figures = [plots.layouts_plot(tmp_path / "layouts.png", doc["layouts"])]
+        if doc["flow"] is not None:
+            figures += [plots.tradeoff_plot(tmp_path / "tradeoff.png", doc["tradeoff"]),
+                        plots.flow_plot(tmp_path / "flow_per_class.png", doc["flow"])]
         if "confidence" in (doc.get("ablation") or {}):
             figures.append(plots.ablation_plot(tmp_path / "ablation.png", doc["ablation"]))
         if doc.get("ablation_sweep"):

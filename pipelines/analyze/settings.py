@@ -53,5 +53,8 @@ class AnalyzeSettings(SweepSettings):
     inference: InferenceSettings = Field(
         InferenceSettings(), description="the operating point (default: the checkpoint's "
         "own settings); its sharing is the learned policy")
+    layouts_only: bool = Field(False, description="only the layout curve and "
+                               "policy_vs_oracle: the policy network alone runs, so a "
+                               "stage-1 (policy) checkpoint is enough")
     device: str = Field("cpu", description="cpu, cuda, cuda:1 ...")
     mlflow: EvalMlflow = EvalMlflow()

@@ -31,7 +31,8 @@ def analyze_command(inv: Invocation) -> Result:
     doc = analyze(checkpoint, s.data, inference=s.inference.kwargs(),
                   max_samples=s.max_samples, device=s.device, batch_size=s.batch_size,
                   purities=s.purities, thresholds=s.layout_thresholds, budgets=s.budgets,
-                  seeds=s.seeds, ablation_thresholds=s.ablation_thresholds)
+                  seeds=s.seeds, ablation_thresholds=s.ablation_thresholds,
+                  layouts_only=s.layouts_only)
     doc["run_id"] = doc["tracking_uri"] = None
     if s.mlflow.enabled:
         from pipelines.tracking.runs import create_run, resolve_tracking_uri
@@ -78,6 +79,13 @@ def summary_lines(doc: dict) -> list[str]:
     if "confidence" in abl:
         lines.append("exit ablation (same counts at every exit): " + "; ".join(
             f"{k} {_p(abl[k]['miou'])}" for k in ("confidence", "random", "uniform")))
+    for r in doc.get("ablation_sweep") or []:
+        lines.append(f"  at exit threshold {r['exit_threshold']:g}: " + "; ".join(
+            f"{k} {_p(r[k]['miou'])}" for k in ("confidence", "random", "uniform"))
+            + f" ({sum(r['confidence']['halted_per_exit'].values()):.1f} tokens halted)")
+    if doc.get("confidence_wins") is not None:
+        lines.append("confidence exits beat random and uniform at every point: "
+                     + ("yes" if doc["confidence_wins"] else "no"))
     if doc.get("run_id"):
         lines.append(f"MLflow: run {doc['run_id']} (artifacts under analysis/) at "
                      f"{doc['tracking_uri']}")

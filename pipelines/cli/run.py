@@ -43,6 +43,10 @@ def run_command(inv: Invocation) -> Result:
     pvo = ((doc.get("analysis") or {}).get("policy_vs_oracle") or {}).get("value")
     if pvo is not None:
         print(f"policy_vs_oracle (token cut at the oracle's ceiling): {pvo:.3f}")
+    wins = (doc.get("analysis") or {}).get("confidence_wins")
+    if wins is not None:
+        print("exit ablation: confidence beats random and uniform at every measured point: "
+              + ("yes" if wins else "no"))
     if result.skipped:
         print(f"skipped (unchanged): {', '.join(result.skipped)}")
     print(f"\nMLflow: pipeline run {result.parent_run_id} at {result.tracking_uri}")
