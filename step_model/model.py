@@ -156,6 +156,13 @@ def _to_token_order(values: torch.Tensor, slot_token: torch.Tensor, n_tokens: in
     return out.scatter(1, idx, values)[:, :n_tokens]
 
 
+def _check_float_images(images: torch.Tensor) -> None:
+    # uint8 loader batches would be normalised as 0..255 and give confident nonsense
+    if not images.is_floating_point():
+        raise TypeError(f"images: expected float in [0, 1], got {images.dtype} (divide uint8 "
+                        "by 255, as pipelines.common.data.batch_to_device does)")
+
+
 def _drop_halted(
     x: torch.Tensor, slot_token: torch.Tensor, keep: torch.Tensor, prefix: int, n_tok: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -338,6 +345,7 @@ class StepSegmenter(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected (B, 3, H, W), got {tuple(images.shape)}")
+        _check_float_images(images)
         input_size = (images.shape[-2], images.shape[-1])
         images, labels = pad_to_patch(images, labels)
         layout, policy_logits = self.select(images, labels)

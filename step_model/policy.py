@@ -135,6 +135,8 @@ class PolicyNet(nn.Module):
 
         With ``input_scale`` < 1 the network sees the area-downscaled image (its FLOPs fall
         with the square of the scale) and its feature map is resized to the stride-32 grid."""
+        if not images.is_floating_point():  # uint8 would be normalised as 0..255
+            raise TypeError(f"images: expected float in [0, 1], got {images.dtype}")
         gh, gw = images.shape[-2] // PATCH, images.shape[-1] // PATCH
         x = (images - self.mean) / self.std
         if self.input_scale < 1.0:

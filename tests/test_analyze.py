@@ -149,6 +149,8 @@ def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_sha
     assert abl["random"]["halted_per_exit"] == abl["confidence"]["halted_per_exit"] \
         == abl["uniform"]["halted_per_exit"]  # the same counts at every exit
     assert [s["seed"] for s in abl["random"]["seeds"]] == [3]
+    for k in ("confidence", "random", "uniform"):  # tokens are matched, their area is not
+        assert 0.0 <= abl[k]["halted_cell_fraction"] <= 1.0
     sweep = doc["ablation_sweep"]
     assert [r["exit_threshold"] for r in sweep] == [0.2, 0.99]
     for r in sweep:  # matched counts at every exit, at every threshold of the curve

@@ -67,3 +67,13 @@ def test_oracle_without_labels_and_bad_image_shape() -> None:
         model(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="images"):
         model(torch.rand(3, 32, 32))
+
+
+def test_uint8_images_are_refused_not_normalised_as_0_to_255() -> None:
+    model = tiny("threshold")
+    raw = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8)
+    with pytest.raises(TypeError, match="float in \\[0, 1\\].*uint8"):
+        model(raw)
+    with pytest.raises(TypeError, match="float in \\[0, 1\\]"):
+        model.policy(raw)
+    model(raw.float() / 255)  # the same batch as floats runs

@@ -25,6 +25,8 @@ class _Meter:
         self.images = 0
         self.tokens = 0.0
         self.halted = torch.zeros(n_exits, dtype=torch.float64)
+        self.cells = 0.0
+        self.halted_cells = 0.0
 
     def update(self, out, labels: torch.Tensor, gflops: float) -> None:
         self.cm.update(out.logits.argmax(1), labels)
@@ -32,6 +34,10 @@ class _Meter:
         self.images += labels.shape[0]
         self.tokens += float(out.flow.num_tokens.sum())
         self.halted += out.flow.halted_per_exit.double().sum(0).cpu()
+        # tokens are matched, area is not: a halted supertoken covers up to 64 cells
+        depth = out.flow.cell_exit_depth
+        self.cells += depth.numel()
+        self.halted_cells += float((depth < out.flow.tokens_per_block.shape[-1]).sum())
 
     def result(self, exit_blocks: list[int]) -> dict[str, Any]:
         n = max(self.images, 1)
@@ -43,6 +49,7 @@ class _Meter:
             "halted_per_exit": {k: float(v) / n for k, v in zip(names, self.halted, strict=True)},
             "halted_fraction_per_exit": {k: float(v) / self.tokens if self.tokens else None
                                          for k, v in zip(names, self.halted, strict=True)},
+            "halted_cell_fraction": self.halted_cells / self.cells if self.cells else None,
             "images": self.images,
         }
 
@@ -112,6 +119,7 @@ def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "miou": mean_miou,
         "miou_std": std,
         "gflops": sum(r["gflops"] for r in per_seed) / len(per_seed),
+        "halted_cell_fraction": _mean([r["halted_cell_fraction"] for r in per_seed]),
         "halted_per_exit": {k: sum(r["halted_per_exit"][k] for r in per_seed) / len(per_seed)
                             for k in keys},
         "seeds": per_seed,
@@ -148,3 +156,8 @@ def confidence_wins(ablation: dict[str, Any], sweep: list[dict[str, Any]]) -> bo
     verdicts += [r["confidence_wins"] for r in sweep]
     verdicts = [v for v in verdicts if v is not None]
     return all(verdicts) if verdicts else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None

@@ -183,20 +183,20 @@ def tables(doc: dict[str, Any]) -> dict[str, str]:
     abl = doc.get("ablation") or {}
     if "confidence" in abl:
         exits = list(abl["confidence"]["halted_per_exit"])
-        rows = [[k, "", abl[k]["miou"], abl[k]["gflops"], *abl[k]["halted_per_exit"].values()]
-                for k in ("confidence", "uniform")]
-        rows += [["random", r["seed"], r["miou"], r["gflops"], *r["halted_per_exit"].values()]
-                 for r in abl["random"]["seeds"]]
+        rows = [[k, "", abl[k]["miou"], abl[k]["gflops"], abl[k].get("halted_cell_fraction"),
+                 *abl[k]["halted_per_exit"].values()] for k in ("confidence", "uniform")]
+        rows += [["random", r["seed"], r["miou"], r["gflops"], r.get("halted_cell_fraction"),
+                  *r["halted_per_exit"].values()] for r in abl["random"]["seeds"]]
         out["ablation.csv"] = _csv(["exit_policy", "seed", "miou", "gflops",
-                                    *[f"halted_{e}" for e in exits]], rows)
+                                    "halted_cell_fraction", *[f"halted_{e}" for e in exits]], rows)
     sweep = doc.get("ablation_sweep") or []
     if sweep:
         exits = list(sweep[0]["confidence"]["halted_per_exit"])
         out["ablation_sweep.csv"] = _csv(
             ["exit_threshold", "exit_policy", "miou", "miou_std", "gflops",
-             *[f"halted_{e}" for e in exits]],
+             "halted_cell_fraction", *[f"halted_{e}" for e in exits]],
             [[r["exit_threshold"], k, r[k]["miou"], r[k].get("miou_std"), r[k]["gflops"],
-              *r[k]["halted_per_exit"].values()]
+              r[k].get("halted_cell_fraction"), *r[k]["halted_per_exit"].values()]
              for r in sweep for k in ("confidence", "uniform", "random")])
     flow = doc["flow"]
     if flow is None:  # layouts only
