@@ -192,7 +192,7 @@ def test_layouts_only_runs_the_policy_alone(checkpoints, tiny_shards, mlflow_ser
     from pipelines.analyze.layouts import LayoutSweep
     from pipelines.cli import main
     from pipelines.common.checkpoint import load_model
-    from pipelines.common.data import eval_loader
+    from pipelines.common.data import batch_to_device, eval_loader
 
     out = checkpoints["root"] / "layouts.json"
     model, _ = load_model(checkpoints["learned"])
@@ -204,7 +204,7 @@ def test_layouts_only_runs_the_policy_alone(checkpoints, tiny_shards, mlflow_ser
     assert doc["layouts_only"] and doc["tradeoff"] == [] and doc["flow"] is None
     sweep = LayoutSweep(model, 7, purities=[1.0, 0.98, 0.95, 0.9], thresholds=[0.5], budgets=[0.5])
     for images, labels in eval_loader(tiny_shards["val"], num_workers=0):
-        sweep.update(images, labels)
+        sweep.update(*batch_to_device(images, labels, "cpu"))
     assert doc["num_images"] == sweep.images == 3
     assert [r["tokens_fraction"] for r in doc["layouts"]] == pytest.approx(
         [r["tokens_fraction"] for r in sweep.rows()])
