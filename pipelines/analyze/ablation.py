@@ -112,7 +112,7 @@ def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     if not per_seed:
         return {"miou": None, "gflops": None, "halted_per_exit": {}, "seeds": []}
     mious = [r["miou"] for r in per_seed if r["miou"] is not None]
-    mean_miou = sum(mious) / len(mious) if mious else None
+    mean_miou = _mean(mious)
     std = (sum((m - mean_miou) ** 2 for m in mious) / len(mious)) ** 0.5 if mious else None
     keys = per_seed[0]["halted_per_exit"].keys()
     return {

@@ -105,15 +105,21 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
     layouts = sweep.rows()
     seconds["layouts"] = time.monotonic() - t0
     echo(f"analyze: {len(layouts)} layouts in {seconds['layouts']:.1f}s")
+    doc: dict[str, Any] = {
+        "checkpoint": checkpoint, "data": data, "num_images": sweep.images,
+        "class_names": names, "operating_point": {"inference": op, "note": note},
+        "layouts": layouts, "policy_vs_oracle": policy_vs_oracle(layouts),
+        "tradeoff": [], "ablation": {}, "ablation_sweep": [], "confidence_wins": None,
+        "flow": None,
+        "units": {"miou": "fraction of 1 (as step eval)", "gflops": "per image, policy "
+                  "network included", "tokens": "per image",
+                  "tokens_fraction": "tokens / grid cells over all images"},
+        "uses_labels": {"layouts.oracle": True, "everything else": False},
+        "seconds": seconds, "layouts_only": layouts_only,
+    }
     if layouts_only:  # only the policy network ran: a stage-1 checkpoint is enough
-        return json_safe({
-            "checkpoint": checkpoint, "data": data, "num_images": sweep.images,
-            "class_names": names, "operating_point": None, "layouts": layouts,
-            "policy_vs_oracle": policy_vs_oracle(layouts), "tradeoff": [], "ablation": {},
-            "ablation_sweep": [], "confidence_wins": None, "flow": None,
-            "units": {"tokens_fraction": "tokens / grid cells over all images"},
-            "uses_labels": {"layouts.oracle": True, "everything else": False},
-            "seconds": seconds, "layouts_only": True})
+        doc["operating_point"] = None
+        return json_safe(doc)
 
     t0 = time.monotonic()
     tradeoff = run_tradeoff(model, loader, num_classes=num_classes, op=op, device=device,
@@ -144,24 +150,10 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
         echo(f"analyze: exit ablation at {len(sweep_rows)} more thresholds in "
              f"{seconds['ablation_sweep']:.1f}s")
 
-    return json_safe({
-        "checkpoint": checkpoint,
-        "data": data,
-        "num_images": meter.images,
-        "class_names": names,
-        "operating_point": {"inference": op, "note": note},
-        "layouts": layouts,
-        "policy_vs_oracle": policy_vs_oracle(layouts),
-        "tradeoff": tradeoff,
-        "ablation": ablation,
-        "ablation_sweep": sweep_rows,
-        "confidence_wins": confidence_wins(ablation, sweep_rows),
-        "flow": meter.result(),
-        "units": {"miou": "fraction of 1 (as step eval)", "gflops": "per image, policy "
-                  "network included", "tokens": "per image"},
-        "uses_labels": {"layouts.oracle": True, "everything else": False},
-        "seconds": seconds,
-    })
+    doc.update(num_images=meter.images, tradeoff=tradeoff, ablation=ablation,
+               ablation_sweep=sweep_rows, confidence_wins=confidence_wins(ablation, sweep_rows),
+               flow=meter.result())
+    return json_safe(doc)
 
 
 # ---- tables and MLflow -------------------------------------------------------------------
