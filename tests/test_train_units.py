@@ -67,6 +67,10 @@ def test_checkpoint_round_trip_and_policy_transfer(tmp_path) -> None:
                             stage2.policy.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
+    other = build_model({**TINY, "policy": {**TINY.get("policy", {}), "fine_features": True}})
+    with pytest.raises(ValueError, match=r"model\.policy\.fine_features: True here, False in stage 1"):
+        load_policy_weights(other, str(run))
+
 
 def test_finetune_phase_halts_tokens_in_training() -> None:
     cfg = load_train_config("configs/tiny/step.yaml",

@@ -15,7 +15,7 @@ from pipelines.workflow.runner import Workflow, fingerprint
 from helpers import LOVEDA, REPO
 
 PIPELINES = ["configs/demo.yaml", "configs/tiny/pipeline.yaml",
-             "configs/pipeline_loveda_cluster.yaml"]
+             "configs/pipeline_loveda_cluster.yaml", "configs/camvid.yaml"]
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +28,12 @@ def test_shipped_pipeline_config_validates(path):
     cfg = load_pipeline_config(path)
     assert cfg.step.config and Path(cfg.step.config).is_file()
     assert cfg.tune.max_drop >= 0
+
+
+def test_a_step_config_whose_policy_network_differs_from_stage_1s_is_refused_before_training():
+    # stage 2 loads stage 1's weights: found at load time, not after the policy has trained
+    with pytest.raises(ConfigError, match=r"model\.policy\.fine_features: False here, True in stage 1"):
+        load_pipeline_config("configs/camvid.yaml", ["step.set=[model.policy.fine_features=false]"])
 
 
 def test_demo_uses_bundled_real_data():

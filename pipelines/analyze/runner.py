@@ -18,12 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines.analyze.settings import (DEFAULT_BUDGETS, DEFAULT_PURITIES, DEFAULT_SEEDS,
+                                        DEFAULT_THRESHOLDS)
 from pipelines.common.storage import json_safe
 
-DEFAULT_PURITIES = [1.0, 0.98, 0.95, 0.9]
-DEFAULT_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
-DEFAULT_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-DEFAULT_SEEDS = [0, 1, 2]
 LEARNED = ("threshold", "budget")
 
 

@@ -7,20 +7,27 @@ from pydantic import Field, field_validator
 from pipelines.common.settings import StrictModel
 from pipelines.evaluate.settings import EvalMlflow, InferenceSettings
 
+DEFAULT_PURITIES = [1.0, 0.98, 0.95, 0.9]
+# dense where the learned curve crosses the oracle's purity-0.95 ceiling: policy_vs_oracle
+# takes the best setting at that ceiling, so a coarse grid understates the policy
+DEFAULT_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+DEFAULT_BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+DEFAULT_SEEDS = [0, 1, 2]
+
 
 class SweepSettings(StrictModel):
     """What the analysis measures (shared by the command and the pipeline step)."""
 
     max_samples: int | None = Field(None, ge=1, description="validation images (default: all)")
-    purities: list[float] = Field([1.0, 0.98, 0.95, 0.9], description="oracle layouts: "
+    purities: list[float] = Field(DEFAULT_PURITIES, description="oracle layouts: "
                                      "label purity a shared window needs (0.95 is the "
                                      "reference of policy_vs_oracle)")
     layout_thresholds: list[float] = Field(
-        [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+        DEFAULT_THRESHOLDS,
         description="learned-policy layouts: one merge threshold shared by every level")
-    budgets: list[float] = Field([0.3, 0.4, 0.5, 0.6, 0.7, 0.8], description="learned-"
+    budgets: list[float] = Field(DEFAULT_BUDGETS, description="learned-"
                                     "policy layouts: fraction of the grid's tokens kept")
-    seeds: list[int] = Field([0, 1, 2], description="seeds of the random-exit ablation")
+    seeds: list[int] = Field(DEFAULT_SEEDS, description="seeds of the random-exit ablation")
     ablation_thresholds: list[float] = Field(
         [], description="exit thresholds at which the exit ablation is repeated (at the "
         "operating point's sharing): the ablation as a curve, from few halted tokens to many")

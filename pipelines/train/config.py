@@ -23,7 +23,20 @@ from pipelines.common.settings import (
     StrictModel,
     load_config,
 )
-from step_model.config import Probability
+from step_model.config import Probability, StepConfig
+
+# PolicyConfig fields that shape the policy network's tensors or what its heads compute:
+# stage 2 must build the network stage 1 trained
+POLICY_ARCHITECTURE = ("levels", "input_scale", "fine_features")
+
+
+def policy_mismatch(model: dict[str, Any], trained_policy: dict[str, Any]) -> list[str]:
+    """``model.policy.<field>: <here> here, <there> in stage 1`` for every architecture field
+    of a stage-2 model config (raw dict) that differs from a stage-1 policy config."""
+    ours = StepConfig.from_dict({**model, "num_classes": model.get("num_classes") or 1}
+                                ).policy.model_dump()
+    return [f"model.policy.{k}: {ours[k]!r} here, {trained_policy[k]!r} in stage 1"
+            for k in POLICY_ARCHITECTURE if k in trained_policy and trained_policy[k] != ours[k]]
 
 Stage = Literal["policy", "step"]
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pipelines.common.data import batch_to_device
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import TrainConfig, policy_mismatch
 
 
 def _freeze_bn(module: torch.nn.Module) -> None:
@@ -158,9 +158,15 @@ def get(name: str | None):
 
 def load_policy_weights(model, uri: str) -> None:
     """Copy the ``policy.*`` tensors of a (stage-1) checkpoint into ``model.policy``."""
-    from pipelines.common.checkpoint import load_state_dict, local_dir, resolve_checkpoint_dir
+    from pipelines.common.checkpoint import (load_state_dict, local_dir, read_model_config,
+                                             resolve_checkpoint_dir)
 
     path = local_dir(resolve_checkpoint_dir(uri))
+    # a shape mismatch deep in load_state_dict would not say which setting to change
+    differ = policy_mismatch(model.cfg.to_dict(), read_model_config(path).get("policy") or {})
+    if differ:
+        raise ValueError(f"policy_checkpoint {uri} was trained with another policy network; "
+                         "set these as in stage 1: " + "; ".join(differ))
     state = load_state_dict(path)
     policy = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
     if not policy:

@@ -15,7 +15,7 @@ the repository as the job's working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,6 +30,9 @@ from pipelines.common.settings import (
     load_config,
 )
 from pipelines.tune.search import TuneSettings
+
+if TYPE_CHECKING:
+    from pipelines.train.config import TrainConfig
 
 
 class TileSection(StrictModel):
@@ -146,18 +149,27 @@ class PipelineConfig(StrictModel):
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Load + validate the pipeline config and the training configs it points at."""
     cfg = load_config(PipelineConfig, path, overrides)
-    from pipelines.train.config import load_train_config
+    from pipelines.train.config import load_train_config, policy_mismatch
     from pipelines.tune.space import load_space
+    from step_model.config import StepConfig
 
+    loaded = {}
     for stage in ("policy", "step"):
         section = getattr(cfg, stage)
         if section is None or not section.enabled:
             continue
         try:
-            load_train_config(section.config, section.set, stage=stage) if stage == "policy" \
-                else _validate_step_config(section)
+            loaded[stage] = load_train_config(section.config, section.set, stage=stage) \
+                if stage == "policy" else _validate_step_config(section)
         except ConfigError as err:
             raise ConfigError(f"{path}: {stage}.config {section.config}:\n{err}") from None
+    if "policy" in loaded and "step" in loaded:
+        # found here, not when stage 2 loads the weights after stage 1 has trained
+        trained = StepConfig.from_dict({**loaded["policy"].model, "num_classes": 1}).policy
+        differ = policy_mismatch(loaded["step"].model, trained.model_dump())
+        if differ:
+            raise ConfigError(f"{path}: step.config {cfg.step.config} builds another policy "
+                              "network than policy.config trains; " + "; ".join(differ))
     try:
         load_space(cfg.tune.space)
     except ConfigError as err:
@@ -165,10 +177,10 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     return cfg
 
 
-def _validate_step_config(section: TrainStepSection) -> None:
+def _validate_step_config(section: TrainStepSection) -> TrainConfig:
     """Stage-2 configs in threshold/budget mode need a policy checkpoint, which the
     workflow supplies; validate with a placeholder so the rest is still checked."""
     from pipelines.train.config import load_train_config
 
-    load_train_config(section.config, [*section.set, "policy_checkpoint=<from-policy-step>"],
-                      stage="step")
+    return load_train_config(section.config,
+                             [*section.set, "policy_checkpoint=<from-policy-step>"], stage="step")
