@@ -144,6 +144,21 @@ def test_confirmation_candidates_cover_both_rules():
     assert got == ["risky", "risky2", "safe"]
 
 
+def test_confirmation_takes_each_operating_point_once():
+    """Optuna proposed exit 0.6 / merge 0.2 three times in one CamVid search: the three
+    cheapest candidates must be three different points."""
+    from pipelines.tune.confirm import candidates
+
+    point = {"exit_threshold": 0.6, "merge_threshold": 0.2, "top_k": 1}
+    trials = [{"trial_id": f"same{i}", "miou": 0.49, "gflops": 3.0, "drop_lo": 0.5,
+               "drop_hi": 1.5, "params": dict(point)} for i in range(3)]
+    trials += [{"trial_id": f"other{i}", "miou": 0.49, "gflops": 3.5 + i, "drop_lo": 0.5,
+                "drop_hi": 1.5, "params": {**point, "merge_threshold": 0.3 + i / 10}}
+               for i in range(2)]
+    got = [t["trial_id"] for t in candidates(trials, 0.50, 2.0, "points", top=3)]
+    assert got == ["same0", "other0", "other1"]
+
+
 # ---- the hash split ------------------------------------------------------------------------
 
 

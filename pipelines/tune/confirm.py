@@ -48,16 +48,25 @@ class Confirmation:
 def candidates(trials: list[dict[str, Any]], baseline_miou: float, max_drop: float,
                mode: str, top: int) -> list[dict[str, Any]]:
     """The ``top`` cheapest trials feasible under each rule (point drop, interval's upper
-    end), cheapest first, each once."""
+    end), cheapest first, each operating point once: a searcher over a discrete space can
+    propose the same point again (Optuna's TPE does), and confirming it twice would crowd
+    out the next-cheapest point."""
     done = annotate(trials, baseline_miou, max_drop, mode)  # type: ignore[arg-type]
+
+    def key(t: dict[str, Any]) -> Any:
+        params = t.get("params")
+        return tuple(sorted(params.items())) if params else t.get("trial_id") or id(t)
 
     def cheapest(guard: str) -> list[dict[str, Any]]:
         ok = [t for t in done if is_feasible(rule_drop(t, guard), max_drop)]  # type: ignore[arg-type]
-        return sorted(ok, key=lambda t: (t["gflops"], -t["miou"]))[:top]
+        points: dict[Any, dict[str, Any]] = {}
+        for t in sorted(ok, key=lambda t: (t["gflops"], -t["miou"])):
+            points.setdefault(key(t), t)
+        return list(points.values())[:top]
 
     out: dict[Any, dict[str, Any]] = {}
     for t in [*cheapest("none"), *cheapest("ci")]:
-        out.setdefault(t.get("trial_id") or id(t), t)
+        out.setdefault(key(t), t)
     return sorted(out.values(), key=lambda t: (t["gflops"], -t["miou"]))
 
 
