@@ -30,13 +30,13 @@ from step_model.config import Probability, StepConfig
 POLICY_ARCHITECTURE = ("levels", "input_scale", "fine_features")
 
 
-def policy_mismatch(model: dict[str, Any], trained_policy: dict[str, Any]) -> list[str]:
+def policy_mismatch(stage2: dict[str, Any], stage1: dict[str, Any]) -> list[str]:
     """``model.policy.<field>: <here> here, <there> in stage 1`` for every architecture field
-    of a stage-2 model config (raw dict) that differs from a stage-1 policy config."""
-    ours = StepConfig.from_dict({**model, "num_classes": model.get("num_classes") or 1}
-                                ).policy.model_dump()
-    return [f"model.policy.{k}: {ours[k]!r} here, {trained_policy[k]!r} in stage 1"
-            for k in POLICY_ARCHITECTURE if k in trained_policy and trained_policy[k] != ours[k]]
+    where two model configs (raw dicts, defaults filled in) build different policy networks."""
+    ours, theirs = (StepConfig.from_dict({**m, "num_classes": m.get("num_classes") or 1})
+                    .policy.model_dump() for m in (stage2, stage1))
+    return [f"model.policy.{k}: {ours[k]!r} here, {theirs[k]!r} in stage 1"
+            for k in POLICY_ARCHITECTURE if ours[k] != theirs[k]]
 
 Stage = Literal["policy", "step"]
 

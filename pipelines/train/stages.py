@@ -163,7 +163,7 @@ def load_policy_weights(model, uri: str) -> None:
 
     path = local_dir(resolve_checkpoint_dir(uri))
     # a shape mismatch deep in load_state_dict would not say which setting to change
-    differ = policy_mismatch(model.cfg.to_dict(), read_model_config(path).get("policy") or {})
+    differ = policy_mismatch(model.cfg.to_dict(), read_model_config(path))
     if differ:
         raise ValueError(f"policy_checkpoint {uri} was trained with another policy network; "
                          "set these as in stage 1: " + "; ".join(differ))

@@ -151,7 +151,6 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     cfg = load_config(PipelineConfig, path, overrides)
     from pipelines.train.config import load_train_config, policy_mismatch
     from pipelines.tune.space import load_space
-    from step_model.config import StepConfig
 
     loaded = {}
     for stage in ("policy", "step"):
@@ -165,8 +164,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
             raise ConfigError(f"{path}: {stage}.config {section.config}:\n{err}") from None
     if "policy" in loaded and "step" in loaded:
         # found here, not when stage 2 loads the weights after stage 1 has trained
-        trained = StepConfig.from_dict({**loaded["policy"].model, "num_classes": 1}).policy
-        differ = policy_mismatch(loaded["step"].model, trained.model_dump())
+        differ = policy_mismatch(loaded["step"].model, loaded["policy"].model)
         if differ:
             raise ConfigError(f"{path}: step.config {cfg.step.config} builds another policy "
                               "network than policy.config trains; " + "; ".join(differ))
