@@ -18,8 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines.analyze.settings import (DEFAULT_BUDGETS, DEFAULT_PURITIES, DEFAULT_SEEDS,
-                                        DEFAULT_THRESHOLDS)
+from pipelines.analyze.settings import (
+    DEFAULT_BUDGETS,
+    DEFAULT_PURITIES,
+    DEFAULT_SEEDS,
+    DEFAULT_THRESHOLDS,
+)
 from pipelines.common.storage import json_safe
 
 LEARNED = ("threshold", "budget")

@@ -158,8 +158,12 @@ def get(name: str | None):
 
 def load_policy_weights(model, uri: str) -> None:
     """Copy the ``policy.*`` tensors of a (stage-1) checkpoint into ``model.policy``."""
-    from pipelines.common.checkpoint import (load_state_dict, local_dir, read_model_config,
-                                             resolve_checkpoint_dir)
+    from pipelines.common.checkpoint import (
+        load_state_dict,
+        local_dir,
+        read_model_config,
+        resolve_checkpoint_dir,
+    )
 
     path = local_dir(resolve_checkpoint_dir(uri))
     # a shape mismatch deep in load_state_dict would not say which setting to change
