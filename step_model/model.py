@@ -41,7 +41,7 @@ from .backbone import build_encoder
 from .config import IGNORE_INDEX, PATCH, StepConfig
 from .decoder import build_decoder
 from .exits import ExitHead, halting_mask, spread_key
-from .policy import PolicyNet, policy_targets
+from .policy import PolicyNet, check_float_images, policy_targets
 from .segmenter_init import load_segmenter
 from .selection import (
     TokenLayout,
@@ -154,13 +154,6 @@ def _to_token_order(values: torch.Tensor, slot_token: torch.Tensor, n_tokens: in
     idx = slot_token.view(*slot_token.shape, *([1] * len(extra))).expand(-1, -1, *extra)
     out = values.new_zeros(values.shape[0], n_tokens + 1, *extra)
     return out.scatter(1, idx, values)[:, :n_tokens]
-
-
-def _check_float_images(images: torch.Tensor) -> None:
-    # uint8 loader batches would be normalised as 0..255 and give confident nonsense
-    if not images.is_floating_point():
-        raise TypeError(f"images: expected float in [0, 1], got {images.dtype} (divide uint8 "
-                        "by 255, as pipelines.common.data.batch_to_device does)")
 
 
 def _drop_halted(
@@ -345,7 +338,7 @@ class StepSegmenter(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected (B, 3, H, W), got {tuple(images.shape)}")
-        _check_float_images(images)
+        check_float_images(images)
         input_size = (images.shape[-2], images.shape[-1])
         images, labels = pad_to_patch(images, labels)
         layout, policy_logits = self.select(images, labels)

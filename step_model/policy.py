@@ -98,6 +98,13 @@ def load_lite0_weights(model: nn.Module, path: str | Path | None = None) -> dict
     return mapping
 
 
+def check_float_images(images: torch.Tensor) -> None:
+    """uint8 loader batches would be normalised as 0..255 and give confident nonsense."""
+    if not images.is_floating_point():
+        raise TypeError(f"images: expected float in [0, 1], got {images.dtype} (divide uint8 "
+                        "by 255, as pipelines.common.data.batch_to_device does)")
+
+
 class PolicyNet(nn.Module):
     """EfficientNet-Lite0 features (stride 32) + one homogeneity head per level.
 
@@ -135,8 +142,7 @@ class PolicyNet(nn.Module):
 
         With ``input_scale`` < 1 the network sees the area-downscaled image (its FLOPs fall
         with the square of the scale) and its feature map is resized to the stride-32 grid."""
-        if not images.is_floating_point():  # uint8 would be normalised as 0..255
-            raise TypeError(f"images: expected float in [0, 1], got {images.dtype}")
+        check_float_images(images)
         gh, gw = images.shape[-2] // PATCH, images.shape[-1] // PATCH
         x = (images - self.mean) / self.std
         if self.input_scale < 1.0:
