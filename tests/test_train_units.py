@@ -100,6 +100,37 @@ def test_finetune_phase_halts_tokens_in_training() -> None:
     assert torch.isfinite(loss)
 
 
+def test_exit_mix_draws_halting_per_finetune_step_and_restores_the_configured_setting() -> None:
+    from pipelines.common.settings import ConfigError
+
+    cfg = load_train_config("configs/tiny/step.yaml", [
+        "finetune.steps=2", "finetune.inference={exit_thresholds: [0.0], top_k: 1}",
+        "finetune.exit_mix=[0.0, 1.0]"], stage="step")
+    model = build_model({**cfg.model, "num_classes": 7})
+    stage = StepStage()
+    stage.prepare(model, cfg)
+    stage.train_mode(model)
+    images = torch.rand(1, 3, 64, 64)
+    labels = torch.randint(0, 7, (1, 64, 64))
+
+    def halted_at(step: int) -> int:
+        with stage.step_settings(model, cfg, step):
+            halted = int(model(images, labels).flow.halted_per_exit.sum())
+        assert model.cfg is configured  # evaluation and checkpoints keep the phase's setting
+        return halted
+
+    configured = model.cfg
+    assert {halted_at(step) for step in range(8)} == {0}  # base steps: the mix is not drawn
+    stage.start_finetune(model, cfg)
+    configured = model.cfg
+    draws = [halted_at(step) for step in range(24)]
+    assert draws == [halted_at(step) for step in range(24)]  # a function of (seed, step)
+    assert 0 in draws and max(draws) > 0  # 1.0 drawn: nothing halts; 0.0: all but top-k
+
+    with pytest.raises(ConfigError, match="finetune.exit_mix"):
+        load_train_config("configs/tiny/step.yaml", ["finetune.exit_mix=[0.5]"], stage="step")
+
+
 def test_progress_line_says_step_loss_speed_and_eta() -> None:
     from pipelines.train.loop import progress_line
 

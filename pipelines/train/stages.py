@@ -108,20 +108,29 @@ class StepStage:
 
     @contextlib.contextmanager
     def step_settings(self, model, cfg: TrainConfig, step: int):
-        """The optimizer step's sharing: a merge threshold drawn from
-        ``sharing_mix.thresholds`` (see :class:`SharingMixConfig`), the configured one
-        restored afterwards so that evaluation and checkpoints keep it."""
-        choices = cfg.sharing_mix.thresholds
-        if not choices:
+        """The optimizer step's sharing and halting: a merge threshold drawn from
+        ``sharing_mix.thresholds`` and, in the fine-tuning phase, an exit threshold drawn
+        from ``finetune.exit_mix`` (1.0 = off for that step). The configured settings are
+        restored afterwards, so that evaluation and checkpoints keep them."""
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+        settings: dict[str, Any] = {}
+        if choices := cfg.sharing_mix.thresholds:
+            tau = _draw(choices, gen)
+            if tau >= 1.0:
+                settings["policy_mode"] = "none"
+            else:
+                settings["merge_thresholds"] = dict.fromkeys(model.cfg.policy.levels, tau)
+        if (choices := cfg.finetune.exit_mix) and model.cfg.exits.halt_in_training:
+            tau = _draw(choices, gen)  # after the sharing draw: its sequence is unchanged
+            if tau >= 1.0:
+                settings["halting"] = False
+            else:
+                settings["exit_thresholds"] = [tau] * len(model.exit_blocks)
+        if not settings:
             yield
             return
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
-        tau = float(choices[int(torch.randint(len(choices), (1,), generator=gen))])
         saved = model.cfg
-        if tau >= 1.0:
-            model.set_inference(policy_mode="none")
-        else:
-            model.set_inference(merge_thresholds=dict.fromkeys(model.cfg.policy.levels, tau))
+        model.set_inference(**settings)
         try:
             yield
         finally:
@@ -145,6 +154,10 @@ class StepStage:
 
     def extra_files(self, model, directory: str | Path) -> None:
         pass
+
+
+def _draw(choices: list[float], gen: torch.Generator) -> float:
+    return float(choices[int(torch.randint(len(choices), (1,), generator=gen))])
 
 
 STAGES = {"policy": PolicyStage(), "step": StepStage()}
