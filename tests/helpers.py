@@ -77,13 +77,13 @@ def start_mlflow_server(root: Path, artifact_root: str | None = None,
     return proc, uri
 
 
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15) -> None:
     """Signal the process group of ``proc`` (started with ``start_new_session``); SIGKILL
-    it if it has not ended within 15 s."""
+    it if it has not ended within ``grace`` seconds."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -121,7 +121,9 @@ class RayNode:
         return sorted(self.temp_dir.glob("session_*/logs"))
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        # `ray start --block` outlives SIGTERM by more than 15 s: a throwaway test node
+        # gets a short grace, then SIGKILL (its temp dir is read before this, if at all)
+        stop_process(self.proc, grace=3)
 
 
 def node_env(token: str, extra: dict[str, str] | None = None) -> dict[str, str]:
