@@ -120,7 +120,7 @@ def test_exit_mix_draws_halting_per_finetune_step_and_restores_the_configured_se
         return halted
 
     configured = model.cfg
-    assert {halted_at(step) for step in range(8)} == {0}  # base steps: the mix is not drawn
+    assert {halted_at(step) for step in range(8)} == {0}  # base steps: no halting in training
     stage.start_finetune(model, cfg)
     configured = model.cfg
     draws = [halted_at(step) for step in range(24)]
