@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FIXTURES, LOVEDA, REPO, free_port, start_mlflow_server, stop_process
+from helpers import LOVEDA, REPO, free_port, start_mlflow_server, stop_process
 
 # Tests that use these start real services (Ray, an MLflow server, S3) or shard data with
 # Ray Data: they make the `integration` tier; `pytest -m "not integration"` runs the rest.
@@ -22,12 +22,6 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-
-
-@pytest.fixture(scope="session")
-def fixtures_dir() -> Path:
-    assert FIXTURES.is_dir(), f"real fixtures missing at {FIXTURES}"
-    return FIXTURES
 
 
 @pytest.fixture(scope="session")

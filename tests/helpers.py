@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "real"
-LOVEDA = FIXTURES / "loveda"
+# Real samples inside the repository (sources and licences in tests/data/README.md); the
+# LoveDA scenes are the demo's data, shipped once.
+FIXTURES = REPO / "tests" / "data"
+LOVEDA = REPO / "demo_data" / "loveda"
 
 
 def free_port() -> int:

@@ -16,6 +16,8 @@ from data_prep import AugmentConfig, build_loader, fixtures, prepare, split_shar
 from data_prep.augment import augment
 from data_prep.loader import decode_image, decode_label, rank_sample_range, split_samples
 
+from helpers import LOVEDA
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_local) -> str:
@@ -149,10 +151,10 @@ def test_augmentation_keeps_image_and_label_aligned(shards: str) -> None:
     assert torch.allclose(out_img, img_t[:, :, x0 : x0 + 48].flip(-1).float() / 255)
 
 
-def test_decoders_and_eval_mode(shards: str, fixtures_dir: Path) -> None:
-    data = (fixtures_dir / "loveda/img_dir/0.png").read_bytes()
+def test_decoders_and_eval_mode(shards: str) -> None:
+    data = (LOVEDA / "img_dir/0.png").read_bytes()
     assert decode_image(data).shape == (3, 1024, 1024)
-    label = decode_label((fixtures_dir / "loveda/ann_dir/0.png").read_bytes())
+    label = decode_label((LOVEDA / "ann_dir/0.png").read_bytes())
     assert label.shape == (1024, 1024) and label.dtype == torch.uint8
 
     loader = build_loader(shards, batch_size=4, crop_size=None, train=False, num_workers=2,

@@ -22,6 +22,8 @@ from PIL import Image
 from data_prep import fixtures, prepare, read_dataset_info
 from data_prep.prep import _shard_is_done
 
+from helpers import LOVEDA
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -107,11 +109,11 @@ def test_rerun_rewrites_only_missing_or_corrupt_shards(tiny_src: Path, tmp_path:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_killed_job_resumes_and_never_leaves_partial_shards(fixtures_dir: Path, tmp_path: Path) -> None:
+def test_killed_job_resumes_and_never_leaves_partial_shards(tmp_path: Path) -> None:
     """SIGKILL a real `step prep` (attached to the test Ray) mid-job, then rerun it."""
     import ray
 
-    src = fixtures.replicate_flat(fixtures_dir / "loveda", tmp_path / "src", 10)
+    src = fixtures.replicate_flat(LOVEDA, tmp_path / "src", 10)
     out = tmp_path / "out"
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
                PYTHONPATH=str(REPO))

@@ -13,6 +13,8 @@ from data_prep import fixtures
 from data_prep.readers import DatasetError, read_pairs
 from data_prep.samples import convert_pair
 
+from helpers import FIXTURES, LOVEDA
+
 LAYOUT_ARG = {"folder": "layout.yaml"}
 
 
@@ -38,7 +40,7 @@ def test_reader_official_layout_and_label_conversion(dataset: str, tmp_path: Pat
         assert sum(sample.class_pixels) + sample.ignore_pixels == raw.size
 
 
-def test_cityscapes_fixture_reproduces_label_train_ids(fixtures_dir: Path) -> None:
+def test_cityscapes_fixture_reproduces_label_train_ids() -> None:
     """Our labelIds -> trainIds conversion against the fixture's own labelTrainIds file.
 
     The fixture's two files were downscaled independently (by MMSegmentation), so at 77 of
@@ -48,7 +50,7 @@ def test_cityscapes_fixture_reproduces_label_train_ids(fixtures_dir: Path) -> No
     our train id is the one the fixture uses for it; (2) pixel-for-pixel equality wherever
     the fixture is self-consistent; (3) we differ nowhere else (exactly those 77 pixels).
     """
-    root = fixtures_dir / "cityscapes_mini"
+    root = FIXTURES / "cityscapes_mini"
     spec, pairs = read_pairs("cityscapes", str(root), "val")
     assert [p.key for p in pairs] == ["frankfurt/frankfurt_000000_000294"]
     sample = convert_pair(pairs[0], spec)
@@ -71,25 +73,25 @@ def test_cityscapes_fixture_reproduces_label_train_ids(fixtures_dir: Path) -> No
     assert spec.class_names[0] == "road" and spec.class_names[18] == "bicycle"
 
 
-def test_loveda_fixture_flat_layout(fixtures_dir: Path) -> None:
-    spec, pairs = read_pairs("loveda", str(fixtures_dir / "loveda"), "train")
+def test_loveda_fixture_flat_layout() -> None:
+    spec, pairs = read_pairs("loveda", str(LOVEDA), "train")
     assert [p.key for p in pairs] == ["0", "1", "2"]
     sample = convert_pair(pairs[0], spec)
-    raw = np.asarray(Image.open(fixtures_dir / "loveda/ann_dir/0.png"))
+    raw = np.asarray(Image.open(LOVEDA / "ann_dir/0.png"))
     train = np.asarray(Image.open(io.BytesIO(sample.label)))
     np.testing.assert_array_equal(train, np.where(raw == 0, 255, raw.astype(np.int16) - 1))
     # an RGB PNG is stored as is: no re-encoding
-    assert sample.image == (fixtures_dir / "loveda/img_dir/0.png").read_bytes()
+    assert sample.image == (LOVEDA / "img_dir/0.png").read_bytes()
     assert (sample.height, sample.width) == (1024, 1024)
 
 
-def test_potsdam_fixture_via_generic_layout(fixtures_dir: Path, tmp_path: Path) -> None:
+def test_potsdam_fixture_via_generic_layout(tmp_path: Path) -> None:
     layout = tmp_path / "potsdam.yaml"
     layout.write_text(
         "name: potsdam\nclass_names: [impervious_surface, building, low_vegetation, tree, car, clutter]\n"
         "ignore_index: 255\n"
     )
-    spec, pairs = read_pairs("folder", str(fixtures_dir / "potsdam"), "train", str(layout))
+    spec, pairs = read_pairs("folder", str(FIXTURES / "potsdam"), "train", str(layout))
     assert spec.name == "potsdam" and spec.num_classes == 6
     sample = convert_pair(pairs[0], spec, max_side=256)
     assert (sample.height, sample.width) == (256, 256)
