@@ -124,12 +124,14 @@ def _pair_folders(
     """Pair ``img_dir/<rel>/<stem><img_tail><img_suffix>`` with ``ann_dir/<rel>/<stem><ann_tail><ann_suffix>``.
 
     An image without a label still becomes a pair (label ``""``) so the job counts it as
-    ``missing_label`` instead of dropping it silently.
+    ``missing_label`` instead of dropping it silently; a label without an image, likewise,
+    becomes a pair with image ``""``, counted as ``missing_image``.
     """
     suffixes = (img_suffix,) if isinstance(img_suffix, str) else img_suffix
     images = tree.under(img_dir)
     labels = tree.under(ann_dir)
     pairs = []
+    paired: set[str] = set()
     for rel, size in images.items():
         if not recursive and "/" in rel:
             continue
@@ -144,6 +146,7 @@ def _pair_folders(
             stem = stem[: len(stem) - len(img_tail)]
         label_rel = stem + ann_tail + ann_suffix
         label_size = labels.get(label_rel)
+        paired.add(label_rel)
         pairs.append(
             Pair(
                 key=_sample_key(key_prefix + stem),
@@ -152,11 +155,20 @@ def _pair_folders(
                 nbytes=size + (label_size or 0),
             )
         )
+    label_end = ann_tail + ann_suffix
+    for rel, size in labels.items():
+        if rel in paired or not rel.endswith(label_end) or (not recursive and "/" in rel):
+            continue
+        if img_dir == ann_dir and rel in images:
+            continue  # one folder for both: this file was read as an image above
+        stem = rel[: len(rel) - len(label_end)]
+        pairs.append(Pair(key=_sample_key(key_prefix + stem), image="",
+                          label=tree.uri(posixpath.join(ann_dir, rel)), nbytes=size))
     return pairs
 
 
 def _check_split(pairs: list[Pair], where: str, split: str) -> list[Pair]:
-    if not pairs:
+    if not any(p.image for p in pairs):  # labels alone are no split either
         raise DatasetError(f"split {split!r}: no images found in {where} (empty split folder)")
     keys = [p.key for p in pairs]
     if len(set(keys)) != len(keys):

@@ -31,6 +31,7 @@ Image.MAX_IMAGE_PIXELS = 1 << 30  # remote-sensing tiles are legitimately huge
 
 REASONS = (
     "missing_label",
+    "missing_image",
     "unreadable_file",
     "undecodable_image",
     "undecodable_label",
@@ -123,6 +124,8 @@ def convert_pair(pair: Pair, spec: DatasetSpec, max_side: int | None = None) -> 
     """Validate ``pair`` and return what its shard stores; raises :class:`BadSample`."""
     if not pair.label:
         raise BadSample("missing_label", pair.image, "no label file with the same name")
+    if not pair.image:
+        raise BadSample("missing_image", pair.label, "no image file with the same name")
     image_bytes = _read(pair.image)
     label_bytes = _read(pair.label)
     image = _decode(image_bytes, pair.image, "undecodable_image")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import typing
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,9 @@ def test_the_models_behind_the_commands():
         assert command.settings is settings and command.options is options, path
     # the prep choices are data_prep's readers
     from data_prep.readers import READERS
+    from pipelines.cli.prep import Dataset
 
-    assert set(PrepSettings.model_fields["dataset"].annotation.__args__) == set(READERS)
+    assert set(typing.get_args(Dataset)) == set(READERS)
 
 
 # ---- --config < --set < flags; aliases; positional config ---------------------------------
@@ -178,7 +180,8 @@ def test_prep_old_spellings(capsys):
                                      "--no-progress", "--max-side", "256"])
     assert got == {"dataset": "loveda", "src": "a", "out": "s3://b/o", "split": "train",
                    "samples_per_shard": None, "shard_size": "64MB", "max_side": 256,
-                   "strict": True, "layout": None, "progress": False}
+                   "strict": True, "layout": None, "progress": False, "verify": None,
+                   "write_manifest": None}
 
 
 # ---- errors: a bad value names the field, exit 2 on stderr; runtime failures exit 1 -------

@@ -36,8 +36,9 @@ def _bad_tree(root: Path) -> Path:
     # a text file with an image suffix
     (img / "t_text.png").write_text("not an image at all\n")
     fixtures.save_png(ann / "t_text.png", label)
-    # an image without a label
+    # an image without a label, and a label without an image
     fixtures.save_png(img / "t_unlabelled.png", image)
+    fixtures.save_png(ann / "t_orphan.png", label)
     return root
 
 
@@ -50,14 +51,15 @@ def bad_src(tmp_path_factory) -> Path:
 def test_bad_pairs_are_skipped_and_counted_by_reason(bad_src: Path, tmp_path: Path) -> None:
     report = prepare("folder", str(bad_src), str(tmp_path / "out"), "train", samples_per_shard=2,
                      layout=str(bad_src / "layout.yaml"), progress=False)
-    assert report.read == GOOD + 5 and report.written == GOOD
+    assert report.read == GOOD + 6 and report.written == GOOD
     assert report.skipped == {
-        "label_out_of_range": 1, "missing_label": 1, "size_mismatch": 1,
+        "label_out_of_range": 1, "missing_image": 1, "missing_label": 1, "size_mismatch": 1,
         "undecodable_image": 2,  # the truncated PNG and the text file
     }
     assert "t_range.png" in report.examples["label_out_of_range"]
     assert "values [5]" in report.examples["label_out_of_range"]
     assert "t_mismatch.png" in report.examples["size_mismatch"]
+    assert "ann_dir/train/t_orphan.png: missing_image" in report.examples["missing_image"]
     sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
     assert sum(sizes.values()) == GOOD
 
@@ -161,7 +163,7 @@ def _many_bad_tree(root: Path) -> dict[str, str]:
     return {
         "t_truncated.png": "undecodable_image", "t_text.png": "undecodable_image",
         "t_mismatch.png": "size_mismatch", "t_range.png": "label_out_of_range",
-        "t_unlabelled.png": "missing_label",
+        "t_unlabelled.png": "missing_label", "t_orphan.png": "missing_image",
         **{f"u_trunc{i}.png": "undecodable_image" for i in range(3)},
         **{f"u_mismatch{i}.png": "size_mismatch" for i in range(2)},
         "u_badlabel.png": "undecodable_label", "u_rgblabel.png": "label_not_single_channel",
@@ -193,7 +195,7 @@ def test_every_skipped_pair_is_listed_in_skipped_parquet(many_bad, tmp_path: Pat
     rows = _skipped_rows(out / "skipped.parquet")
     # every bad file, once, with its reason, the pair's key and its shard
     assert {Path(r["path"]).name: r["reason"] for r in rows} == expected
-    assert len(rows) == len(expected) == 12
+    assert len(rows) == len(expected) == 13
     assert all(r["split"] == "train" and r["key"] == Path(r["path"]).stem for r in rows)
     assert len({r["shard"] for r in rows}) >= 3  # spread over several shards
     sizes = json.loads((out / "sizes.json").read_text())
@@ -201,6 +203,7 @@ def test_every_skipped_pair_is_listed_in_skipped_parquet(many_bad, tmp_path: Pat
     by_name = {Path(r["path"]).name: r for r in rows}
     assert "ann_dir" in by_name["t_mismatch.png"]["path"]  # the label is the offending file
     assert "img_dir" in by_name["t_unlabelled.png"]["path"]  # no label: the image is named
+    assert "ann_dir" in by_name["t_orphan.png"]["path"]  # no image: the label is named
     assert "values [5]" in by_name["t_range.png"]["detail"]
     assert "vs image" in by_name["u_mismatch1.png"]["detail"]
 
@@ -210,7 +213,7 @@ def test_every_skipped_pair_is_listed_in_skipped_parquet(many_bad, tmp_path: Pat
     assert report["skipped_file"] == str(out / "skipped.parquet")
     assert report["written"] == GOOD and report["read"] == GOOD + len(expected)
     stdout = capsys.readouterr().out
-    assert "skipped 12 (" in stdout and f"see {out / 'skipped.parquet'}" in stdout
+    assert "skipped 13 (" in stdout and f"see {out / 'skipped.parquet'}" in stdout
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -262,6 +265,7 @@ def test_skipped_parquet_is_written_next_to_an_s3_manifest(
     assert report.skipped_file == f"{out}/skipped.parquet"
     body = s3.get_object(Bucket=s3_bucket, Key="shards/skipped.parquet")["Body"].read()
     rows = pq.read_table(io.BytesIO(body)).to_pylist()
-    assert report.skipped_total == len(rows) == 5
+    assert report.skipped_total == len(rows) == 6
     assert {Path(r["path"]).name for r in rows} == {
-        "t_truncated.png", "t_text.png", "t_mismatch.png", "t_range.png", "t_unlabelled.png"}
+        "t_truncated.png", "t_text.png", "t_mismatch.png", "t_range.png", "t_unlabelled.png",
+        "t_orphan.png"}

@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_prep import fixtures
 from data_prep.readers import DatasetError, read_pairs
-from data_prep.samples import convert_pair
+from data_prep.samples import BadSample, convert_pair
 
 from helpers import FIXTURES, LOVEDA
 
@@ -38,6 +38,57 @@ def test_reader_official_layout_and_label_conversion(dataset: str, tmp_path: Pat
         np.testing.assert_array_equal(train, want)
         assert (sample.height, sample.width) == raw.shape
         assert sum(sample.class_pixels) + sample.ignore_pixels == raw.size
+
+
+# where make_tree puts the images of split "train" (the labels are everything else)
+IMAGE_GLOB = {"ade20k": "**/images/**/*.jpg", "cityscapes": "leftImg8bit/train/**/*.png",
+              "coco_stuff": "images/train2017/*.jpg", "loveda": "Train/*/images_png/*.png",
+              "folder": "img_dir/train/*.png"}
+
+
+@pytest.mark.parametrize("dataset", ["ade20k", "cityscapes", "coco_stuff", "loveda", "folder"])
+def test_an_unpaired_image_or_label_is_a_pair_that_names_what_is_missing(
+        dataset: str, tmp_path: Path) -> None:
+    """Every reader: an image without its label is ``missing_label`` (named by the image), a
+    label without its image ``missing_image`` (named by the label); neither is dropped."""
+    keys = fixtures.make_tree(dataset, tmp_path, split="train", n=3)
+    layout = str(tmp_path / LAYOUT_ARG[dataset]) if dataset in LAYOUT_ARG else None
+    _, pairs = read_pairs(dataset, str(tmp_path), "train", layout)
+    by_key = {p.key: p for p in pairs}
+    Path(by_key[keys[0]].image).unlink()   # its label stays
+    Path(by_key[keys[2]].label).unlink()   # its image stays
+    spec, pairs = read_pairs(dataset, str(tmp_path), "train", layout)
+    assert [p.key for p in pairs] == sorted(keys)  # the orphan label keeps its sample key
+    found = {}
+    for pair in pairs:
+        try:
+            convert_pair(pair, spec)
+        except BadSample as bad:
+            found[pair.key] = (bad.reason, bad.file)
+    assert found == {keys[0]: ("missing_image", by_key[keys[0]].label),
+                     keys[2]: ("missing_label", by_key[keys[2]].image)}
+    assert len(list(tmp_path.glob(IMAGE_GLOB[dataset]))) == 2
+
+
+def test_loveda_flat_layout_counts_a_label_without_its_image(tmp_path: Path) -> None:
+    src = fixtures.replicate_flat(LOVEDA, tmp_path / "flat", 3)
+    (src / "img_dir" / "0001_1.png").unlink()
+    (src / "ann_dir" / "extra").mkdir()  # a sub-folder of a flat layout is another split
+    fixtures.save_png(src / "ann_dir" / "extra" / "9.png", np.zeros((4, 4), np.uint8))
+    spec, pairs = read_pairs("loveda", str(src), "train")
+    orphans = [p for p in pairs if not p.image]
+    assert [p.key for p in pairs] == ["0000_0", "0001_1", "0002_2"]
+    assert [Path(p.label).name for p in orphans] == ["0001_1.png"]
+    with pytest.raises(BadSample, match=r"0001_1\.png: missing_image"):
+        convert_pair(orphans[0], spec)
+
+
+def test_labels_without_any_image_are_no_split(tmp_path: Path) -> None:
+    fixtures.make_tree("folder", tmp_path, n=2)
+    for image in (tmp_path / "img_dir" / "train").glob("*.png"):
+        image.unlink()
+    with pytest.raises(DatasetError, match="no images found"):
+        read_pairs("folder", str(tmp_path), "train", str(tmp_path / "layout.yaml"))
 
 
 def test_cityscapes_fixture_reproduces_label_train_ids() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pipelines.cli.command import Command, Invocation, Result
+from pipelines.cli.command import Command, CommandError, Invocation, Result
 from pipelines.common.settings import StrictModel
 from pipelines.workflow.config import PipelineConfig, load_pipeline_config
 
@@ -25,9 +25,19 @@ def load(config: str | None, overrides: list[str], path: tuple[str, ...]) -> Pip
 
 
 def run_command(inv: Invocation) -> Result:
-    from pipelines.workflow.runner import Workflow, run_pipeline
+    from data_prep.verify import SourceMismatch
+
+    try:
+        return _run(inv)
+    except SourceMismatch as err:  # the data is not the one the config names: exit 2
+        raise CommandError(str(err), 2) from None
+
+
+def _run(inv: Invocation) -> Result:
+    from pipelines.workflow.runner import Workflow, run_pipeline, verify_source
 
     if inv.options.dry_run:
+        verify_source(inv.settings)
         plan = Workflow(inv.settings, config_path=inv.config).plan()
         for p in plan:
             extra = f" (reuses run {p['reuses_run']})" if p["reuses_run"] else ""

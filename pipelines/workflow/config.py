@@ -60,6 +60,18 @@ class DataSection(StrictModel):
     holdout: Holdout | None = Field(None, description="images the search never sees, whose "
                                     "drop evaluate and report show: {fraction: 0.3} of "
                                     "val by key hash, or {split: test}")
+    manifest: str | None = Field(None, description="the files src must hold (a `step prep "
+                                 "--verify` manifest: names, sizes, sha256), checked before "
+                                 "any step runs: a missing or different file stops the run "
+                                 "(exit 2)")
+
+    @model_validator(mode="after")
+    def _manifest_exists(self) -> DataSection:
+        from data_prep.storage import is_s3
+
+        if self.manifest and not is_s3(self.manifest) and not Path(self.manifest).is_file():
+            raise ValueError(f"manifest: file not found: {self.manifest}")
+        return self
 
     @model_validator(mode="after")
     def _holdout_split_apart(self) -> DataSection:

@@ -342,7 +342,17 @@ def run_pipeline(config: str | Path, overrides: list[str] | None = None, *,
     cfg = load_pipeline_config(config, overrides)
     if not cfg.runs_policy:
         _check_policy_free(cfg)
+    verify_source(cfg, echo)
     return Workflow(cfg, config_path=str(config), echo=echo).run()
+
+
+def verify_source(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> None:
+    """``data.manifest``: the source holds the expected files, else
+    :class:`data_prep.verify.SourceMismatch`, before any step, MLflow run or Ray."""
+    if cfg.data.manifest:
+        from data_prep.verify import check_source
+
+        echo(check_source(cfg.data.src, cfg.data.manifest).message())
 
 
 def _check_policy_free(cfg: PipelineConfig) -> None:

@@ -55,6 +55,7 @@ def prepare_payload(cfg: PipelineConfig) -> dict[str, Any]:
 
         layout = files.read_bytes(cfg.data.layout).decode(errors="replace")
     data = cfg.data.model_dump(mode="json")
+    data.pop("manifest", None)  # a check of the source, not a setting of its shards
     # a held-out fraction of val is chosen when the data is read, not when it is sharded:
     # setting it must not re-shard (nor, through the fingerprints, retrain) anything
     holdout = data.pop("holdout", None)

@@ -24,6 +24,10 @@ def _pairs(dataset: str, src: str, split: str, layout: str | None) -> list[tuple
     from data_prep.readers import read_pairs
 
     _, pairs = read_pairs(dataset, src, split, layout)
+    incomplete = [p.image or p.label for p in pairs if not (p.image and p.label)]
+    if incomplete:  # a tile needs both; `step prep` without tiling skips and counts them
+        raise ValueError(f"tiling {src}: {len(incomplete)} image(s) or label(s) without "
+                         f"their other half, e.g. {incomplete[0]}")
     return [(p.key.replace("/", "_"), p.image, p.label) for p in pairs]
 
 
