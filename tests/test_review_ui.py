@@ -24,6 +24,16 @@ PNG = base64.b64decode(  # a 1 x 1 PNG
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
+VIEW = "workflowType=machine_learning"  # the UI's "Model training" view (docs/mlflow.md)
+
+
+def _all_in_training_view(text: str) -> None:
+    """Every UI address in ``text`` names the model-training view."""
+    addresses = re.findall(r"#/experiments/[^\s\"'<>)]*", text)
+    assert addresses
+    assert all(a.endswith(f"?{VIEW}") for a in addresses), addresses
+
+
 def _client(uri):
     from mlflow.tracking import MlflowClient
 
@@ -74,7 +84,20 @@ def test_every_run_says_what_it_is(tiny_pipeline):
     note = parent.data.tags[NOTE]
     assert "report.html" in note
     for name, step in doc["steps"].items():
-        assert f"#/experiments/{parent.info.experiment_id}/runs/{step['run_id']}" in note, name
+        assert f"#/experiments/{parent.info.experiment_id}/runs/{step['run_id']}" \
+            f"?{VIEW}" in note, name
+    _all_in_training_view(note)
+
+
+def test_printed_addresses_open_the_model_training_view(tiny_pipeline):
+    """`step run`'s closing line: the parent run's address on the server, in that view."""
+    doc = tiny_pipeline["doc2"]
+    client = _client(tiny_pipeline["tracking_uri"])
+    exp_id = client.get_run(doc["parent_run_id"]).info.experiment_id
+    base = tiny_pipeline["tracking_uri"].rstrip("/")
+    assert (f"MLflow: pipeline run {doc['parent_run_id']}: {base}/#/experiments/{exp_id}/runs/"
+            f"{doc['parent_run_id']}?{VIEW}") in tiny_pipeline["stdout2"]
+    _all_in_training_view(tiny_pipeline["stdout2"] + tiny_pipeline["stdout3"])
 
 
 def test_datasets_are_inputs_of_trainings_and_evaluation(tiny_pipeline):
@@ -116,7 +139,8 @@ def test_parent_run_holds_the_review_page(tiny_pipeline, which):
     assert len(images) >= 2 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
     assert not re.search(r'src="(?!data:)', page)
     for r in _tree(client, parent.info.experiment_id, parent.info.run_id):
-        assert f"runs/{r.info.run_id}" in page, r.info.run_name
+        assert f"runs/{r.info.run_id}?{VIEW}" in page, r.info.run_name
+    _all_in_training_view(page)
     if which == "doc3":  # skipped steps: their artifacts come from the runs they reuse
         assert doc["steps"]["report"]["reused_run_id"] in page
 
@@ -161,11 +185,28 @@ def test_review_embeds_analysis_figures_and_survives_missing_parts(mlflow_server
     assert "analysis/figs/purity.png" in page and base64.b64encode(PNG).decode() in page
     assert "analysis/purity.csv" in page
     assert f"runs/{step}" in page and f"runs/{nested}" in page
+    _all_in_training_view(page)
+    _all_in_training_view(runs.client.get_run(parent).data.tags[NOTE])
     assert "no summary" in page
     assert "`step analyze`" in runs.client.get_run(nested).data.tags[NOTE]
     # a parent that does not exist: one warning line, no exception
     assert log_review(runs, "0" * 32, {}, echo=lines.append) is None
     assert lines and "report.html" in lines[-1]
+
+
+def test_run_locations_name_the_view_on_a_server_and_for_a_local_store(tmp_path):
+    from pipelines.tracking.links import run_location
+    from pipelines.tracking.runs import create_run
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    rid = create_run(uri, "links", run_name="r", tags={"step.kind": "eval"})
+    exp = _client(uri).get_run(rid).info.experiment_id
+    assert run_location(uri, rid) == (f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{rid}"
+                                      f"?{VIEW} once `step ui` serves {uri}")
+    # no credentials in an address
+    assert run_location("https://me:pw@host:8443/mlflow", "r1", "7") == \
+        f"https://host:8443/mlflow/#/experiments/7/runs/r1?{VIEW}"
+    assert run_location(uri, "0" * 32) == f"run {'0' * 32} at {uri}"  # no such run
 
 
 def test_step_ui_prints_a_remote_server_and_its_forward(mlflow_server, capsys, monkeypatch):

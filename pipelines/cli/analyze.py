@@ -87,8 +87,10 @@ def summary_lines(doc: dict) -> list[str]:
         lines.append("confidence exits beat random and uniform at every point: "
                      + ("yes" if doc["confidence_wins"] else "no"))
     if doc.get("run_id"):
-        lines.append(f"MLflow: run {doc['run_id']} (artifacts under analysis/) at "
-                     f"{doc['tracking_uri']}")
+        from pipelines.tracking.links import run_location
+
+        lines.append(f"MLflow: run {doc['run_id']} (artifacts under analysis/): "
+                     f"{run_location(doc['tracking_uri'], doc['run_id'])}")
     return lines
 
 

@@ -59,7 +59,10 @@ def _run(inv: Invocation) -> Result:
               + ("yes" if wins else "no"))
     if result.skipped:
         print(f"skipped (unchanged): {', '.join(result.skipped)}")
-    print(f"\nMLflow: pipeline run {result.parent_run_id} at {result.tracking_uri}")
+    from pipelines.tracking.links import run_location
+
+    print(f"\nMLflow: pipeline run {result.parent_run_id}: "
+          f"{run_location(result.tracking_uri, result.parent_run_id)}")
     print(ui_hint(result.tracking_uri))
     return Result(doc)
 
@@ -99,8 +102,8 @@ def ui_hint(tracking_uri: str) -> str:
               "\"Model training\" view lists the runs)")
     if tracking_uri.startswith("sqlite:"):
         return ("open the MLflow UI: `step ui` (serves this store on 127.0.0.1 and prints each "
-                "experiment's address), then the experiment's newest run" + review)
-    return f"open the MLflow UI: {tracking_uri}" + review
+                "experiment's address), then the run's address above" + review)
+    return "open the run's address above" + review
 
 
 COMMAND = Command(PipelineConfig, run_command, options=RunOptions, load=load,

@@ -41,7 +41,9 @@ def train(inv: Invocation) -> Result:
     print(f"{inv.prog}: done at step {result.metrics.get('step')}; "
           + ", ".join(f"{k}={v:.4g}" for k, v in headline.items()))
     print(f"  checkpoint: {result.checkpoint}")
-    print(f"  MLflow run: {result.run_id} at {result.tracking_uri}")
+    from pipelines.tracking.links import run_location
+
+    print(f"  MLflow run {result.run_id}: {run_location(result.tracking_uri, result.run_id)}")
     return Result(summary)
 
 

@@ -58,9 +58,11 @@ def _print_summary(doc: dict) -> None:
     if doc.get("registered_model"):
         r = doc["registered_model"]
         print(f"registered model: {r['name']} version {r['version']}")
+    from pipelines.tracking.links import run_location
+
     print(f"{doc['n_trials']} trials ({doc['failed_trials']} failed), "
-          f"{len(doc['pareto'])} on the Pareto front; MLflow run {doc['parent_run_id']} "
-          f"at {doc['tracking_uri']}")
+          f"{len(doc['pareto'])} on the Pareto front; MLflow run {doc['parent_run_id']}: "
+          f"{run_location(doc['tracking_uri'], doc['parent_run_id'])}")
 
 
 COMMAND = Command(TuneSettings, tune, aliases=ALIASES,

@@ -106,7 +106,7 @@ def forward_command(settings: UiSettings, uri: str) -> list[str]:
 
 
 def show_remote(settings: UiSettings, uri: str) -> int:
-    from pipelines.workflow.review import server_base
+    from pipelines.tracking.links import server_base
 
     if settings.forward:
         cmd = forward_command(settings, uri)

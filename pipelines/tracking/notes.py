@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from pipelines.tracking.links import run_link
+
 NOTE_TAG = "mlflow.note.content"
 
 STEPS = {
@@ -37,21 +39,6 @@ KINDS = {
     "analyze": "Analysis (`step analyze`) of `{step.checkpoint}`: figures and tables under "
                "`analysis/`.",
 }
-
-
-# MLflow 3.17's UI shows an experiment in the view of its sidebar switch (GenAI by default,
-# kept per browser in localStorage); this query parameter opens the model-training view
-MODEL_TRAINING_VIEW = "workflowType=machine_learning"
-
-
-def run_link(experiment_id: str, run_id: str) -> str:
-    """The UI's address of a run, relative to the tracking server's root."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def experiment_link(experiment_id: str) -> str:
-    """The UI's address of an experiment's runs table in the model-training view."""
-    return f"#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
 
 
 def describe(tags: Mapping[str, str], experiment_id: str | None = None) -> str | None:

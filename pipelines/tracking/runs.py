@@ -151,7 +151,7 @@ def experiment_views(tracking_uri: str, base: str, limit: int = 10) -> list[tupl
     (the UI's root) + the runs table in the model-training view."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking.notes import experiment_link
+    from pipelines.tracking.links import experiment_link
 
     exps = MlflowClient(tracking_uri).search_experiments(
         filter_string=f"tags.`{EXPERIMENT_KIND_TAG}` = '{EXPERIMENT_KIND}'",

@@ -21,9 +21,9 @@ import json
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from pipelines.tracking.notes import describe, run_link
+from pipelines.tracking.links import local_ui_base, run_link, server_base
+from pipelines.tracking.notes import describe
 from pipelines.tracking.pipeline import PipelineRuns, RunView
 
 REVIEW_FILE = "report.html"
@@ -106,16 +106,6 @@ def _cell(text: str) -> str:
 def _img(data: bytes, alt: str) -> str:
     return (f'<img alt="{_e(alt)}" src="data:image/png;base64,'
             f'{base64.b64encode(data).decode()}">')
-
-
-def server_base(tracking_uri: str) -> str:
-    """The UI's root for links: a tracking server's URL (without credentials), else ''."""
-    parts = urlsplit(tracking_uri)
-    if parts.scheme not in ("http", "https"):
-        return ""
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/", "", ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +269,7 @@ class Review:
     def _runs(self) -> str:
         where = (f"on the tracking server <code>{_e(self.base)}</code>" if self.base else
                  "relative to the MLflow UI's address (e.g. <code>step ui</code>: "
-                 "http://127.0.0.1:5000/)")
+                 f"{local_ui_base()})")
         out = ["<h2>Runs</h2>",
                f"<p class='muted'>Addresses {where}. In the UI's artifact viewer this page is "
                "sandboxed: use the links in the parent run's description, or copy one.</p>",

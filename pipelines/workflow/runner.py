@@ -206,8 +206,11 @@ class Workflow:
             os.environ["RAY_ADDRESS"] = self.cfg.ray.address
         self._open_parent()
         self._save_state()
-        self.echo(f"pipeline {self.cfg.name}: MLflow run {self.parent_run_id} at "
-                  f"{self.tracking_uri}; storage {self.root}")
+        from pipelines.tracking.links import run_location
+
+        where = run_location(self.tracking_uri, self.parent_run_id, self.runs.experiment_id)
+        self.echo(f"pipeline {self.cfg.name}: MLflow run {self.parent_run_id} ({where}); "
+                  f"storage {self.root}")
         try:
             # no ray.init here: every step that needs Ray starts (or joins) it itself, so
             # a rerun whose steps are all unchanged costs seconds
