@@ -6,16 +6,25 @@ http://HOST:PORT`` (or ``MLFLOW_TRACKING_URI``) prints that server's UI address 
 nothing; with ``--forward [user@]gateway`` it opens ``ssh -N -L`` from 127.0.0.1:PORT
 (``--port``) to HOST:PORT as the gateway sees it, for a server that listens only on the
 cluster's network (or on the head node's loopback: ``http://127.0.0.1:5000``).
+
+The local server (``mlflow ui`` and the uvicorn worker it starts) runs in a process group
+of its own, which ``step ui`` ends (SIGTERM, then SIGKILL after a grace period) when it gets
+SIGTERM, SIGINT or SIGHUP: what ``timeout``, ``systemd``, ``kill``, Ctrl-C and a closed
+terminal send. A server that exits on its own (a port already taken, a broken store) makes
+``step ui`` exit non-zero, its workers stopped too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,10 +34,13 @@ from pydantic import Field
 
 from pipelines.cli.command import Command, Invocation
 from pipelines.common.settings import ConfigError, StrictModel
+from pipelines.tracking.links import UI_PORT
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class UiSettings(StrictModel):
-    port: int = Field(5000, ge=1, le=65535, description="port on 127.0.0.1 (the local UI, "
+    port: int = Field(UI_PORT, ge=1, le=65535, description="port on 127.0.0.1 (the local UI, "
                       "or the local end of --forward)")
     tracking_uri: str | None = Field(
         None, description="a remote tracking server, http(s)://HOST:PORT: print its UI's "
@@ -117,10 +129,8 @@ def show_remote(settings: UiSettings, uri: str) -> int:
         host, port = _server(uri)
         print(f"MLflow UI on {scheme}://127.0.0.1:{settings.port}/ (forwarded through "
               f"{settings.forward} to {host}:{port}); Ctrl-C stops it", flush=True)
-        try:
-            return subprocess.call(cmd)
-        except KeyboardInterrupt:
-            return 0
+        # in this terminal's process group: ssh may have to ask for a password
+        return run_server(cmd, dict(os.environ), own_group=False)
     base = server_base(uri)  # without any user:password@ of the URI
     print(f"MLflow UI: {base}")
     try:
@@ -163,15 +173,63 @@ def serve(inv: Invocation) -> int:
           flush=True)
     # job execution off: the UI alone starts in ~4 s and ~0.5 GiB instead of ~7 s / 1.9 GiB
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(cmd, env=env)
+    return run_server(cmd, env, lambda: print_experiments(
+        cmd[3], f"http://127.0.0.1:{settings.port}/"))
+
+
+def run_server(cmd: list[str], env: dict[str, str], meanwhile=lambda: None,
+               grace: float = 10.0, own_group: bool = True) -> int:
+    """Run ``cmd`` (in a process group of its own unless ``own_group`` is false) until it
+    exits, or until this process gets one of :data:`STOP_SIGNALS`; it is stopped either
+    way (with its group). Returns 0 when a signal stopped it, else the server's exit code
+    (1 if it exited 0: a server never should)."""
+    stopped: list[int] = []
+    proc = subprocess.Popen(cmd, env=env, start_new_session=own_group)
+
+    def on_signal(signum, frame) -> None:
+        stopped.append(signum)
+        if own_group:
+            _signal_group(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
-        # while the server starts (listing them costs MLflow's import, seconds)
-        print_experiments(cmd[3], f"http://127.0.0.1:{settings.port}/")
+        meanwhile()  # while the server starts (e.g. MLflow's import, seconds)
         sys.stdout.flush()
-        return proc.wait()
-    except KeyboardInterrupt:  # the server got the same Ctrl-C
-        proc.wait()
+        code = proc.wait()  # a signal's handler runs, then the wait goes on
+    finally:
+        if own_group:
+            _stop_group(proc, grace)
+        elif proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopped:
         return 0
+    print(f"step ui: {Path(cmd[0]).name} exited on its own (code {code})", file=sys.stderr)
+    return code or 1
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to the group; False once no process of it is left."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the server's group (its leader and the uvicorn workers, which outlive a
+    leader that dies first), SIGKILL what is left after ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while _signal_group(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.2)
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 COMMAND = Command(UiSettings, serve, json=None, config_help="ui settings (YAML)")
