@@ -145,43 +145,39 @@ def test_timeout_step_ui_leaves_nothing_listening(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def serving(tmp_path):
+    """`step ui` serving a store, up: (its process, its port, its server's process group)."""
+    port, uri = _free_port(), _store(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port),
+                             "--backend-store-uri", uri], env=_env_without_tracking_uri(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _wait_until(lambda: _answers(port), 90, "the UI did not come up", proc)
+        yield proc, port, _server_group(proc.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
-def test_step_ui_stops_its_server_on_a_signal(tmp_path, sig):
-    port, uri = _free_port(), _store(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port),
-                             "--backend-store-uri", uri], env=_env_without_tracking_uri(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        _wait_until(lambda: _answers(port), 90, "the UI did not come up", proc)
-        group = _server_group(proc.pid)
-        assert group != os.getpgid(proc.pid)  # its own group: a terminal's ^C reaches step ui
-        proc.send_signal(sig)                 # step ui alone, as a terminal would
-        assert proc.wait(timeout=30) == 0
-        assert not _answers(port) and _group_left(group) == []
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+def test_step_ui_stops_its_server_on_a_signal(serving, sig):
+    proc, port, group = serving
+    assert group != os.getpgid(proc.pid)  # its own group: a terminal's ^C reaches step ui
+    proc.send_signal(sig)                 # step ui alone, as a terminal would
+    assert proc.wait(timeout=30) == 0
+    assert not _answers(port) and _group_left(group) == []
 
 
 @pytest.mark.integration
-def test_step_ui_exits_non_zero_when_its_server_dies(tmp_path):
-    port, uri = _free_port(), _store(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port),
-                             "--backend-store-uri", uri], env=_env_without_tracking_uri(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        _wait_until(lambda: _answers(port), 90, "the UI did not come up", proc)
-        group = _server_group(proc.pid)
-        os.killpg(group, signal.SIGKILL)  # the server dies; step ui is not signalled
-        assert proc.wait(timeout=30) != 0
-        assert "mlflow exited on its own" in proc.stdout.read().decode()
-        assert _group_left(group) == []
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+def test_step_ui_exits_non_zero_when_its_server_dies(serving):
+    proc, _, group = serving
+    os.killpg(group, signal.SIGKILL)  # the server dies; step ui is not signalled
+    assert proc.wait(timeout=30) != 0
+    assert "mlflow exited on its own" in proc.stdout.read().decode()
+    assert _group_left(group) == []
 
 
 def test_a_forward_ends_with_step_ui(tmp_path):
