@@ -171,6 +171,16 @@ def find_run(tracking_uri: str, experiment_id: str, tags: Mapping[str, str]) -> 
     return runs[0].info.run_id if runs else None
 
 
+def run_status(tracking_uri: str, run_id: str) -> str | None:
+    """The run's status (``RUNNING``, ``FINISHED``, ...), None when the store lacks it."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - deleted, another store: not there
+        return None
+
+
 def create_run(
     tracking_uri: str,
     experiment: str,

@@ -4,6 +4,12 @@ Not by the trials: one writer per store (an embedded SQLite store shared by para
 processes means lock contention), trials need no MLflow credentials, and a trial process
 that dies cannot leave its run RUNNING: the callback marks it FAILED, and a final sweep
 (``close_all``) ends anything still open.
+
+A search resumed after its driver died (``Tuner.restore``, :mod:`pipelines.tune.resume`)
+gets the state this callback saved with Tune's experiment (``get_state``): the runs of the
+trials that finished move under the new search run (``mlflow.parentRunId``), so they are
+kept, not run or logged twice; the runs of the trials the crash killed end FAILED (the
+trials run again, in new runs), and so does the dead search's own run if still RUNNING.
 """
 
 from __future__ import annotations
@@ -81,5 +87,32 @@ def trial_runs_callback(tracking_uri: str, experiment_id: str, parent_run_id: st
             for rid in list(self.open):
                 self.client.set_terminated(rid, "FAILED")
                 self.open.discard(rid)
+
+        # ---- a search resumed after a crash ------------------------------------------
+
+        def get_state(self) -> dict[str, Any]:
+            return {"parent": parent_run_id, "run_ids": dict(self.run_ids),
+                    "last": dict(self.last)}
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            killed = "killed: the search's process died; the trial ran again under run " \
+                     + parent_run_id
+            for tid, rid in state["run_ids"].items():
+                status = self.client.get_run(rid).info.status
+                if status == "FINISHED":  # kept: under this search's run from now on
+                    self.run_ids[tid] = rid
+                    if tid in state["last"]:
+                        self.last[tid] = state["last"][tid]
+                    self.client.log_batch(rid, tags=[
+                        RunTag("mlflow.parentRunId", parent_run_id),
+                        RunTag("step.resumed_from", state["parent"])])
+                elif status == "RUNNING":
+                    self.client.log_batch(rid, tags=[RunTag("step.error", killed)])
+                    self.client.set_terminated(rid, "FAILED")
+            old = state["parent"]
+            if old != parent_run_id:
+                self.client.set_tag(old, "step.resumed_by", parent_run_id)
+                if self.client.get_run(old).info.status == "RUNNING":
+                    self.client.set_terminated(old, "FAILED")
 
     return TrialRuns()

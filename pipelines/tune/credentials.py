@@ -50,21 +50,28 @@ def tune_storage(storage_path: str) -> tuple[str, str | None]:
     ``s3://`` storage path Tune therefore writes to a local staging directory on the
     driver and :func:`upload_results` copies it with the driver's credentials once the trials
     are done. The trials need no storage: they only report metrics (no checkpoints), and
-    Tune's loggers and error files are written by the driver.
+    Tune's loggers and error files are written by the driver. The staging directory is
+    named by the storage path, so a search whose driver died is found there again (and
+    resumed, :mod:`pipelines.tune.resume`) by the next run on the same machine.
     """
     from pipelines.common import storage
 
     if storage.is_s3(storage_path):
+        import hashlib
         import tempfile
 
-        return tempfile.mkdtemp(prefix="step-tune-"), storage_path.rstrip("/")
+        uri = storage_path.rstrip("/")
+        staging = Path(tempfile.gettempdir(), "step-tune",
+                       hashlib.sha256(uri.encode()).hexdigest()[:16])
+        staging.mkdir(parents=True, exist_ok=True)
+        return str(staging), uri
     return storage.absolute(storage_path), None
 
 
-def upload_results(staging: Path, experiment: str, uri: str) -> None:
+def upload_results(staging: Path, experiment: str, uri: str, remove: bool = True) -> None:
     """Tune's experiment folder, staged locally by :func:`tune_storage`, to
-    ``uri/experiment``; then the staging folder goes. Best effort: the search's record is
-    in MLflow, Tune's files are for inspection."""
+    ``uri/experiment``; then (``remove``) the staged experiment goes. Best effort: the
+    search's record is in MLflow, Tune's files are for inspection."""
     import shutil
 
     from pipelines.common import storage
@@ -75,4 +82,5 @@ def upload_results(staging: Path, experiment: str, uri: str) -> None:
     except Exception as err:  # a failed copy must not hide the result
         log.warning("tune: could not upload Ray Tune's results to %s: %s", uri, err)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if remove:
+            shutil.rmtree(staging / experiment, ignore_errors=True)

@@ -62,12 +62,13 @@ def progress_callback(total: int, space: SearchSpace, start: float):
     class Progress(tune.Callback):
         def __init__(self) -> None:
             self.done = 0
+            self.before = 0  # trials a resumed search had finished before this process
             self.errors: dict[str, str] = {}
 
         def _line(self, trial, tail: str) -> None:
             self.done += 1
             elapsed = time.monotonic() - start
-            eta = elapsed / self.done * max(0, total - self.done)
+            eta = elapsed / (self.done - self.before) * max(0, total - self.done)
             try:
                 params = _short(space.normalise(trial.config))
             except Exception:  # a config the space cannot read: show the error anyway
@@ -90,5 +91,12 @@ def progress_callback(total: int, space: SearchSpace, start: float):
             one_line = " ".join(err.split())
             self._line(trial, "FAILED: " + (one_line[:160] + "..." if len(one_line) > 160
                                             else one_line))
+
+        def get_state(self) -> dict[str, Any]:  # a resumed search counts on
+            return {"done": self.done, "errors": dict(self.errors)}
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            self.done = self.before = state["done"]
+            self.errors = dict(state["errors"])
 
     return Progress()

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ from pipelines.tune.confirm import Confirmation, candidates, confirm, searchable
 from pipelines.tune.credentials import keys_out_of_env, tune_storage, upload_results
 from pipelines.tune.pareto import Selection, mark_choices, pareto_plot, select, trials_csv
 from pipelines.tune.progress import error_summary, progress_callback, trial_error
+from pipelines.tune.resume import experiment_name, open_tuner, snapshots_every_step
 from pipelines.tune.space import SearchSpace, load_space
 from pipelines.tune.trial import (
     TRIAL_METRICS,
@@ -208,7 +210,14 @@ def _searcher(settings: TuneSettings):
         startup = min(10, max(3, settings.num_samples // 3))
         sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup,
                                              multivariate=True)
-        return OptunaSearch(metric="objective", mode="min", sampler=sampler)
+        from ray.tune.search import ConcurrencyLimiter
+
+        # batches of max_concurrent trials, each suggested from the same completed history:
+        # the same trials for the same seed, whichever trial of a batch finishes first, and
+        # after a resume (pipelines/tune/resume.py)
+        return ConcurrencyLimiter(
+            OptunaSearch(metric="objective", mode="min", sampler=sampler),
+            max_concurrent=settings.max_concurrent, batch=True)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=settings.seed)
@@ -375,34 +384,39 @@ def _run_trials(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
     total = _num_trials(settings, space)
     progress = progress_callback(total, space, time.monotonic())
     ray_storage, upload_to = tune_storage(settings.storage_path)
-    experiment = f"{settings.name}-{run_id[:8]}"
+    experiment = experiment_name(settings, space, ctx.checkpoint, ctx.data)
     print(f"tune: {total} trials over space {space.name!r} ({settings.search}), "
           f"up to {settings.max_concurrent} at a time; reference mIoU "
           f"{100 * ctx.baseline['miou']:.2f}, GFLOPs {ctx.baseline['gflops']:.3f}", flush=True)
     grid_search = settings.search == "grid"
-    tuner = tune.Tuner(
+    tuner, _ = open_tuner(
         trainable,
         param_space=space.tune_param_space(settings.search),
         tune_config=tune.TuneConfig(
             search_alg=None if grid_search else _searcher(settings),
             num_samples=1 if grid_search else settings.num_samples,
-            max_concurrent_trials=settings.max_concurrent,
+            # optuna: its ConcurrencyLimiter limits (Tune warns when both do)
+            max_concurrent_trials=None if settings.search == "optuna"
+            else settings.max_concurrent,
             metric="objective", mode="min",
         ),
         run_config=tune.RunConfig(name=experiment, storage_path=ray_storage,
                                   callbacks=[callback, progress], verbose=0),
+        run_id=run_id, tracking_uri=tracking_uri,
     )
+    fitted = False
     try:
-        with keys_out_of_env():
+        with keys_out_of_env(), snapshots_every_step():
             grid = tuner.fit()
+        fitted = True
     finally:
         callback.close_all()
-        if upload_to is not None:
-            upload_results(Path(ray_storage), experiment, upload_to)
+        if upload_to is not None:  # a search that did not end stays staged, to resume
+            upload_results(Path(ray_storage), experiment, upload_to, remove=fitted)
 
     trials: list[dict[str, Any]] = []
     failed, first_error = 0, None
-    for result in grid:
+    for result in sorted(grid, key=_creation_order):
         tid = (result.metrics or {}).get("trial_id") or _trial_id_of(result)
         metrics = callback.last.get(tid) or (result.metrics or {})
         if result.error is not None or "miou" not in metrics:
@@ -506,6 +520,14 @@ def _log_choices(tracker, final: Selection, baseline: dict[str, Any],
                     f"confirmed_{k}": t[k] for k in ("miou", "drop", "drop_lo", "drop_hi",
                                                      "gflops") if t.get(k) is not None})
     tracker.log_metrics(metrics)
+
+
+def _creation_order(result) -> int:
+    """A trial's index in the order Tune created it (its folder is ``<trainable>_<id>_<index>_
+    ...``): a resumed search lists its trials, and breaks ties in the choice, as an
+    uninterrupted one does."""
+    m = re.search(r"_[0-9a-f]+_(\d+)_", Path(str(getattr(result, "path", "") or "")).name)
+    return int(m.group(1)) if m else 1 << 30
 
 
 def _trial_id_of(result) -> str | None:

@@ -202,8 +202,14 @@ class Workflow:
     # ---- the pipeline ------------------------------------------------------------------
 
     def run(self) -> PipelineResult:
+        from pipelines.common.stale_ray import driver_record, stop_dead_session
+
         if self.cfg.ray.address:
             os.environ["RAY_ADDRESS"] = self.cfg.ray.address
+        # a previous run of this pipeline that was killed may have left its local Ray's
+        # agents behind (pipelines/common/stale_ray.py)
+        stop_dead_session(self.state.get("driver"), self.echo)
+        self.state["driver"] = driver_record()
         self._open_parent()
         self._save_state()
         from pipelines.tracking.links import run_location
