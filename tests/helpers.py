@@ -97,6 +97,7 @@ def kill_process(proc: subprocess.Popen) -> None:
     stop_process(proc, signal.SIGKILL)
 
 
+# the CamVid benchmark's data: a copy beside the repository (dev machines, CI), or none
 CAMVID = REPO.parent / "shared" / "fixtures" / "camvid"
 
 

@@ -20,9 +20,8 @@ from data_prep.verify import (
     write_manifest,
 )
 
-from helpers import LOVEDA, REPO
+from helpers import CAMVID, LOVEDA, REPO
 
-CAMVID = REPO.parent / "shared" / "fixtures" / "camvid"  # the copy beside the repository
 CAMVID_MANIFEST = REPO / "configs" / "camvid" / "manifest.json"
 SOURCE = "the demo's LoveDA scenes: demo_data/loveda"
 
