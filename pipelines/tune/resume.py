@@ -93,8 +93,8 @@ def _owner_finished(path: Path, tracking_uri: str) -> bool:
 
 def open_tuner(trainable, *, param_space: dict[str, Any], tune_config, run_config,
                run_id: str, tracking_uri: str):
-    """(a Tuner for the experiment ``run_config.storage_path / run_config.name``, whether
-    it resumes an earlier attempt); see the module docstring."""
+    """A Tuner for the experiment ``run_config.storage_path / run_config.name``: the one a
+    dead run left, restored, or a new one; see the module docstring."""
     from ray import tune
 
     path = Path(run_config.storage_path) / run_config.name
@@ -113,13 +113,13 @@ def open_tuner(trainable, *, param_space: dict[str, Any], tune_config, run_confi
             _record(path, run_id)
             print(f"tune: resuming the search in {path} (its finished trials are kept)",
                   flush=True)
-            return tuner, True
+            return tuner
     if path.exists():
         shutil.rmtree(path)  # a finished search's (its record is in MLflow) or a damaged one
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                        run_config=run_config)
     _record(path, run_id)
-    return tuner, False
+    return tuner
 
 
 def _record(path: Path, run_id: str) -> None:

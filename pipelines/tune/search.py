@@ -389,7 +389,7 @@ def _run_trials(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
           f"up to {settings.max_concurrent} at a time; reference mIoU "
           f"{100 * ctx.baseline['miou']:.2f}, GFLOPs {ctx.baseline['gflops']:.3f}", flush=True)
     grid_search = settings.search == "grid"
-    tuner, _ = open_tuner(
+    tuner = open_tuner(
         trainable,
         param_space=space.tune_param_space(settings.search),
         tune_config=tune.TuneConfig(
