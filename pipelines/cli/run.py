@@ -103,7 +103,7 @@ def ui_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:"):
         return ("open the MLflow UI: `step ui` (serves this store on 127.0.0.1 and prints each "
                 "experiment's address), then the run's address above" + review)
-    return "open the run's address above" + review
+    return "open the MLflow UI at the run's address above" + review
 
 
 COMMAND = Command(PipelineConfig, run_command, options=RunOptions, load=load,
