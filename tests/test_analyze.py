@@ -62,7 +62,7 @@ def test_oracle_at_purity_one_reaches_100_and_layouts_match_the_model():
     for key, kw in ((("oracle", 1.0), {"policy_mode": "oracle"}),
                     (("threshold", 0.5), {"merge_thresholds": dict.fromkeys((2, 4, 8, 16), 0.5)}),
                     (("budget", 0.5), {"budget": 0.5})):
-        model.set_inference(**kw)
+        model.set_inference(kw)
         layout, _ = model.select(images, labels)
         assert rows[key]["tokens_fraction"] == int(layout.num_tokens.sum()) / cells, key
 

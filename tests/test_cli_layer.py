@@ -16,13 +16,13 @@ from pipelines.cli import main
 from pipelines.cli.app import COMMANDS
 from pipelines.cli.command import Alias, Command, Result
 from pipelines.common.settings import (
-    THRESHOLD_LEVELS,
     ExitThresholds,
     MergeThresholds,
     StrictModel,
     load_config,
     parse_thresholds,
 )
+from step_model.config import LEVELS
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = sorted(COMMANDS)
@@ -340,17 +340,22 @@ def test_eval_json_carries_what_was_set(tmp_path, monkeypatch, capsys):
         seen.update(kw, checkpoint=ckpt, data=data)
         return FakeResult()
 
+    from step_model.config import StepConfig
+
+    ckpt = tmp_path / "run" / "ckpt_9"  # its configs only: the oracle check reads them
+    ckpt.mkdir(parents=True)
+    (ckpt / "model_config.yaml").write_text(yaml.safe_dump(StepConfig().to_dict()))
     monkeypatch.setattr(checkpoint, "resolve_checkpoint_dir", lambda uri: uri + "/ckpt_9")
     monkeypatch.setattr(evaluator, "evaluate_checkpoint", fake_eval)
     out = tmp_path / "eval.json"
-    rc = main(["eval", "--checkpoint", "run", "--data", "d", "--thresholds", "0.5",
-               "--merge-thresholds", "0.7", "--no-mlflow", "--json", str(out)])
+    rc = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", "d", "--thresholds",
+               "0.5", "--merge-thresholds", "0.7", "--no-mlflow", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads(out.read_text())
-    assert doc["checkpoint"] == "run/ckpt_9" and doc["run_id"] is None
+    assert doc["checkpoint"] == str(ckpt) and doc["run_id"] is None
     assert doc["inference"] == {"exit_thresholds": [0.5],
                                 "merge_thresholds": {"2": 0.7, "4": 0.7, "8": 0.7, "16": 0.7}}
-    assert seen["inference"]["merge_thresholds"] == dict.fromkeys(THRESHOLD_LEVELS, 0.7)
+    assert seen["inference"]["merge_thresholds"] == dict.fromkeys(LEVELS, 0.7)
 
 
 def test_tune_accepts_a_ray_run_directory(tmp_path, monkeypatch, capsys):
@@ -395,7 +400,7 @@ def test_exit_threshold_syntax(given, exits):
 
 
 @pytest.mark.parametrize(("given", "levels"), [
-    (0.8, dict.fromkeys(THRESHOLD_LEVELS, 0.8)), ("0.8", dict.fromkeys(THRESHOLD_LEVELS, 0.8)),
+    (0.8, dict.fromkeys(LEVELS, 0.8)), ("0.8", dict.fromkeys(LEVELS, 0.8)),
     ("2=0.8,4=0.7,8=0.6,16=0.5", {2: 0.8, 4: 0.7, 8: 0.6, 16: 0.5}),
     ("16=0.5 2=0.8", {2: 0.8, 16: 0.5}), ({2: 0.8, "4": 0.7}, {2: 0.8, 4: 0.7}),
     (None, None),
@@ -438,7 +443,7 @@ def test_threshold_fields_take_the_syntax_from_yaml_set_and_flags(tmp_path):
     cfg = load_config(Inference, path)
     assert cfg.exits == [0.9, 0.8] and cfg.merge == {2: 0.4, 16: 0.1}
     cfg = load_config(Inference, path, ["exits=0.5", "merge=0.3"])
-    assert cfg.exits == [0.5] and cfg.merge == dict.fromkeys(THRESHOLD_LEVELS, 0.3)
+    assert cfg.exits == [0.5] and cfg.merge == dict.fromkeys(LEVELS, 0.3)
     cfg = load_config(Inference, None, ["exits=0.5,0.4", "merge=2=0.2,4=0.1"])
     assert cfg.exits == [0.5, 0.4] and cfg.merge == {2: 0.2, 4: 0.1}
     from pipelines.common.settings import ConfigError
@@ -446,8 +451,3 @@ def test_threshold_fields_take_the_syntax_from_yaml_set_and_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"merge: Value error, level '3' is not"):
         load_config(Inference, None, ["merge=3=0.5"])
 
-
-def test_levels_are_step_models():
-    from step_model.config import LEVELS
-
-    assert tuple(LEVELS) == THRESHOLD_LEVELS

@@ -134,11 +134,14 @@ def train_payload(cfg: PipelineConfig, stage: str, inputs: list[str | None]) -> 
         tc.pop(key, None)
     tc["data"].pop("train", None)
     tc["data"].pop("val", None)
-    # the model as configured, not every default of today's StepConfig: a model option added
-    # later (at a default that keeps the old behaviour) must not retrain finished stages
-    from step_model import StepConfig
+    # the model and its inference settings as configured, not every default of today's
+    # configs: an option added later (at a default that keeps the old behaviour) must not
+    # retrain finished stages
+    from step_model.config import InferenceConfig, StepConfig
 
     tc["model"] = StepConfig.model_validate(tc["model"]).model_dump(mode="json", exclude_defaults=True)
+    tc["inference"] = InferenceConfig.model_validate(tc["inference"]).model_dump(
+        mode="json", exclude_defaults=True)
     return {"train": tc, "inputs": inputs, "stage": stage}
 
 
@@ -238,10 +241,12 @@ def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str,
 def _evaluate_pair(checkpoint: str, data: str, tuned: dict[str, Any] | None,
                    max_samples: int | None, device: str,
                    holdout: dict[str, Any] | None = None) -> dict[str, Any]:
-    from pipelines.tune.trial import evaluate, model_num_exits, reference_inference
+    from pipelines.tune.trial import evaluate, reference_inference, trial_inference
 
-    baseline = evaluate(checkpoint, data, reference_inference(model_num_exits(checkpoint)),
-                        max_samples=max_samples, device=device)
+    # the unpruned model with the tuned settings' others (upsampling ...), as tune measured
+    reference = reference_inference() if tuned is None \
+        else trial_inference(tuned, reference_inference())
+    baseline = evaluate(checkpoint, data, reference, max_samples=max_samples, device=device)
     after = evaluate(checkpoint, data, tuned, max_samples=max_samples, device=device) \
         if tuned is not None else None
     out = {"baseline": baseline, "tuned": after}
