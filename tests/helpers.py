@@ -237,3 +237,13 @@ def blocky_labels(h: int, w: int, seed: int):
     side = 2 * (seed + 1)
     cells[:, :side, :side] = 4
     return cells.repeat_interleave(16, 1).repeat_interleave(16, 2)
+
+
+def printed_settings(capsys, argv: list[str]) -> dict:
+    """The settings ``step <argv> --print-config`` resolves (its command must succeed)."""
+    import yaml
+
+    from pipelines.cli import main
+
+    assert main([*argv, "--print-config"]) == 0, capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)

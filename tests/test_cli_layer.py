@@ -24,6 +24,8 @@ from pipelines.common.settings import (
 )
 from step_model.config import LEVELS
 
+from helpers import printed_settings
+
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = sorted(COMMANDS)
 
@@ -31,11 +33,6 @@ GENERATED = sorted(COMMANDS)
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # the shipped configs are given relative to the repository
-
-
-def _printed_settings(capsys, argv: list[str]) -> dict:
-    assert main([*argv, "--print-config"]) == 0, capsys.readouterr().err
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 # ---- every command is generated, and its --help works ------------------------------------
@@ -107,7 +104,7 @@ def test_precedence_config_then_set_then_flags(tmp_path, capsys):
     cfg = tmp_path / "tune.yaml"
     cfg.write_text("seed: 1\nmax_drop: 3\nnum_samples: 5\nspace: tiny\n"
                    "resources_per_trial: {cpu: 2}\n")
-    got = _printed_settings(capsys, [
+    got = printed_settings(capsys, [
         "tune", "--config", str(cfg), "--set", "seed=2", "--seed", "3",
         "--set", "max_drop=4", "--set", "max_drop=4.5", "--gpus-per-trial", "1"])
     assert got["seed"] == 3                    # flag beats --set beats the file
@@ -118,14 +115,14 @@ def test_precedence_config_then_set_then_flags(tmp_path, capsys):
 
 
 def test_a_flag_is_the_same_as_its_set_item(capsys):
-    by_flag = _printed_settings(capsys, ["eval", "--checkpoint", "s3://b/ckpt", "--data",
+    by_flag = printed_settings(capsys, ["eval", "--checkpoint", "s3://b/ckpt", "--data",
                                          "d", "--max-samples", "4", "--mode", "slide"])
-    by_set = _printed_settings(capsys, ["eval", "--set", "checkpoint=s3://b/ckpt", "--set",
+    by_set = printed_settings(capsys, ["eval", "--set", "checkpoint=s3://b/ckpt", "--set",
                                         "data=d", "--set", "max_samples=4", "--set",
                                         "mode=slide"])
     assert by_flag == by_set
     # text fields stay text whatever they look like; '' unsets an optional field
-    got = _printed_settings(capsys, ["tune", "--name", "0123", "--register-name", ""])
+    got = printed_settings(capsys, ["tune", "--name", "0123", "--register-name", ""])
     assert got["name"] == "0123" and got["register_name"] is None
 
 
@@ -133,10 +130,10 @@ def test_eval_old_spellings_are_aliases(tmp_path, capsys):
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("checkpoint: c\ndata: d\ninference: {exit_thresholds: [0.9, 0.8], "
                    "merge_thresholds: {2: 0.1}}\n")
-    got = _printed_settings(capsys, ["eval", "--config", str(cfg)])
+    got = printed_settings(capsys, ["eval", "--config", str(cfg)])
     assert got["inference"]["exit_thresholds"] == [0.9, 0.8]
     assert got["inference"]["merge_thresholds"] == {"2": 0.1}  # YAML dump of {2: 0.1}
-    got = _printed_settings(capsys, [
+    got = printed_settings(capsys, [
         "eval", "--config", str(cfg), "--set", "inference.exit_thresholds=0.7",
         "--thresholds", "0.5,0.6", "--merge-thresholds", "2=0.5,4=0.6", "--budget", "0.5",
         "--top-k", "3", "--exit-policy", "random", "--policy-mode", "budget",
@@ -149,13 +146,13 @@ def test_eval_old_spellings_are_aliases(tmp_path, capsys):
                                 "halting": False, "upsample": "logits", "exit_seed": 3}
     assert got["mlflow"] == {"tracking_uri": "sqlite:///x.db", "experiment": "e",
                              "parent_run_id": "p", "enabled": False}
-    assert _printed_settings(capsys, ["eval", "--config", str(cfg), "--exit-thresholds",
+    assert printed_settings(capsys, ["eval", "--config", str(cfg), "--exit-thresholds",
                                       "0.3"])["inference"]["exit_thresholds"] == [0.3]
 
 
 def test_run_and_submit_take_the_config_positionally_or_as_config(capsys):
-    pos = _printed_settings(capsys, ["run", "configs/tiny/pipeline.yaml", "--name", "n1"])
-    opt = _printed_settings(capsys, ["run", "--config", "configs/tiny/pipeline.yaml",
+    pos = printed_settings(capsys, ["run", "configs/tiny/pipeline.yaml", "--name", "n1"])
+    opt = printed_settings(capsys, ["run", "--config", "configs/tiny/pipeline.yaml",
                                      "--set", "name=n1"])
     assert pos == opt and pos["name"] == "n1" and pos["tune"]["space"] == "tiny"
     assert main(["run", "configs/tiny/pipeline.yaml", "--config", "configs/demo.yaml"]) == 2
@@ -165,7 +162,7 @@ def test_run_and_submit_take_the_config_positionally_or_as_config(capsys):
 
 
 def test_train_stage_comes_from_the_command(capsys):
-    got = _printed_settings(capsys, ["train", "policy", "--config", "configs/tiny/policy.yaml",
+    got = printed_settings(capsys, ["train", "policy", "--config", "configs/tiny/policy.yaml",
                                      "--name", "p1"])
     assert got["stage"] == "policy" and got["name"] == "p1"
     assert main(["train", "policy", "--config", "configs/tiny/step.yaml"]) == 2
@@ -173,7 +170,7 @@ def test_train_stage_comes_from_the_command(capsys):
 
 
 def test_prep_old_spellings(capsys):
-    got = _printed_settings(capsys, ["prep", "--dataset", "loveda", "--src", "a", "--out",
+    got = printed_settings(capsys, ["prep", "--dataset", "loveda", "--src", "a", "--out",
                                      "s3://b/o", "--shard-size", "64MB", "--strict",
                                      "--no-progress", "--max-side", "256"])
     assert got == {"dataset": "loveda", "src": "a", "out": "s3://b/o", "split": "train",

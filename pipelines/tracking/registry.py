@@ -19,6 +19,21 @@ from step_model.config import InferenceConfig, InferenceOverrides
 INFERENCE_TAG = "step.inference"
 
 
+def inference_tags(inference: InferenceConfig) -> dict[str, str]:
+    """The registry tags of a version's inference settings: the whole config as JSON, and
+    one flat tag per field."""
+    data = inference.to_dict()
+    return {INFERENCE_TAG: json.dumps(data),
+            **{k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}}
+
+
+def inference_from_tags(tags: dict[str, str]) -> InferenceOverrides:
+    """A version's inference settings back from its tags (:func:`inference_tags`, or an
+    older version's ``inference`` tag of changes); ValueError if they do not validate."""
+    text = tags.get(INFERENCE_TAG) or tags.get("inference") or "{}"
+    return InferenceOverrides.model_validate(json.loads(text))
+
+
 def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
                          inference: InferenceConfig | dict[str, Any], best: dict[str, Any], *,
                          name: str, max_drop: float, drop_mode: str,
@@ -37,7 +52,7 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
     model, _ = load_model(checkpoint)
     chosen = model.set_inference(InferenceConfig.model_validate(inference))
     tags = {
-        INFERENCE_TAG: json.dumps(chosen.to_dict()),
+        **inference_tags(chosen),
         # full precision: the registry is where a deployment reads the measured figures
         "miou": repr(float(best["miou"])),
         "gflops": repr(float(best["gflops"])),
@@ -55,8 +70,6 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
                      ("num_images", "eval_images")):
         if best.get(key) is not None:
             tags[tag] = repr(float(best[key])) if key != "num_images" else str(best[key])
-    for k, v in chosen.to_dict().items():
-        tags[k] = json.dumps(v) if not isinstance(v, str) else v
     tracker = RunLogger(run_id, tracking_uri)
     model_uri = tracker.log_model(model, name="tuned_model")
     if model_uri is None:
@@ -122,9 +135,8 @@ def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[
     if not tags.get("checkpoint"):
         raise ValueError(f"{uri}: version {mv.version} of {name!r} has no 'checkpoint' tag "
                          "(not registered by `step tune`); pass its checkpoint as --model")
-    text = tags.get(INFERENCE_TAG) or tags.get("inference") or "{}"
     try:
-        inference = InferenceOverrides.model_validate(json.loads(text))
+        inference = inference_from_tags(tags)
     except ValueError as err:  # a JSON or validation error: say which version
         raise ValueError(f"{uri}: version {mv.version}'s inference settings are not valid: "
                          f"{err}") from None
