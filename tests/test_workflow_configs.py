@@ -39,7 +39,7 @@ def test_a_step_config_whose_policy_network_differs_from_stage_1s_is_refused_bef
 def test_demo_uses_bundled_real_data():
     cfg = load_pipeline_config("configs/demo.yaml")
     assert Path(cfg.data.src).resolve() == (REPO / "demo_data" / "loveda").resolve()
-    assert cfg.runs_policy and "model.policy.mode=threshold" in cfg.step.set
+    assert cfg.runs_policy and "inference.policy_mode=threshold" in cfg.step.set
 
 
 def test_ray_cluster_yaml_is_a_valid_launcher_config():
@@ -106,7 +106,7 @@ def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
     assert changed("tune.space=exits_only") == downstream_of_tune
     # a held-out fraction is chosen when val is read: no re-sharding, no retraining
     assert changed("data.holdout.fraction=0.3") == downstream_of_tune
-    assert changed("step.set=[model.policy.mode=threshold, train.steps=9]") == \
+    assert changed("step.set=[inference.policy_mode=threshold, train.steps=9]") == \
         sorted(["train_step", *downstream_of_tune])
     assert changed("report.num_images=2") == ["report"]
     assert changed("analyze.seeds=[5]") == ["analyze"]

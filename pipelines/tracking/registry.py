@@ -35,12 +35,13 @@ def inference_from_tags(tags: dict[str, str]) -> InferenceOverrides:
 
 
 def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
-                         inference: InferenceConfig | dict[str, Any], best: dict[str, Any], *,
+                         inference: InferenceConfig | InferenceOverrides | dict[str, Any],
+                         best: dict[str, Any], *,
                          name: str, max_drop: float, drop_mode: str,
                          baseline_miou: float, guard: str | None = None) -> dict[str, Any] | None:
     """Log the checkpoint's model with the chosen settings (the whole InferenceConfig the
-    search measured) into run ``run_id`` and register it as a new version of ``name``;
-    None when MLflow could not take it.
+    search measured, or changes to the checkpoint's own) into run ``run_id`` and register
+    it as a new version of ``name``; None when MLflow could not take it.
 
     The version carries the settings and the measured mIoU / GFLOPs as tags, so the
     registry alone says what a version costs and how accurate it is.
@@ -50,7 +51,7 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
     from pipelines.common.checkpoint import load_model
 
     model, _ = load_model(checkpoint)
-    chosen = model.set_inference(InferenceConfig.model_validate(inference))
+    chosen = model.set_inference(inference)
     tags = {
         **inference_tags(chosen),
         # full precision: the registry is where a deployment reads the measured figures

@@ -82,9 +82,8 @@ def confirm(ctx: TrialContext, space, cands: list[dict[str, Any]],
     """Evaluate the reference and each candidate on every searchable image (on the driver,
     like the reference evaluation: a handful of evaluations, one after the other)."""
     ref, ref_images = evaluate_images(ctx.checkpoint, ctx.data,
-                                      trial_inference(ctx.base, reference_inference()),
-                                      max_samples=None, device=ctx.device,
-                                      holdout=ctx.holdout)
+                                      reference_inference(ctx.base), max_samples=None,
+                                      device=ctx.device, holdout=ctx.holdout)
     full = replace(ctx, baseline=ref, reference=ref_images, max_samples=None)
     echo(f"confirm: the reference and {len(cands)} candidate(s) on all {len(ref_images)} "
          f"searchable images; reference mIoU {100 * ref['miou']:.2f}")

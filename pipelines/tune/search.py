@@ -366,8 +366,7 @@ def _reference(settings: TuneSettings, space: SearchSpace, num_exits: int, check
     log.info("tune: reference evaluation of %s (unpruned)", checkpoint)
     holdout = settings.holdout.model_dump() if settings.holdout else None
     base = base_inference(settings).to_dict()
-    baseline, images = evaluate_images(checkpoint, data,
-                                       trial_inference(base, reference_inference()),
+    baseline, images = evaluate_images(checkpoint, data, reference_inference(base),
                                        max_samples=settings.max_samples, device=device,
                                        holdout=holdout)
     tracker.log_metrics({f"baseline_{k}": baseline[k] for k in

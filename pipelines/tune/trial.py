@@ -16,19 +16,21 @@ from typing import Any
 
 from pipelines.tune.pareto import is_feasible, miou_drop, penalised_objective, rule_drop
 from pipelines.tune.space import SearchSpace
-from step_model.config import InferenceConfig, InferenceOverrides
+from step_model.config import InferenceConfig, InferenceOverrides, overrides_given
 
 # What a trial reports, and what the Pareto CSV carries per trial.
 TRIAL_METRICS = ("miou", "drop", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
                  "feasible", "objective", "drop_lo", "drop_hi")
 
 
-def reference_inference() -> InferenceOverrides:
+def reference_inference(settings: Any = None) -> InferenceOverrides:
     """The unpruned model: plain 16x16 tokens (policy ``none``: the policy network does not
     run) and halting off (the exit heads do not run), i.e. the plain ViT + decoder the
-    STEP papers compare against. A threshold of 1.0 would not do: fp32 softmax does reach
-    exactly 1.0."""
-    return InferenceOverrides(policy_mode="none", halting=False)
+    STEP papers compare against; the other settings of ``settings`` (changes, or an
+    InferenceConfig's dict: upsampling, varlen ...) kept, so that a drop compares like with
+    like. A threshold of 1.0 would not do: fp32 softmax does reach exactly 1.0."""
+    return InferenceOverrides.model_validate(
+        {**overrides_given(settings), "policy_mode": "none", "halting": False})
 
 
 def trial_inference(base: dict[str, Any], changes: InferenceOverrides | None) -> InferenceConfig:

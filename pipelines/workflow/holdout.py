@@ -25,7 +25,7 @@ def holdout_check(checkpoint: str, data: str, holdout: dict[str, Any],
     from pipelines.common.holdout import Holdout
     from pipelines.evaluate.bootstrap import paired_bootstrap
     from pipelines.tune.pareto import is_feasible
-    from pipelines.tune.trial import evaluate_images, reference_inference, trial_inference
+    from pipelines.tune.trial import evaluate_images, reference_inference
 
     h = Holdout.model_validate(holdout)
 
@@ -33,8 +33,7 @@ def holdout_check(checkpoint: str, data: str, holdout: dict[str, Any],
         return evaluate_images(checkpoint, data, inference, max_samples=None, device=device,
                                holdout=holdout, part="holdout")
 
-    ref, ref_images = run(reference_inference() if tuned is None
-                          else trial_inference(tuned, reference_inference()))
+    ref, ref_images = run(reference_inference(tuned))
     out: dict[str, Any] = {"holdout": h.describe(), "images": len(ref_images),
                            "max_drop": max_drop, "drop_mode": drop_mode,
                            "baseline": _headline(ref), "tuned": None}

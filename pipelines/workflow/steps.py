@@ -241,12 +241,11 @@ def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str,
 def _evaluate_pair(checkpoint: str, data: str, tuned: dict[str, Any] | None,
                    max_samples: int | None, device: str,
                    holdout: dict[str, Any] | None = None) -> dict[str, Any]:
-    from pipelines.tune.trial import evaluate, reference_inference, trial_inference
+    from pipelines.tune.trial import evaluate, reference_inference
 
     # the unpruned model with the tuned settings' others (upsampling ...), as tune measured
-    reference = reference_inference() if tuned is None \
-        else trial_inference(tuned, reference_inference())
-    baseline = evaluate(checkpoint, data, reference, max_samples=max_samples, device=device)
+    baseline = evaluate(checkpoint, data, reference_inference(tuned), max_samples=max_samples,
+                        device=device)
     after = evaluate(checkpoint, data, tuned, max_samples=max_samples, device=device) \
         if tuned is not None else None
     out = {"baseline": baseline, "tuned": after}
