@@ -120,8 +120,12 @@ Variant = tuple[StepConfig, InferenceConfig, bool]
 def _variants(cfg: TrainConfig, halt_taus) -> tuple[dict[str, Variant], str, str | None]:
     """The three models (plain, STEP, STEP with halting in training), where the policy
     comes from, and the policy checkpoint to load (None: the oracle)."""
-    plain = (cfg.model.model_copy(update={"exits": cfg.model.exits.model_copy(
-        update={"blocks": []})}), cfg.inference.replace(policy_mode="none"), False)
+    no_exits = cfg.model.model_copy(update={"exits": cfg.model.exits.model_copy(
+        update={"blocks": []})})
+    # one exit threshold: the settings must fit a model without exits
+    plain = (no_exits, cfg.inference.replace(policy_mode="none",
+                                             exit_thresholds=cfg.inference.exit_thresholds[0]),
+             False)
     # Sharing needs a trained policy: without a loadable policy_checkpoint the STEP models
     # share with the oracle (an upper bound), as a random policy's choices mean nothing.
     policy_uri = None
