@@ -192,14 +192,6 @@ _MergeThresholdMap = Annotated[dict[int, Probability], BeforeValidator(_merge_th
                                _MERGE_METAVAR]
 
 
-def _every_level(given: Mapping[int, float] | None = None,
-                 base: Mapping[int, float] | None = None) -> dict[int, float]:
-    """Merge thresholds at every level: ``given``'s, the others from ``base`` (default
-    0.5), so that a partial mapping never leaves a level of the policy without one."""
-    return {s: float({**(base or dict.fromkeys(LEVELS, 0.5)), **(given or {})}[s])
-            for s in LEVELS}
-
-
 # ---- the inference config -----------------------------------------------------------------
 
 class InferenceConfig(FrozenModel):
@@ -208,7 +200,7 @@ class InferenceConfig(FrozenModel):
     :meth:`apply`; ``model.set_inference`` does that on a model.
 
     Rules: policy mode ``budget`` needs ``budget``; merge thresholds are per superpatch
-    level (2, 4, 8, 16), and levels not given keep their value (0.5 by default); exit
+    level (2, 4, 8, 16) and must cover the policy's levels (:meth:`check_levels`); exit
     thresholds are one value (every exit) or one per exit (:meth:`check_exits`)."""
 
     policy_mode: PolicyMode = Field(
@@ -216,8 +208,8 @@ class InferenceConfig(FrozenModel):
         "homogeneous in the labels: an upper bound), threshold (P(homogeneous) >= the "
         "level's merge threshold), budget (keep a fixed fraction of the tokens)")
     merge_thresholds: _MergeThresholdMap = Field(
-        default_factory=_every_level, description="policy merge thresholds (policy mode "
-        f"threshold): {MERGE_THRESHOLDS_SYNTAX}")
+        default_factory=lambda: dict.fromkeys(LEVELS, 0.5), description="policy merge "
+        f"thresholds (policy mode threshold): {MERGE_THRESHOLDS_SYNTAX}")
     budget: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         None, description="fraction of the grid's tokens kept (policy mode budget), (0, 1]")
     exit_thresholds: _ExitThresholdList = Field(
@@ -240,11 +232,6 @@ class InferenceConfig(FrozenModel):
         "auto", description="images with different token counts: per_image (a loop), "
         "pad_mask (padded, masked attention), auto (per_image on CPU, pad_mask on CUDA)")
 
-    @field_validator("merge_thresholds")
-    @classmethod
-    def _all_levels(cls, v: dict[int, float]) -> dict[int, float]:
-        return _every_level(v)
-
     @model_validator(mode="after")
     def _budget_needs_value(self) -> InferenceConfig:
         if self.policy_mode == "budget" and self.budget is None:
@@ -257,14 +244,14 @@ class InferenceConfig(FrozenModel):
         """A validated copy with the fields ``overrides`` sets (None = keep). As a
         convenience, ``merge_thresholds`` alone switches the policy mode to threshold and
         ``budget`` alone to budget (an explicit ``policy_mode`` wins); merge thresholds
-        replace the levels they give."""
+        change the levels they give, the others keep theirs."""
         given = overrides_given(overrides)
         if not given:
             return self
         data = self.model_dump()
         if "merge_thresholds" in given:
-            given["merge_thresholds"] = _every_level(given["merge_thresholds"],
-                                                     self.merge_thresholds)
+            given["merge_thresholds"] = dict(sorted(
+                {**self.merge_thresholds, **given["merge_thresholds"]}.items()))
             data["policy_mode"] = "threshold"
         if "budget" in given:
             data["policy_mode"] = "budget"
@@ -280,6 +267,15 @@ class InferenceConfig(FrozenModel):
         if n != 1 and n != n_exits:
             raise ValueError(f"exit_thresholds has {n} values for {n_exits} exits; give one "
                              f"value (every exit) or {n_exits}")
+
+    def check_levels(self, levels: tuple[int, ...] | list[int]) -> None:
+        """Raise ValueError unless there is a merge threshold for each of the policy's
+        ``levels`` (a mapping may leave out levels the policy does not have)."""
+        missing = [s for s in levels if s not in self.merge_thresholds]
+        if missing:
+            raise ValueError(f"merge_thresholds has no threshold for level(s) {missing} of "
+                             f"the policy (levels {list(levels)}); expected "
+                             f"{MERGE_THRESHOLDS_SYNTAX}")
 
     def thresholds_per_exit(self, n_exits: int) -> list[float]:
         """One threshold per exit."""
@@ -493,12 +489,14 @@ def split_model_config(data: Mapping[str, Any], inference: InferenceConfig | Non
     """(architecture, inference) from a model-config dict in either layout: the current one
     (architecture only: the inference is ``inference``, default :class:`InferenceConfig`)
     or the older one, whose inference keys (``policy.mode``, ``exits.thresholds``,
-    ``varlen`` ...) are applied to ``inference``. ``exits.halt_in_training`` is dropped.
-    :class:`StepConfig` itself stays strict: legacy keys are read here only."""
+    ``varlen`` ...) replace those of ``inference``, read as the settings they were (no
+    convenience rules). ``exits.halt_in_training`` is dropped. :class:`StepConfig` itself
+    stays strict: legacy keys are read here only."""
     arch, changes, where = split_legacy(data)
     base = inference or InferenceConfig()
     try:
-        resolved = base.apply(changes)
+        resolved = type(base).model_validate({**base.model_dump(), **changes}) \
+            if changes else base
     except ValidationError as err:
         raise ValueError(legacy_problems(err, where)) from None
     return StepConfig.model_validate(arch), resolved

@@ -234,13 +234,14 @@ class StepSegmenter(nn.Module):
         """Replace the inference settings: by ``settings`` when it is an
         :class:`InferenceConfig`, else the current ones with the fields ``settings`` sets
         (an :class:`InferenceOverrides` or its dict); then ``changes`` (keyword arguments,
-        None = keep). Validated (the exit thresholds against this model's exits included)
+        None = keep). Validated (against this model's exits and policy levels too)
         before anything changes. A new ``exit_seed`` or ``exit_policy`` reseeds the
         ``random`` exit policy's generator. Returns the new settings."""
         base = settings if isinstance(settings, InferenceConfig) else \
             self._inference.apply(settings)
         new = base.apply(changes)
         new.check_exits(len(self.exit_blocks))
+        new.check_levels(self._cfg.policy.levels)
         old = self._inference
         if (new.exit_seed, new.exit_policy) != (old.exit_seed, old.exit_policy):
             self._exit_gen = None

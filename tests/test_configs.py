@@ -80,10 +80,14 @@ def test_stage_rules() -> None:
     with pytest.raises(ConfigError, match="policy_checkpoint: required"):
         load_train_config(REPO / "configs/tiny/step.yaml",
                           ["finetune.steps=2", "finetune.inference.merge_thresholds=0.5"])
-    # exit thresholds that do not fit the exits are refused before any training
+    # thresholds that do not fit the exits or the levels are refused before any training
     with pytest.raises(ConfigError, match=r"finetune.inference.exit_thresholds has 3 values"):
         load_train_config(REPO / "configs/tiny/step.yaml",
                           ["finetune.steps=2", "finetune.inference.exit_thresholds=0.5,0.6,0.7"])
+    with pytest.raises(ConfigError, match=r"inference.merge_thresholds has no threshold for "
+                                          r"level\(s\) \[8\]"):
+        load_train_config(REPO / "configs/tiny/step.yaml",
+                          ["inference.merge_thresholds=2=0.5,4=0.5"])
 
 
 def test_model_section_is_resolved_by_step_model() -> None:
@@ -99,7 +103,7 @@ def test_older_layout_moves_to_inference_and_errors_name_the_key_as_written() ->
     they become the ``inference`` section's defaults; a bad one is named as written."""
     cfg = TrainConfig.model_validate({"stage": "step", "model": {
         "num_classes": 3, "varlen": "per_image",
-        "policy": {"mode": "oracle", "thresholds": {2: 0.8}, "levels": [2, 4]},
+        "policy": {"mode": "oracle", "thresholds": {2: 0.8, 4: 0.6}, "levels": [2, 4]},
         "exits": {"blocks": [4, 8], "thresholds": [0.9, 0.8], "top_k": 2,
                   "halt_in_training": True}},
         "inference": {"top_k": 3}})
@@ -108,7 +112,7 @@ def test_older_layout_moves_to_inference_and_errors_name_the_key_as_written() ->
     inf = cfg.inference
     assert (inf.policy_mode, inf.merge_thresholds[2], inf.exit_thresholds, inf.varlen) == \
         ("oracle", 0.8, [0.9, 0.8], "per_image")
-    assert inf.top_k == 3  # the inference section wins over the older keys
+    assert inf.top_k == 2  # an older key wins: a --set made for an older file is later
     with pytest.raises(ConfigError) as err:
         load_train_config(REPO / "configs/tiny/step.yaml", ["model.policy.mode=sometimes",
                                                            "model.exits.top_k=-1"])

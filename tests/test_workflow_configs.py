@@ -91,6 +91,22 @@ def _plan(tmp_path, *overrides):
     return {p["step"]: p for p in Workflow(cfg, echo=lambda _: None).plan()}
 
 
+def test_the_layout_of_the_inference_settings_leaves_fingerprints_alone(tmp_path):
+    """Inference settings given in the older layout (inside ``model``) or in their own
+    section are the same settings: the same plan, so pipelines run before the section
+    existed keep their fingerprints (their payloads keep the older layout)."""
+    older = _plan(tmp_path, "step.set=[model.policy.mode=threshold, "
+                            "'model.policy.thresholds={2: 0.8, 4: 0.8, 8: 0.8}', "
+                            "'model.exits.thresholds=[0.5]', model.exits.top_k=2]")
+    newer = _plan(tmp_path, "step.set=[inference.policy_mode=threshold, "
+                            "'inference.merge_thresholds=2=0.8,4=0.8,8=0.8', "
+                            "inference.exit_thresholds=0.5, inference.top_k=2]")
+    assert {k: v["fingerprint"] for k, v in older.items()} == \
+        {k: v["fingerprint"] for k, v in newer.items()}
+    assert older != _plan(tmp_path, "step.set=[inference.policy_mode=threshold, "
+                                    "inference.exit_thresholds=0.5, inference.top_k=3]")
+
+
 def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
     base = _plan(tmp_path)
     assert [p["action"] for p in base.values()] == ["run"] * 7

@@ -210,8 +210,9 @@ class TrainConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _older_layout(cls, data: Any) -> Any:
-        """Inference keys inside ``model`` (the older layout) move to ``inference``, where
-        they are the defaults of what ``inference`` gives itself."""
+        """Inference keys inside ``model`` (the older layout) move to ``inference``. They
+        win over its keys: they come from a file without the section, or from a ``--set``
+        made for one, which is later than the file's own section."""
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
             return data
         arch, changes, where = split_legacy(data["model"])
@@ -223,7 +224,7 @@ class TrainConfig(StrictModel):
             raise PydanticCustomError("older_layout", legacy_problems(err, where, "model."),
                                       ) from None
         inference = data.get("inference")
-        inference = {**changes, **inference} if isinstance(inference, dict) else \
+        inference = {**inference, **changes} if isinstance(inference, dict) else \
             (changes if inference is None else inference)
         return {**data, "model": arch, "inference": inference}
 
@@ -240,13 +241,15 @@ class TrainConfig(StrictModel):
             finetune = self.inference.apply(self.finetune.inference)
         except ValidationError as err:
             raise ValueError("finetune.inference: " + legacy_problems(err, {})) from None
-        if self.model.exits.blocks is not None:  # else the exits follow the backbone depth
-            for where, inf in (("inference", self.inference), ("finetune.inference", finetune)):
-                try:
-                    inf.check_exits(len(self.model.exits.blocks))
-                except ValueError as err:
-                    raise ValueError(f"{where}.{err} (model.exits.blocks: "
-                                     f"{self.model.exits.blocks})") from None
+        blocks = self.model.exits.blocks  # None: the exits follow the backbone's depth
+        for where, inf in (("inference", self.inference), ("finetune.inference", finetune)):
+            try:
+                inf.check_levels(self.model.policy.levels)
+                if blocks is not None:
+                    inf.check_exits(len(blocks))
+            except ValueError as err:
+                raise ValueError(f"{where}.{err} (model.exits.blocks: {blocks}, "
+                                 f"model.policy.levels: {self.model.policy.levels})") from None
         mode = self.inference.policy_mode
         for m in {mode, finetune.policy_mode} if self.finetune.steps else {mode}:
             if self.stage == "step" and m in ("threshold", "budget") and not self.policy_checkpoint:
