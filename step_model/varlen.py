@@ -1,7 +1,7 @@
 """Running transformer blocks on images that keep different numbers of tokens.
 
 Everything variable-length goes through :func:`run_block`, so the strategy can change per
-device with one config switch (``StepConfig.varlen``):
+device with one inference setting (``InferenceConfig.varlen``):
 
 * ``per_image``: slice each image's valid prefix and run the block on it alone. Measured
   on a 2-core CPU with torch 2.14.1, for a batch with mixed lengths: 2x faster than

@@ -193,20 +193,20 @@ def wait_ray_api(head: RayNode, path: str, check=lambda body: True, timeout: flo
 
 # ---- small models and labelled images for the step_model tests ---------------------------
 
-def tiny(policy: str = "none", exits: list[int] | None = None, **kw):
-    """vit_tiny (192 wide, 12 blocks) with a random, untrained policy: fast to build."""
+def tiny(policy: str = "none", exits: list[int] | None = None,
+         inference: dict | None = None, **kw):
+    """vit_tiny (192 wide, 12 blocks) with a random, untrained policy: fast to build.
+    ``policy`` is the policy mode; ``inference``: other inference settings."""
     import torch
 
     from step_model import ExitConfig, PolicyConfig, StepConfig, build_step_model
 
     torch.manual_seed(0)
-    exit_kw = kw.pop("exit_kw", {})
     cfg = StepConfig(
         backbone="vit_tiny_patch16_384", num_classes=kw.pop("num_classes", 5),
-        policy=PolicyConfig(mode=policy, pretrained=False),
-        exits=ExitConfig(blocks=exits or [], **exit_kw), **kw,
+        policy=PolicyConfig(pretrained=False), exits=ExitConfig(blocks=exits or []), **kw,
     )
-    return build_step_model(cfg).eval()
+    return build_step_model(cfg, {"policy_mode": policy, **(inference or {})}).eval()
 
 
 def loveda_pairs() -> list:
@@ -240,3 +240,13 @@ def blocky_labels(h: int, w: int, seed: int):
     side = 2 * (seed + 1)
     cells[:, :side, :side] = 4
     return cells.repeat_interleave(16, 1).repeat_interleave(16, 2)
+
+
+def printed_settings(capsys, argv: list[str]) -> dict:
+    """The settings ``step <argv> --print-config`` resolves (its command must succeed)."""
+    import yaml
+
+    from pipelines.cli import main
+
+    assert main([*argv, "--print-config"]) == 0, capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)

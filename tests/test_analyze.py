@@ -62,7 +62,7 @@ def test_oracle_at_purity_one_reaches_100_and_layouts_match_the_model():
     for key, kw in ((("oracle", 1.0), {"policy_mode": "oracle"}),
                     (("threshold", 0.5), {"merge_thresholds": dict.fromkeys((2, 4, 8, 16), 0.5)}),
                     (("budget", 0.5), {"budget": 0.5})):
-        model.set_inference(**kw)
+        model.set_inference(kw)
         layout, _ = model.select(images, labels)
         assert rows[key]["tokens_fraction"] == int(layout.num_tokens.sum()) / cells, key
 
@@ -91,6 +91,8 @@ def test_policy_vs_oracle_arithmetic():
 
 # ---- end to end on tiny real data ---------------------------------------------------------
 
+# in the older layout (inference keys inside the architecture): builds, and the oracle copy
+# below is a checkpoint as trainings wrote them before inference.yaml existed
 MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linear",
          "policy": {"mode": "threshold", "pretrained": False, "levels": [2, 4, 8]},
          "exits": {"blocks": [4, 8], "thresholds": [0.5], "top_k": 1}}
@@ -98,18 +100,18 @@ MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linea
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A tiny STEP checkpoint (random init, seeded) and a copy saved in oracle mode."""
+    """A tiny STEP checkpoint (random init, seeded) and a copy saved in oracle mode, in the
+    older layout (no inference.yaml)."""
     import yaml
 
     from pipelines.common.checkpoint import save_checkpoint
-    from pipelines.common.model import build_model, normalize_model_config
+    from pipelines.common.model import build_model
 
     root = tmp_path_factory.mktemp("analyze")
     torch.manual_seed(0)
-    cfg = normalize_model_config(MODEL)
-    model = build_model(cfg)
-    learned = save_checkpoint(root / "learned", model, cfg)
-    oracle_cfg = {**cfg, "policy": {**cfg["policy"], "mode": "oracle"}}
+    model = build_model(MODEL)
+    learned = save_checkpoint(root / "learned", model)
+    oracle_cfg = {**MODEL, "policy": {**MODEL["policy"], "mode": "oracle"}}
     oracle = root / "oracle"
     oracle.mkdir()
     (oracle / "model.pt").write_bytes((learned / "model.pt").read_bytes())

@@ -17,13 +17,15 @@ from pipelines.cli import main
 from pipelines.cli.app import COMMANDS
 from pipelines.cli.command import Alias, Command, Result
 from pipelines.common.settings import (
-    THRESHOLD_LEVELS,
     ExitThresholds,
     MergeThresholds,
     StrictModel,
     load_config,
     parse_thresholds,
 )
+from step_model.config import LEVELS
+
+from helpers import printed_settings
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = sorted(COMMANDS)
@@ -32,11 +34,6 @@ GENERATED = sorted(COMMANDS)
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # the shipped configs are given relative to the repository
-
-
-def _printed_settings(capsys, argv: list[str]) -> dict:
-    assert main([*argv, "--print-config"]) == 0, capsys.readouterr().err
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 # ---- every command is generated, and its --help works ------------------------------------
@@ -109,7 +106,7 @@ def test_precedence_config_then_set_then_flags(tmp_path, capsys):
     cfg = tmp_path / "tune.yaml"
     cfg.write_text("seed: 1\nmax_drop: 3\nnum_samples: 5\nspace: tiny\n"
                    "resources_per_trial: {cpu: 2}\n")
-    got = _printed_settings(capsys, [
+    got = printed_settings(capsys, [
         "tune", "--config", str(cfg), "--set", "seed=2", "--seed", "3",
         "--set", "max_drop=4", "--set", "max_drop=4.5", "--gpus-per-trial", "1"])
     assert got["seed"] == 3                    # flag beats --set beats the file
@@ -120,14 +117,14 @@ def test_precedence_config_then_set_then_flags(tmp_path, capsys):
 
 
 def test_a_flag_is_the_same_as_its_set_item(capsys):
-    by_flag = _printed_settings(capsys, ["eval", "--checkpoint", "s3://b/ckpt", "--data",
+    by_flag = printed_settings(capsys, ["eval", "--checkpoint", "s3://b/ckpt", "--data",
                                          "d", "--max-samples", "4", "--mode", "slide"])
-    by_set = _printed_settings(capsys, ["eval", "--set", "checkpoint=s3://b/ckpt", "--set",
+    by_set = printed_settings(capsys, ["eval", "--set", "checkpoint=s3://b/ckpt", "--set",
                                         "data=d", "--set", "max_samples=4", "--set",
                                         "mode=slide"])
     assert by_flag == by_set
     # text fields stay text whatever they look like; '' unsets an optional field
-    got = _printed_settings(capsys, ["tune", "--name", "0123", "--register-name", ""])
+    got = printed_settings(capsys, ["tune", "--name", "0123", "--register-name", ""])
     assert got["name"] == "0123" and got["register_name"] is None
 
 
@@ -135,10 +132,10 @@ def test_eval_old_spellings_are_aliases(tmp_path, capsys):
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("checkpoint: c\ndata: d\ninference: {exit_thresholds: [0.9, 0.8], "
                    "merge_thresholds: {2: 0.1}}\n")
-    got = _printed_settings(capsys, ["eval", "--config", str(cfg)])
+    got = printed_settings(capsys, ["eval", "--config", str(cfg)])
     assert got["inference"]["exit_thresholds"] == [0.9, 0.8]
     assert got["inference"]["merge_thresholds"] == {"2": 0.1}  # YAML dump of {2: 0.1}
-    got = _printed_settings(capsys, [
+    got = printed_settings(capsys, [
         "eval", "--config", str(cfg), "--set", "inference.exit_thresholds=0.7",
         "--thresholds", "0.5,0.6", "--merge-thresholds", "2=0.5,4=0.6", "--budget", "0.5",
         "--top-k", "3", "--exit-policy", "random", "--policy-mode", "budget",
@@ -151,13 +148,13 @@ def test_eval_old_spellings_are_aliases(tmp_path, capsys):
                                 "halting": False, "upsample": "logits", "exit_seed": 3}
     assert got["mlflow"] == {"tracking_uri": "sqlite:///x.db", "experiment": "e",
                              "parent_run_id": "p", "enabled": False}
-    assert _printed_settings(capsys, ["eval", "--config", str(cfg), "--exit-thresholds",
+    assert printed_settings(capsys, ["eval", "--config", str(cfg), "--exit-thresholds",
                                       "0.3"])["inference"]["exit_thresholds"] == [0.3]
 
 
 def test_run_and_submit_take_the_config_positionally_or_as_config(capsys):
-    pos = _printed_settings(capsys, ["run", "configs/tiny/pipeline.yaml", "--name", "n1"])
-    opt = _printed_settings(capsys, ["run", "--config", "configs/tiny/pipeline.yaml",
+    pos = printed_settings(capsys, ["run", "configs/tiny/pipeline.yaml", "--name", "n1"])
+    opt = printed_settings(capsys, ["run", "--config", "configs/tiny/pipeline.yaml",
                                      "--set", "name=n1"])
     assert pos == opt and pos["name"] == "n1" and pos["tune"]["space"] == "tiny"
     assert main(["run", "configs/tiny/pipeline.yaml", "--config", "configs/demo.yaml"]) == 2
@@ -167,7 +164,7 @@ def test_run_and_submit_take_the_config_positionally_or_as_config(capsys):
 
 
 def test_train_stage_comes_from_the_command(capsys):
-    got = _printed_settings(capsys, ["train", "policy", "--config", "configs/tiny/policy.yaml",
+    got = printed_settings(capsys, ["train", "policy", "--config", "configs/tiny/policy.yaml",
                                      "--name", "p1"])
     assert got["stage"] == "policy" and got["name"] == "p1"
     assert main(["train", "policy", "--config", "configs/tiny/step.yaml"]) == 2
@@ -175,7 +172,7 @@ def test_train_stage_comes_from_the_command(capsys):
 
 
 def test_prep_old_spellings(capsys):
-    got = _printed_settings(capsys, ["prep", "--dataset", "loveda", "--src", "a", "--out",
+    got = printed_settings(capsys, ["prep", "--dataset", "loveda", "--src", "a", "--out",
                                      "s3://b/o", "--shard-size", "64MB", "--strict",
                                      "--no-progress", "--max-side", "256"])
     assert got == {"dataset": "loveda", "src": "a", "out": "s3://b/o", "split": "train",
@@ -343,17 +340,22 @@ def test_eval_json_carries_what_was_set(tmp_path, monkeypatch, capsys):
         seen.update(kw, checkpoint=ckpt, data=data)
         return FakeResult()
 
+    from step_model.config import StepConfig
+
+    ckpt = tmp_path / "run" / "ckpt_9"  # its configs only: the oracle check reads them
+    ckpt.mkdir(parents=True)
+    (ckpt / "model_config.yaml").write_text(yaml.safe_dump(StepConfig().to_dict()))
     monkeypatch.setattr(checkpoint, "resolve_checkpoint_dir", lambda uri: uri + "/ckpt_9")
     monkeypatch.setattr(evaluator, "evaluate_checkpoint", fake_eval)
     out = tmp_path / "eval.json"
-    rc = main(["eval", "--checkpoint", "run", "--data", "d", "--thresholds", "0.5",
-               "--merge-thresholds", "0.7", "--no-mlflow", "--json", str(out)])
+    rc = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", "d", "--thresholds",
+               "0.5", "--merge-thresholds", "0.7", "--no-mlflow", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads(out.read_text())
-    assert doc["checkpoint"] == "run/ckpt_9" and doc["run_id"] is None
+    assert doc["checkpoint"] == str(ckpt) and doc["run_id"] is None
     assert doc["inference"] == {"exit_thresholds": [0.5],
                                 "merge_thresholds": {"2": 0.7, "4": 0.7, "8": 0.7, "16": 0.7}}
-    assert seen["inference"]["merge_thresholds"] == dict.fromkeys(THRESHOLD_LEVELS, 0.7)
+    assert seen["inference"]["merge_thresholds"] == dict.fromkeys(LEVELS, 0.7)
 
 
 def test_tune_accepts_a_ray_run_directory(tmp_path, monkeypatch, capsys):
@@ -398,7 +400,7 @@ def test_exit_threshold_syntax(given, exits):
 
 
 @pytest.mark.parametrize(("given", "levels"), [
-    (0.8, dict.fromkeys(THRESHOLD_LEVELS, 0.8)), ("0.8", dict.fromkeys(THRESHOLD_LEVELS, 0.8)),
+    (0.8, dict.fromkeys(LEVELS, 0.8)), ("0.8", dict.fromkeys(LEVELS, 0.8)),
     ("2=0.8,4=0.7,8=0.6,16=0.5", {2: 0.8, 4: 0.7, 8: 0.6, 16: 0.5}),
     ("16=0.5 2=0.8", {2: 0.8, 16: 0.5}), ({2: 0.8, "4": 0.7}, {2: 0.8, 4: 0.7}),
     (None, None),
@@ -441,7 +443,7 @@ def test_threshold_fields_take_the_syntax_from_yaml_set_and_flags(tmp_path):
     cfg = load_config(Inference, path)
     assert cfg.exits == [0.9, 0.8] and cfg.merge == {2: 0.4, 16: 0.1}
     cfg = load_config(Inference, path, ["exits=0.5", "merge=0.3"])
-    assert cfg.exits == [0.5] and cfg.merge == dict.fromkeys(THRESHOLD_LEVELS, 0.3)
+    assert cfg.exits == [0.5] and cfg.merge == dict.fromkeys(LEVELS, 0.3)
     cfg = load_config(Inference, None, ["exits=0.5,0.4", "merge=2=0.2,4=0.1"])
     assert cfg.exits == [0.5, 0.4] and cfg.merge == {2: 0.2, 4: 0.1}
     from pipelines.common.settings import ConfigError
@@ -449,8 +451,3 @@ def test_threshold_fields_take_the_syntax_from_yaml_set_and_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"merge: Value error, level '3' is not"):
         load_config(Inference, None, ["merge=3=0.5"])
 
-
-def test_levels_are_step_models():
-    from step_model.config import LEVELS
-
-    assert tuple(LEVELS) == THRESHOLD_LEVELS

@@ -15,9 +15,8 @@ from pipelines.evaluate.evaluator import evaluate_model, predict
 def model():
     torch.manual_seed(0)
     cfg = {"backbone": "vit_tiny_patch16_384", "num_classes": 4,
-           "policy": {"mode": "oracle", "pretrained": False, "levels": [2, 4]},
-           "exits": {"blocks": [2, 4], "thresholds": [0.3], "top_k": 1}}
-    return build_model(cfg).eval()
+           "policy": {"pretrained": False, "levels": [2, 4]}, "exits": {"blocks": [2, 4]}}
+    return build_model(cfg, {"policy_mode": "oracle", "exit_thresholds": [0.3], "top_k": 1}).eval()
 
 
 def _batch(seed: int, h: int = 64, w: int = 96):

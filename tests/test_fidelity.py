@@ -21,14 +21,13 @@ EXIT_TAU = 0.4  # random heads: every exit halts some tokens of both test images
 
 @pytest.fixture(scope="module")
 def shared_model():
-    return tiny("none", exits=[2, 4, 6], exit_kw={"thresholds": [EXIT_TAU], "top_k": 1})
+    return tiny("none", exits=[2, 4, 6], inference={"exit_thresholds": [EXIT_TAU], "top_k": 1})
 
 
 @pytest.fixture
 def model(shared_model):
-    saved = shared_model.cfg
-    yield shared_model
-    shared_model.cfg = saved
+    with shared_model.inference_scope():  # each test's settings are undone after it
+        yield shared_model
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +153,7 @@ def test_random_draws_differ_per_forward_and_repeat_on_a_fresh_model(model, imag
         first = _halt_map(model(images, halt_counts=counts))
         second = _halt_map(model(images, halt_counts=counts))
     assert not torch.equal(first, second), "reseeded on every forward"
-    fresh = build_step_model(model.cfg).eval()  # exits.seed 11; the draws ignore weights
+    fresh = build_step_model(model.cfg, model.inference).eval()  # seed 11; draws ignore weights
     with torch.no_grad():
         assert torch.equal(_halt_map(fresh(images, halt_counts=counts)), first)
     model.set_inference(exit_seed=12)
@@ -230,14 +229,14 @@ def test_a_frozen_policy_gets_no_gradient_and_no_update_in_stage_2(tmp_path) -> 
     from pipelines.train.optim import build_optimizer
 
     cfg = load_train_config(REPO / "configs/tiny/step.yaml",
-                            ["model.policy.mode=threshold", f"policy_checkpoint={tmp_path}"], stage="step")
+                            ["inference.policy_mode=threshold", f"policy_checkpoint={tmp_path}"], stage="step")
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.inference)
     heads = [model.policy.heads[str(s)].bias for s in (2, 4, 8)]
     with torch.no_grad():  # a stage-1 checkpoint whose heads say "merge everything"
         for bias in heads:
             bias.fill_(6.0)
-        save_checkpoint(tmp_path, model, cfg.model)
+        save_checkpoint(tmp_path, model)
         for bias in heads:
             bias.zero_()
     stage = stages.get("step")

@@ -236,8 +236,8 @@ def test_pipeline_holdout_config():
 # ---- real evaluations on real shards ----------------------------------------------------------
 
 MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linear",
-         "policy": {"mode": "threshold", "pretrained": False, "levels": [2, 4, 8]},
-         "exits": {"blocks": [4, 8], "thresholds": [0.9]}}
+         "policy": {"pretrained": False, "levels": [2, 4, 8]}, "exits": {"blocks": [4, 8]}}
+INFERENCE = {"policy_mode": "threshold", "exit_thresholds": [0.9]}
 
 
 @pytest.fixture(scope="module")
@@ -246,12 +246,11 @@ def case(tmp_path_factory, tiny_shards):
     at 256 px, 1 per shard); a held-out fraction that holds out exactly one of them."""
     from pipelines.common.checkpoint import save_checkpoint
     from pipelines.common.data import holdout_keys
-    from pipelines.common.model import build_model, normalize_model_config
+    from pipelines.common.model import build_model
 
     root = tmp_path_factory.mktemp("guard")
     torch.manual_seed(0)
-    cfg = normalize_model_config(MODEL)
-    ckpt = save_checkpoint(root / "ckpt", build_model(cfg), cfg)
+    ckpt = save_checkpoint(root / "ckpt", build_model(MODEL, INFERENCE))
     # the keys 0_0, 1_0, 2_0 hash to 0.528, 0.570, 0.545: 0.54 holds out 0_0 alone
     holdout = {"fraction": 0.54}
     searched, held = holdout_keys(tiny_shards["val"], holdout)
@@ -276,7 +275,7 @@ def test_held_out_images_never_reach_a_trial(case):
     assert len(keys_of(holdout=case["holdout"], max_samples=1)) == 1
     assert len(keys_of()) == 3  # without a holdout: every image
 
-    m, images = evaluate_images(case["ckpt"], case["val"], reference_inference(2),
+    m, images = evaluate_images(case["ckpt"], case["val"], reference_inference(),
                                 max_samples=None, device="cpu", holdout=case["holdout"])
     assert set(images.keys) == case["searched"] and m["num_images"] == 2
     # the per-image matrices are the evaluation's own confusion matrix, split by image

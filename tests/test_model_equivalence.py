@@ -39,13 +39,13 @@ def test_size_not_multiple_of_16_is_padded_and_unpadded() -> None:
 
 @pytest.fixture(scope="module", params=["linear", "mask"])
 def halting_model(request):
-    return tiny("oracle", exits=[3, 6], decoder=request.param, exit_kw={"thresholds": [0.3], "top_k": 2})
+    return tiny("oracle", exits=[3, 6], decoder=request.param, inference={"exit_thresholds": [0.3], "top_k": 2})
 
 
 @pytest.mark.parametrize("varlen", ["per_image", "pad_mask"])
 def test_batch_with_different_token_counts_equals_one_by_one(halting_model, varlen: str) -> None:
     model = halting_model
-    model.cfg = model.cfg.model_copy(update={"varlen": varlen})
+    model.set_inference(varlen=varlen)
     x = torch.rand(3, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     y = torch.cat([blocky_labels(96, 96, seed) for seed in range(3)])
     with torch.no_grad():

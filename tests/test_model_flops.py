@@ -45,7 +45,7 @@ def test_cuda_attention_kernels_have_formulas() -> None:
 def test_step_flops_follow_the_tokens_that_run() -> None:
     """Real CPU run of a tiny STEP model with sharing and halting: the counted FLOPs equal
     the analytic count for the tokens each block actually processed."""
-    model = tiny("oracle", exits=[3, 6], exit_kw={"thresholds": [0.25], "top_k": 1})
+    model = tiny("oracle", exits=[3, 6], inference={"exit_thresholds": [0.25], "top_k": 1})
     x = torch.rand(1, 3, 128, 128)
     y = blocky_labels(128, 128, 2)
     g = measure_gflops(model, x, y)

@@ -29,7 +29,7 @@ def _run_with_perturbation(model, x, exit_output, rows: torch.Tensor | None):
 
 def test_a_halted_token_influences_nothing_afterwards() -> None:
     # threshold 0: every token halts at block 2 except the 2 most confident of each class
-    model = tiny("none", exits=[2], exit_kw={"thresholds": [0.0], "top_k": 2})
+    model = tiny("none", exits=[2], inference={"exit_thresholds": [0.0], "top_k": 2})
     x = torch.rand(1, 3, 96, 96)
     seen = {}
     hook = model.exit_heads[0].register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
@@ -82,7 +82,7 @@ def test_random_and_uniform_exit_policies_halt_the_same_number() -> None:
 def test_halting_lowers_counted_flops() -> None:
     from step_model import measure_gflops
 
-    model = tiny("none", exits=[4], exit_kw={"thresholds": [0.0], "top_k": 1})
+    model = tiny("none", exits=[4], inference={"exit_thresholds": [0.0], "top_k": 1})
     x = torch.rand(1, 3, 128, 128)
     with_halting = measure_gflops(model, x)
     model.set_inference(halting=False)

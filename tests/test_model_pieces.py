@@ -32,7 +32,7 @@ def _assert_same(a, b, where: str) -> None:
 
 def test_pieces_by_hand_equal_forward() -> None:
     # oracle supertokens, two exits with halting, a size that needs padding, 2 images
-    model = tiny("oracle", exits=[3, 6], exit_kw={"thresholds": [0.3], "top_k": 2})
+    model = tiny("oracle", exits=[3, 6], inference={"exit_thresholds": [0.3], "top_k": 2})
     x = torch.rand(2, 3, 90, 117, generator=torch.Generator().manual_seed(0))
     y = torch.cat([blocky_labels(96, 128, seed) for seed in range(2)])[:, :90, :117]
     with torch.no_grad():

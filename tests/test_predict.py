@@ -17,8 +17,8 @@ from helpers import LOVEDA
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linear",
-         "policy": {"mode": "threshold", "pretrained": False, "levels": [2, 4, 8]},
-         "exits": {"blocks": [4, 8], "thresholds": [0.9]}}
+         "policy": {"pretrained": False, "levels": [2, 4, 8]}, "exits": {"blocks": [4, 8]}}
+INFERENCE = {"policy_mode": "threshold", "exit_thresholds": [0.9]}
 # what the search would have chosen: merge everything, halt early
 TUNED = {"exit_thresholds": [0.2, 0.2], "merge_thresholds": {"2": 0.0, "4": 0.0, "8": 0.0}}
 SIZES = {"a": (128, 128), "b": (128, 128), "sub/c": (50, 70)}  # name -> (width, height)
@@ -31,12 +31,11 @@ def case(tmp_path_factory):
     import torch
 
     from pipelines.common.checkpoint import save_checkpoint
-    from pipelines.common.model import build_model, normalize_model_config
+    from pipelines.common.model import build_model
 
     root = tmp_path_factory.mktemp("predict")
     torch.manual_seed(0)
-    cfg = normalize_model_config(MODEL)
-    ckpt = save_checkpoint(root / "ckpt", build_model(cfg), cfg)
+    ckpt = save_checkpoint(root / "ckpt", build_model(MODEL, INFERENCE))
     shards = root / "val"
     shards.mkdir()
     (shards / "dataset.json").write_text(json.dumps(
@@ -90,7 +89,11 @@ def test_registered_model_locally_with_its_thresholds(case, registered, mlflow_s
     doc = _summary(out)
     assert doc["executor"] == "local"
     assert doc["registered_model"]["version"] == registered.rsplit("/", 1)[1]
-    assert doc["inference"] == TUNED and doc["thresholds_from_registry"]
+    from step_model.config import InferenceConfig
+
+    # the checkpoint's settings with the registered ones, resolved on the driver
+    assert doc["inference"] == InferenceConfig(**INFERENCE).apply(TUNED).to_dict()
+    assert doc["thresholds_from_registry"]
     # the corrupt file is reported and skipped, the text file is not an input
     assert doc["images"] == 3 and doc["skipped"] == 1
     assert doc["skipped_images"][0]["image"].endswith("corrupt.png")
@@ -147,7 +150,7 @@ def test_ray_data_path_token_maps_and_flops(case, registered, ray_local):
     assert per["a"]["batch"] == 2  # a and b in one forward, c (another size) in its own
     # batch size 1 (the odd size): GFLOPs are exactly measure_gflops of that image
     model, _ = load_model(case["ckpt"])
-    model.set_inference(**TUNED)
+    model.set_inference(TUNED)
     img = np.asarray(Image.open(Path(case["images"]) / "sub" / "c.png"))
     x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
     assert per["sub/c"]["gflops"] == pytest.approx(measure_gflops(model, x)["total"],

@@ -20,11 +20,17 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from step_model import ExitConfig, PolicyConfig, StepConfig, build_step_model
+from step_model import ExitConfig, PolicyConfig, StepConfig
+from step_model import build_step_model as _build_step_model
 from step_model.backbone import build_encoder, create_vit
 
 NAME = "vit_tiny_patch16_384"  # 192 wide, 12 blocks, 3 heads; default tag AugReg (mean 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+PLAIN = {"policy_mode": "none"}  # the plain ViT path: these tests are about the backbone
+
+
+def build_step_model(cfg: StepConfig):
+    return _build_step_model(cfg, PLAIN)
 
 
 def random_vit(name: str, seed: int = 0) -> torch.nn.Module:
@@ -94,7 +100,7 @@ def assert_same_backbone(loaded: torch.nn.Module, source: torch.nn.Module) -> No
 def step_cfg(**kw) -> StepConfig:
     kw.setdefault("backbone", NAME)
     return StepConfig(num_classes=kw.pop("num_classes", 5),
-                      policy=PolicyConfig(mode="none", pretrained=False),
+                      policy=PolicyConfig(pretrained=False),
                       exits=ExitConfig(blocks=kw.pop("exits", [])), **kw)
 
 
@@ -217,20 +223,20 @@ def test_s3_weights_are_downloaded_once(source, seg_state, tmp_path, monkeypatch
     uri = f"s3://{s3_bucket}/weights/vit.safetensors"
     data = step_cfg(backbone_weights=uri).to_dict()
 
-    model = build_model(data)
+    model = build_model(data, PLAIN)
     assert_same_backbone(model.encoder.vit, source)
     assert model.cfg.backbone_weights == uri  # the record keeps the URI, not the cache path
     cached = list((tmp_path / "cache").rglob("vit.safetensors"))
     assert len(cached) == 1
     s3.delete_object(Bucket=s3_bucket, Key="weights/vit.safetensors")
-    assert_same_backbone(build_model(data).encoder.vit, source)  # from the cache, no S3 read
+    assert_same_backbone(build_model(data, PLAIN).encoder.vit, source)  # from the cache, no S3 read
 
     # init_from: the checkpoint and the variant.yml beside it
     write_segmenter(tmp_path / "seg", seg_state)
     for name in ("checkpoint.pth", "variant.yml"):
         s3.upload_file(str(tmp_path / "seg" / name), s3_bucket, f"runs/seg/{name}")
     spec = f"segmenter:s3://{s3_bucket}/runs/seg"
-    model = build_model(step_cfg(decoder="mask", init_from=spec).to_dict())
+    model = build_model(step_cfg(decoder="mask", init_from=spec).to_dict(), PLAIN)
     assert model.cfg.init_from == spec
     assert model.cfg.backbone_img_size == 128  # read from the downloaded variant.yml
     assert torch.equal(model.decoder.cls_emb, seg_state["decoder.cls_emb"])
@@ -313,7 +319,7 @@ def test_segmenter_checkpoint_initialises_encoder_and_decoder(seg_state, tmp_pat
         want = model(images).logits
     assert want.shape == (1, 5, 48, 64) and torch.isfinite(want).all()
     # a checkpoint rebuilds without the Segmenter file (init_from cleared), same outputs
-    ckpt = save_checkpoint(tmp_path / "ckpt", model, model.cfg.to_dict())
+    ckpt = save_checkpoint(tmp_path / "ckpt", model)
     (tmp_path / "seg" / "checkpoint.pth").unlink()
     again, config = load_model(ckpt)
     assert config["init_from"].startswith("segmenter:")

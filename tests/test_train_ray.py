@@ -1,6 +1,6 @@
 """Ray Train end to end: 2 CPU workers (gloo), real shards, a real MLflow server.
 
-Three trainings in all (each costs ~15 s of Ray start-up on top of the steps):
+Four trainings in all (each costs ~15 s of Ray start-up on top of the steps):
 
 * stage 2 with a worker crash injected after the step-6 checkpoint (``max_failures=1``):
   Ray restarts the worker group, which resumes from that checkpoint; the run must end at
@@ -8,7 +8,9 @@ Three trainings in all (each costs ~15 s of Ray start-up on top of the steps):
   run checks the MLflow side: metrics, params, config, tags and a loadable model;
 * stage 1 stopped by a crash with no retries left, then started again with the same
   name and storage path: it resumes from its last checkpoint, and the trained policy is
-  more accurate against its ground truth than the untrained one.
+  more accurate against its ground truth than the untrained one;
+* stage 2 with a fine-tuning phase (halting in training, its own exit thresholds): its
+  checkpoints keep the architecture and the training's inference settings apart.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipelines.cli import main
 from pipelines.common.checkpoint import load_model, load_state_dict, state_digest
@@ -167,3 +170,32 @@ def test_step_eval_cli_on_the_trained_run(crashed_step_run, tiny_shards, tmp_pat
 
     run = MlflowClient(got["tracking_uri"]).get_run(got["run_id"])
     assert run.data.metrics["miou"] == pytest.approx(m["miou"])
+
+
+def test_a_finetuned_checkpoint_keeps_its_architecture(tiny_shards, tmp_path) -> None:
+    """Two base steps, then two fine-tuning steps with halting at the phase's own exit
+    thresholds: the fine-tuned checkpoint's model_config.yaml is the base checkpoint's,
+    byte for byte (the architecture as built: no halt_in_training, no thresholds of the
+    phase), and both store the training's inference settings in inference.yaml, which the
+    final checkpoint loads with."""
+    from step_model.config import StepConfig
+
+    cfg = _cfg("step", tiny_shards, tmp_path, "train.steps=2", "finetune.steps=2",
+               "finetune.inference.exit_thresholds=0.0", "finetune.inference.top_k=1",
+               "train.checkpoint_every=2", "train.keep_last=2", "train.max_failures=0",
+               "scaling.num_workers=1", "mlflow.log_model=false",
+               f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    result = fit(cfg)
+    final = Path(result.checkpoint)
+    base = final.parent / "checkpoint_00000002"
+    assert final.name == "checkpoint_00000004" and base.is_dir()
+    architecture = (final / "model_config.yaml").read_text()
+    assert architecture == (base / "model_config.yaml").read_text()
+    assert "halt_in_training" not in architecture and "thresholds" not in architecture
+    assert StepConfig.model_validate(yaml.safe_load(architecture)).exits == cfg.model.exits
+    for ckpt in (base, final):
+        assert yaml.safe_load((ckpt / "inference.yaml").read_text()) == cfg.inference.to_dict()
+    model, _ = load_model(final)
+    assert model.inference == cfg.inference and not model.halts_in_training
+    # the phase did halt: the last evaluation ran at its thresholds (0: all but the top-k)
+    assert result.metrics["halted_fraction"] > 0.5

@@ -17,8 +17,8 @@ from pipelines.train.optim import build_optimizer, build_scheduler, lr_factor, p
 from pipelines.train.stages import StepStage, load_policy_weights
 
 TINY = {"backbone": "vit_tiny_patch16_384", "num_classes": 4,
-        "policy": {"mode": "oracle", "pretrained": False, "levels": [2, 4]},
-        "exits": {"blocks": [2, 4], "thresholds": [0.2], "top_k": 0}}
+        "policy": {"pretrained": False, "levels": [2, 4]}, "exits": {"blocks": [2, 4]}}
+TINY_INFERENCE = {"policy_mode": "oracle", "exit_thresholds": [0.2], "top_k": 0}
 
 
 def test_warmup_then_poly_then_finetune() -> None:
@@ -48,17 +48,18 @@ def test_heads_get_the_multiplier_and_norms_no_decay() -> None:
 
 def test_checkpoint_round_trip_and_policy_transfer(tmp_path) -> None:
     torch.manual_seed(0)
-    stage1 = build_model(TINY)
+    stage1 = build_model(TINY, TINY_INFERENCE)
     for p in stage1.policy.parameters():
         p.data.normal_()  # "trained" policy weights, distinct from any init
     run = tmp_path / "run"
     for step in (3, 6):
-        save_checkpoint(run / f"checkpoint_{step:08d}", stage1, stage1.cfg.to_dict(),
+        save_checkpoint(run / f"checkpoint_{step:08d}", stage1,
                         train_state={"loop": {"step": step}})
     assert resolve_checkpoint_dir(str(run)).endswith("checkpoint_00000006")
     loaded, cfg = load_model(run / "checkpoint_00000006")
     assert state_digest(loaded.state_dict()) == state_digest(stage1.state_dict())
     assert cfg["num_classes"] == 4
+    assert loaded.inference == stage1.inference  # inference.yaml: the settings come back
 
     torch.manual_seed(1)
     stage2 = build_model(TINY)
@@ -75,7 +76,7 @@ def test_checkpoint_round_trip_and_policy_transfer(tmp_path) -> None:
 def test_finetune_phase_halts_tokens_in_training() -> None:
     cfg = load_train_config("configs/tiny/step.yaml",
                             ["finetune.steps=2", "finetune.inference={exit_thresholds: [0.0], top_k: 1}"])
-    model = build_model({**cfg.model, "num_classes": 7})
+    model = build_model(cfg.model, cfg.inference)
     stage = StepStage()
     stage.prepare(model, cfg)
     assert not any(p.requires_grad for p in model.policy.parameters())
@@ -83,10 +84,14 @@ def test_finetune_phase_halts_tokens_in_training() -> None:
     labels = torch.randint(0, 7, (2, 64, 64))
     stage.train_mode(model)
     before = model(images, labels).flow.tokens_per_block[:, -1]
+    architecture = model.cfg
     stage.start_finetune(model, cfg)
     out = model(images, labels)
     after = out.flow.tokens_per_block[:, -1]
     assert (after < before).all()  # threshold 0: everything but the top-k per class halts
+    # a training phase: the model's settings and switch change, its architecture does not
+    assert model.cfg is architecture and model.halts_in_training
+    assert model.inference == cfg.inference.replace(exit_thresholds=0.0, top_k=1, halting=True)
     from step_model import step_loss
 
     loss = step_loss(out, labels, model.cfg)["total"]
@@ -106,7 +111,7 @@ def test_exit_mix_draws_halting_per_finetune_step_and_restores_the_configured_se
     cfg = load_train_config("configs/tiny/step.yaml", [
         "finetune.steps=2", "finetune.inference={exit_thresholds: [0.0], top_k: 1}",
         "finetune.exit_mix=[0.0, 1.0]"], stage="step")
-    model = build_model({**cfg.model, "num_classes": 7})
+    model = build_model(cfg.model, cfg.inference)
     stage = StepStage()
     stage.prepare(model, cfg)
     stage.train_mode(model)
@@ -116,13 +121,13 @@ def test_exit_mix_draws_halting_per_finetune_step_and_restores_the_configured_se
     def halted_at(step: int) -> int:
         with stage.step_settings(model, cfg, step):
             halted = int(model(images, labels).flow.halted_per_exit.sum())
-        assert model.cfg is configured  # evaluation and checkpoints keep the phase's setting
+        assert model.inference is configured  # evaluation keeps the phase's setting
         return halted
 
-    configured = model.cfg
+    configured = model.inference
     assert {halted_at(step) for step in range(8)} == {0}  # base steps: no halting in training
     stage.start_finetune(model, cfg)
-    configured = model.cfg
+    configured = model.inference
     draws = [halted_at(step) for step in range(24)]
     assert draws == [halted_at(step) for step in range(24)]  # a function of (seed, step)
     assert 0 in draws and max(draws) > 0  # 1.0 drawn: nothing halts; 0.0: all but top-k
@@ -144,13 +149,13 @@ def test_sharing_mix_draws_a_merge_threshold_per_step_and_restores_the_configure
     from pipelines.common.settings import ConfigError
 
     cfg = load_train_config("configs/tiny/step.yaml", [
-        "model.policy.mode=threshold", f"policy_checkpoint={tmp_path}",
+        "inference.policy_mode=threshold", f"policy_checkpoint={tmp_path}",
         "sharing_mix.thresholds=[0.5, 1.0]"], stage="step")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.inference)
     with torch.no_grad():  # a policy that merges every window it is asked about
         for s in model.cfg.policy.levels:
             model.policy.heads[str(s)].bias.fill_(6.0)
-    configured = model.cfg
+    configured = model.inference
     stage = StepStage()
     images = torch.rand(1, 3, 64, 64)
     grid_cells = (64 // 16) ** 2
@@ -158,8 +163,8 @@ def test_sharing_mix_draws_a_merge_threshold_per_step_and_restores_the_configure
     def tokens_at(step: int) -> tuple[int, str]:
         with stage.step_settings(model, cfg, step):
             layout, _ = model.select(images, None)
-            mode = model.cfg.policy.mode
-        assert model.cfg is configured  # evaluation and checkpoints keep the configured one
+            mode = model.inference.policy_mode
+        assert model.inference is configured  # evaluation and checkpoints keep the configured one
         return int(layout.num_tokens.sum()), mode
 
     draws = [tokens_at(step) for step in range(24)]

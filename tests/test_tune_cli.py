@@ -13,8 +13,8 @@ from helpers import LOVEDA, REPO
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linear",
-         "policy": {"mode": "threshold", "pretrained": False, "levels": [2, 4, 8]},
-         "exits": {"blocks": [4, 8], "thresholds": [0.9]}}
+         "policy": {"pretrained": False, "levels": [2, 4, 8]}, "exits": {"blocks": [4, 8]}}
+INFERENCE = {"policy_mode": "threshold", "exit_thresholds": [0.9]}
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,11 @@ def tiny_case(tmp_path_factory, ray_local):
 
     from data_prep.prep import prepare
     from pipelines.common.checkpoint import save_checkpoint
-    from pipelines.common.model import build_model, normalize_model_config
+    from pipelines.common.model import build_model
 
     root = tmp_path_factory.mktemp("tune")
     torch.manual_seed(0)
-    cfg = normalize_model_config(MODEL)
-    ckpt = save_checkpoint(root / "ckpt", build_model(cfg), cfg)
+    ckpt = save_checkpoint(root / "ckpt", build_model(MODEL, INFERENCE))
     shards = root / "val"
     prepare("loveda", str(LOVEDA), str(shards), split="val", samples_per_shard=4,
             max_side=128, progress=False)
@@ -49,7 +48,7 @@ def test_step_tune_grid_json_runs_and_registry(tiny_case, mlflow_server):
     rc = main(["tune", "--checkpoint", tiny_case["ckpt"], "--data", tiny_case["val"],
                "--space", tiny_case["space"], "--max-drop", "100", "--search", "grid",
                "--tracking-uri", mlflow_server, "--experiment", "tune-cli",
-               "--register-name", "tune-cli-model",
+               "--register-name", "tune-cli-model", "--top-k", "1",  # for every evaluation
                "--storage-path", str(tiny_case["root"] / "ray"), "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
@@ -64,7 +63,12 @@ def test_step_tune_grid_json_runs_and_registry(tiny_case, mlflow_server):
     gflops = sorted(p["gflops"] for p in doc["pareto"])
     assert doc["best"]["gflops"] == pytest.approx(gflops[0])
     assert doc["best"]["params"] == {"exit_threshold": 0.2, "merge_threshold": 0.0}
-    assert doc["best"]["inference"]["exit_thresholds"] == [0.2, 0.2]
+    # the whole settings measured: the checkpoint's, --top-k, the trial's point (a shared
+    # exit threshold is one value for every exit)
+    assert doc["best"]["inference"] == {
+        **INFERENCE, "exit_thresholds": [0.2], "top_k": 1, "budget": None,
+        "merge_thresholds": {"2": 0.0, "4": 0.0, "8": 0.0, "16": 0.0}, "exit_policy": "confidence",
+        "exit_seed": 0, "halting": True, "upsample": "probs", "varlen": "auto"}
     # merging everything and halting at 0.2 really is cheaper than the unpruned model
     assert doc["best"]["gflops"] < doc["baseline"]["gflops"]
 
@@ -79,8 +83,8 @@ def test_step_tune_grid_json_runs_and_registry(tiny_case, mlflow_server):
     assert seen == {("0.2", "0.0"), ("0.2", "1.0"), ("1.0", "0.0"), ("1.0", "1.0")}
     reg = doc["registered_model"]
     version = client.get_model_version(reg["name"], reg["version"])
-    assert json.loads(version.tags["inference"])["merge_thresholds"] == {
-        "2": 0.0, "4": 0.0, "8": 0.0, "16": 0.0}
+    assert json.loads(version.tags["step.inference"]) == doc["best"]["inference"]
+    assert version.tags["top_k"] == "1" and version.tags["policy_mode"] == "threshold"
     assert float(version.tags["gflops"]) == pytest.approx(doc["best"]["gflops"])
     arts = {a.path for a in client.list_artifacts(doc["parent_run_id"], "pareto")}
     assert "pareto/pareto.png" in arts and "pareto/trials.csv" in arts

@@ -39,7 +39,7 @@ def test_a_step_config_whose_policy_network_differs_from_stage_1s_is_refused_bef
 def test_demo_uses_bundled_real_data():
     cfg = load_pipeline_config("configs/demo.yaml")
     assert Path(cfg.data.src).resolve() == (REPO / "demo_data" / "loveda").resolve()
-    assert cfg.runs_policy and "model.policy.mode=threshold" in cfg.step.set
+    assert cfg.runs_policy and "inference.policy_mode=threshold" in cfg.step.set
 
 
 def test_ray_cluster_yaml_is_a_valid_launcher_config():
@@ -91,6 +91,22 @@ def _plan(tmp_path, *overrides):
     return {p["step"]: p for p in Workflow(cfg, echo=lambda _: None).plan()}
 
 
+def test_the_layout_of_the_inference_settings_leaves_fingerprints_alone(tmp_path):
+    """Inference settings given in the older layout (inside ``model``) or in their own
+    section are the same settings: the same plan, so pipelines run before the section
+    existed keep their fingerprints (their payloads keep the older layout)."""
+    older = _plan(tmp_path, "step.set=[model.policy.mode=threshold, "
+                            "'model.policy.thresholds={2: 0.8, 4: 0.8, 8: 0.8}', "
+                            "'model.exits.thresholds=[0.5]', model.exits.top_k=2]")
+    newer = _plan(tmp_path, "step.set=[inference.policy_mode=threshold, "
+                            "'inference.merge_thresholds=2=0.8,4=0.8,8=0.8', "
+                            "inference.exit_thresholds=0.5, inference.top_k=2]")
+    assert {k: v["fingerprint"] for k, v in older.items()} == \
+        {k: v["fingerprint"] for k, v in newer.items()}
+    assert older != _plan(tmp_path, "step.set=[inference.policy_mode=threshold, "
+                                    "inference.exit_thresholds=0.5, inference.top_k=3]")
+
+
 def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
     base = _plan(tmp_path)
     assert [p["action"] for p in base.values()] == ["run"] * 7
@@ -106,7 +122,7 @@ def test_a_change_reruns_only_the_steps_downstream_of_it(tmp_path):
     assert changed("tune.space=exits_only") == downstream_of_tune
     # a held-out fraction is chosen when val is read: no re-sharding, no retraining
     assert changed("data.holdout.fraction=0.3") == downstream_of_tune
-    assert changed("step.set=[model.policy.mode=threshold, train.steps=9]") == \
+    assert changed("step.set=[inference.policy_mode=threshold, train.steps=9]") == \
         sorted(["train_step", *downstream_of_tune])
     assert changed("report.num_images=2") == ["report"]
     assert changed("analyze.seeds=[5]") == ["analyze"]

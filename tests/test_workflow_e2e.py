@@ -180,14 +180,14 @@ def test_registered_model_and_thresholds_hold_on_reevaluation(pipeline):
     version = client.get_model_version(reg["name"], reg["version"])
     assert float(version.tags["miou"]) == pytest.approx(doc["best"]["miou"], abs=1e-6)
     assert float(version.tags["gflops"]) == pytest.approx(doc["best"]["gflops"], rel=1e-6)
-    assert json.loads(version.tags["inference"]) == doc["best"]["inference"]
+    assert json.loads(version.tags["step.inference"]) == doc["best"]["inference"]
 
     # re-evaluate the chosen thresholds independently of the search
-    from pipelines.tune.trial import evaluate, model_num_exits, reference_inference
+    from pipelines.tune.trial import evaluate, reference_inference
 
     ckpt = doc["steps"]["train_step"]["outputs"]["checkpoint"]
     val = doc["steps"]["prepare"]["outputs"]["val"]
-    ref = evaluate(ckpt, val, reference_inference(model_num_exits(ckpt)), max_samples=2,
+    ref = evaluate(ckpt, val, reference_inference(doc["best"]["inference"]), max_samples=2,
                    device="cpu")
     tuned = evaluate(ckpt, val, doc["best"]["inference"], max_samples=2, device="cpu")
     assert 100 * (ref["miou"] - tuned["miou"]) <= doc["max_drop"] + 1e-9

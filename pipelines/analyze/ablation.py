@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pipelines.evaluate.metrics import ConfusionMeter
+from step_model.config import InferenceConfig
 
 
 class _Meter:
@@ -72,7 +73,7 @@ def set_random_seed(model, seed: int) -> None:
 
 
 def run_ablation(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
-                 num_classes: int, inference: dict[str, Any], seeds: list[int],
+                 num_classes: int, inference: InferenceConfig, seeds: list[int],
                  on_confidence: Callable[[Any, torch.Tensor], None] | None = None,
                  ) -> dict[str, Any]:
     """``batches()`` yields (images, labels) on the model's device, the same each call.
@@ -84,7 +85,7 @@ def run_ablation(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch
     conf, uni = _Meter(num_classes, n_exits), _Meter(num_classes, n_exits)
     counts: list[list[torch.Tensor]] = []
     for images, labels in batches():
-        model.set_inference(**{**inference, "halting": True, "exit_policy": "confidence"})
+        model.set_inference(inference, halting=True, exit_policy="confidence")
         out, g = counted_forward(model, images, labels)
         conf.update(out, labels, g)
         if on_confidence is not None:
@@ -96,7 +97,7 @@ def run_ablation(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch
         uni.update(out, labels, g)
     per_seed = []
     for seed in seeds:
-        model.set_inference(**{**inference, "halting": True})
+        model.set_inference(inference, halting=True)
         set_random_seed(model, seed)
         rnd = _Meter(num_classes, n_exits)
         for (images, labels), halt in zip(batches(), counts, strict=True):
@@ -127,7 +128,7 @@ def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ablation_sweep(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
-                   num_classes: int, inference: dict[str, Any], seeds: list[int],
+                   num_classes: int, inference: InferenceConfig, seeds: list[int],
                    thresholds: list[float]) -> list[dict[str, Any]]:
     """:func:`run_ablation` at each shared exit threshold (the sharing of ``inference``):
     one row per threshold, with ``confidence_wins`` (its mIoU above both others')."""
@@ -136,9 +137,9 @@ def ablation_sweep(model, batches: Callable[[], Iterable[tuple[torch.Tensor, tor
     rows = []
     for t in thresholds:
         res = run_ablation(model, batches, num_classes=num_classes,
-                           inference={**inference, "exit_thresholds": float(t)}, seeds=seeds)
+                           inference=inference.replace(exit_thresholds=float(t)), seeds=seeds)
         rows.append({"exit_threshold": float(t), **res, "confidence_wins": _wins(res)})
-    model.set_inference(**{k: v for k, v in inference.items() if k != "halting"})
+    model.set_inference(inference)
     return rows
 
 

@@ -25,44 +25,35 @@ from pipelines.analyze.settings import (
     DEFAULT_THRESHOLDS,
 )
 from pipelines.common.storage import json_safe
+from step_model.config import InferenceConfig, overrides_given
 
 LEARNED = ("threshold", "budget")
 
 
-def operating_point(model_config: dict[str, Any], inference: dict[str, Any] | None
-                    ) -> tuple[dict[str, Any], str | None]:
-    """(``set_inference`` kwargs with an explicit learned ``policy_mode``, a note or None).
+def operating_point(own: InferenceConfig, inference: Any = None
+                    ) -> tuple[InferenceConfig, str | None]:
+    """(the operating point: the checkpoint's settings ``own`` with ``inference``'s changes
+    applied, its policy mode a learned one; a note or None).
 
-    The mode follows ``set_inference``'s rules (``budget`` -> budget, ``merge_thresholds``
-    -> threshold, ``policy_mode`` wins); a checkpoint trained with the oracle (or none)
-    is analysed with its policy network at its own thresholds, which the note says."""
-    inf = {k: v for k, v in (inference or {}).items()
-           if k not in ("halting", "exit_policy") and v is not None}
+    The halting and the exit rule of ``inference`` are left out (every part sets its own);
+    a checkpoint trained with the oracle (or none) is analysed with its policy network at
+    its own merge thresholds, which the note says."""
+    given = {k: v for k, v in overrides_given(inference).items()
+             if k not in ("halting", "exit_policy")}
+    op = own.apply(given)
     note = None
-    mode = inf.get("policy_mode")
-    if mode is None:
-        if "budget" in inf:
-            mode = "budget"
-        elif "merge_thresholds" in inf:
-            mode = "threshold"
-        else:
-            mode = str((model_config.get("policy") or {}).get("mode", "threshold"))
-            if mode not in LEARNED:
-                note = (f"the checkpoint's policy mode is {mode!r}; the operating point uses "
-                        "its policy network in mode 'threshold' at its configured thresholds")
-                mode = "threshold"
-    elif mode not in LEARNED:
-        raise ValueError(f"inference.policy_mode={mode!r}: the analysis measures the learned "
-                         f"policy at its operating point; use one of {list(LEARNED)}")
-    if mode == "budget" and "budget" not in inf and \
-            (model_config.get("policy") or {}).get("budget") is None:
-        raise ValueError("inference.budget: policy mode 'budget' needs a budget (fraction of "
-                         "tokens kept, (0, 1])")
-    inf["policy_mode"] = mode
-    return inf, note
+    if op.policy_mode not in LEARNED:
+        if "policy_mode" in given:
+            raise ValueError(f"inference.policy_mode={op.policy_mode!r}: the analysis measures "
+                             f"the learned policy at its operating point; use one of "
+                             f"{list(LEARNED)}")
+        note = (f"the checkpoint's policy mode is {op.policy_mode!r}; the operating point "
+                "uses its policy network in mode 'threshold' at its configured thresholds")
+        op = op.replace(policy_mode="threshold")
+    return op, note
 
 
-def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = None,
+def analyze(checkpoint: str, data: str, *, inference: Any = None,
             max_samples: int | None = None, device: str = "cpu", batch_size: int = 1,
             purities: list[float] | None = None, thresholds: list[float] | None = None,
             budgets: list[float] | None = None, seeds: list[int] | None = None,
@@ -80,16 +71,16 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
     thresholds = DEFAULT_THRESHOLDS if thresholds is None else thresholds
     budgets = DEFAULT_BUDGETS if budgets is None else budgets
     seeds = DEFAULT_SEEDS if seeds is None else seeds
-    model, model_config = load_model(checkpoint, device=device)
+    model, _ = load_model(checkpoint, device=device)
     model.eval()
-    num_classes = int(model_config["num_classes"])
+    num_classes = model.cfg.num_classes
     info = dataset_info(data)
     if info.num_classes != num_classes:
         raise ValueError(f"{data} has {info.num_classes} classes but the checkpoint "
                          f"{checkpoint} predicts {num_classes}")
     names = list(info.class_names)
-    op, note = operating_point(model_config, inference)
-    model.set_inference(**op)  # validates the operating point before any pass
+    op, note = operating_point(model.inference, inference)
+    model.set_inference(op)  # validates the operating point before any pass
 
     def loader():
         return eval_loader(data, batch_size=batch_size, num_workers=0, rank=0, world_size=1,
@@ -109,7 +100,7 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
     echo(f"analyze: {len(layouts)} layouts in {seconds['layouts']:.1f}s")
     doc: dict[str, Any] = {
         "checkpoint": checkpoint, "data": data, "num_images": sweep.images,
-        "class_names": names, "operating_point": {"inference": op, "note": note},
+        "class_names": names, "operating_point": {"inference": op.to_dict(), "note": note},
         "layouts": layouts, "policy_vs_oracle": policy_vs_oracle(layouts),
         "tradeoff": [], "ablation": {}, "ablation_sweep": [], "confidence_wins": None,
         "flow": None,
@@ -137,7 +128,7 @@ def analyze(checkpoint: str, data: str, *, inference: dict[str, Any] | None = No
     if not model.exit_blocks:  # no ablation pass: the flow needs its own STEP forwards
         import torch
 
-        model.set_inference(**op, halting=True)
+        model.set_inference(op, halting=True)
         with torch.no_grad():
             for images, labels in batches():
                 meter.update(model(images, labels).flow, labels)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from pipelines.common.settings import StrictModel
-from pipelines.evaluate.settings import EvalMlflow, InferenceSettings
+from pipelines.evaluate.settings import EvalMlflow
+from step_model.config import InferenceOverrides
 
 DEFAULT_PURITIES = [1.0, 0.98, 0.95, 0.9]
 # dense where the learned curve crosses the oracle's purity-0.95 ceiling: policy_vs_oracle
@@ -57,8 +58,8 @@ class AnalyzeSettings(SweepSettings):
     checkpoint: str = Field(description="STEP checkpoint directory (local or s3://), or a "
                             "Ray run directory (its latest checkpoint)")
     data: str = Field(description="validation shards written by `step prep`")
-    inference: InferenceSettings = Field(
-        InferenceSettings(), description="the operating point (default: the checkpoint's "
+    inference: InferenceOverrides = Field(
+        InferenceOverrides(), description="the operating point (default: the checkpoint's "
         "own settings); its sharing is the learned policy")
     layouts_only: bool = Field(False, description="only the layout curve and "
                                "policy_vs_oracle: the policy network alone runs, so a "

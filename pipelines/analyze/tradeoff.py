@@ -15,32 +15,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from step_model.config import InferenceConfig
+
 VARIANTS = ("plain", "dcts", "exits", "step")
 
 
-def variant_inference(variant: str, op: dict[str, Any]) -> dict[str, Any]:
-    """``set_inference`` kwargs of a variant from the operating point's kwargs ``op``
-    (which holds the learned ``policy_mode``)."""
+def variant_inference(variant: str, op: InferenceConfig) -> InferenceConfig:
+    """A variant's settings from the operating point ``op`` (in a learned policy mode)."""
     share = variant in ("dcts", "step")
-    halt = variant in ("exits", "step")
-    kw = dict(op)
-    if not share:
-        kw = {k: v for k, v in kw.items() if k not in ("merge_thresholds", "budget")}
-        kw["policy_mode"] = "none"
-    kw["halting"] = halt
-    kw["exit_policy"] = "confidence"
-    return kw
+    return op.replace(policy_mode=None if share else "none",
+                      halting=variant in ("exits", "step"), exit_policy="confidence")
 
 
 def run_tradeoff(model, loader_fn: Callable[[], Iterable], *, num_classes: int,
-                 op: dict[str, Any], device: str, max_samples: int | None,
+                 op: InferenceConfig, device: str, max_samples: int | None,
                  class_names: list[str] | None = None) -> list[dict[str, Any]]:
     from pipelines.evaluate.evaluator import evaluate_model
 
     rows = []
     for variant in VARIANTS:
         kw = variant_inference(variant, op)
-        model.set_inference(**kw)
+        model.set_inference(kw)
         r = evaluate_model(model, loader_fn(), num_classes=num_classes, device=device,
                            max_samples=max_samples, count_flops=True, latency_samples=0,
                            class_names=class_names, progress=False)
@@ -48,5 +43,5 @@ def run_tradeoff(model, loader_fn: Callable[[], Iterable], *, num_classes: int,
                      "gflops_policy": r.gflops_split.get("policy"),
                      "tokens_mean": r.tokens_mean, "tokens_in": r.tokens_in,
                      "halted_fraction": r.halted_fraction,
-                     "inference": {k: v for k, v in kw.items()}})
+                     "inference": kw.to_dict()})
     return rows

@@ -23,12 +23,9 @@ Each part is independent: a failing part is recorded with its error and the othe
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -136,20 +133,12 @@ def bench_train(device_type: str, steps: int) -> dict[str, Any]:
 
 
 def bench_model(device_type: str, backbone: str) -> dict[str, Any]:
-    from step_model import bench
+    from step_model.bench import BenchModelSettings, measure
 
-    out = {}
-    for policy in ("threshold", "oracle"):
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            parser = argparse.ArgumentParser()
-            bench.configure(parser)
-            args = parser.parse_args(["--backbone", backbone, "--image-size", "1024",
-                                      "--policy", policy, "--exits", "6", "8",
-                                      "--thresholds", "0.9", "--device", device_type,
-                                      "--repeats", "3", "--json", f.name])
-            bench.run(args)
-            out[policy] = json.loads(Path(f.name).read_text())
-    return out
+    return {policy: measure(BenchModelSettings(
+        backbone=backbone, image_size=1024, exits=[6, 8], device=device_type, repeats=3,
+        inference={"policy_mode": policy, "exit_thresholds": 0.9}))
+        for policy in ("threshold", "oracle")}
 
 
 def bench(args: BenchGpuSettings) -> tuple[dict[str, Any], bool]:

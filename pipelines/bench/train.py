@@ -1,6 +1,7 @@
 """``step bench train --config FILE --json PATH``: training samples/s, plain ViT vs STEP.
 
-Three models built from the config's ``model`` section, trained in the same process on the
+Three models built from the config's ``model`` and ``inference`` sections, trained in the
+same process on the
 same real image/label crops (the LoVEDA fixtures by default, or ``--data`` shards) at the
 config's crop size and per-worker batch size, interleaved round by round so that machine
 noise hits all of them alike:
@@ -28,6 +29,7 @@ from pydantic import Field
 
 from pipelines.common.settings import EXIT_THRESHOLDS_SYNTAX, ExitThresholds, StrictModel
 from pipelines.train.config import TrainConfig
+from step_model.config import InferenceConfig, StepConfig
 
 # the demo's LoveDA scenes, shipped in the repository (relative to its root, like configs/)
 FIXTURES = Path("demo_data/loveda")
@@ -44,8 +46,9 @@ class BenchTrainOptions(StrictModel):
     device: str | None = Field(None, description="cpu or cuda (default: cuda if any)")
     halt_thresholds: ExitThresholds = Field(
         None, description=f"exit thresholds of the step_halting model, {EXIT_THRESHOLDS_SYNTAX} "
-        "(default: finetune.inference.exit_thresholds, else the model's). An untrained "
-        "model is never confident: low values show what halting saves")
+        "(default: the fine-tuning phase's, i.e. inference with finetune.inference "
+        "applied). An untrained model is never confident: low values show what halting "
+        "saves")
 
 
 def _fixture_batches(crop: int, batch: int, n: int, seed: int = 0):
@@ -110,29 +113,32 @@ def _loadable(uri: str | None) -> str | None:
         return None
 
 
-def _variants(cfg: TrainConfig, halt_taus) -> tuple[dict[str, dict], str, str | None]:
-    """The three model configs (plain, STEP, STEP with halting in training), where the
-    policy comes from, and the policy checkpoint to load (None: the oracle)."""
-    plain_cfg = {**cfg.model, "policy": {**cfg.model["policy"], "mode": "none"},
-                 "exits": {**cfg.model["exits"], "blocks": []}}
-    halting_cfg = {**cfg.model, "exits": {**cfg.model["exits"], "halting": True,
-                                          "halt_in_training": True,
-                                          "thresholds": list(halt_taus)}}
+# name -> (architecture, inference settings, halting in training)
+Variant = tuple[StepConfig, InferenceConfig, bool]
+
+
+def _variants(cfg: TrainConfig, halt_taus) -> tuple[dict[str, Variant], str, str | None]:
+    """The three models (plain, STEP, STEP with halting in training), where the policy
+    comes from, and the policy checkpoint to load (None: the oracle)."""
+    no_exits = cfg.model.model_copy(update={"exits": cfg.model.exits.model_copy(
+        update={"blocks": []})})
+    # one exit threshold: the settings must fit a model without exits
+    plain = (no_exits, cfg.inference.replace(policy_mode="none",
+                                             exit_thresholds=cfg.inference.exit_thresholds[0]),
+             False)
     # Sharing needs a trained policy: without a loadable policy_checkpoint the STEP models
     # share with the oracle (an upper bound), as a random policy's choices mean nothing.
     policy_uri = None
-    if cfg.model["policy"]["mode"] in ("threshold", "budget"):
+    if cfg.inference.policy_mode in ("threshold", "budget"):
         policy_uri = _loadable(cfg.policy_checkpoint)
-    step_cfg = cfg.model
-    if policy_uri is None:
-        oracle = {**cfg.model["policy"], "mode": "oracle"}
-        step_cfg = {**cfg.model, "policy": oracle}
-        halting_cfg["policy"] = oracle
-    variants = {"plain": plain_cfg, "step": step_cfg, "step_halting": halting_cfg}
+    step = cfg.inference if policy_uri else cfg.inference.replace(policy_mode="oracle")
+    halting = step.replace(halting=True, exit_thresholds=list(halt_taus))
+    variants = {"plain": plain, "step": (cfg.model, step, False),
+                "step_halting": (cfg.model, halting, True)}
     return variants, policy_uri or "oracle", policy_uri
 
 
-def _time_variants(cfg: TrainConfig, args: BenchTrainOptions, variants: dict[str, dict],
+def _time_variants(cfg: TrainConfig, args: BenchTrainOptions, variants: dict[str, Variant],
                    policy_uri: str | None, data, device):
     """Train every variant on the same batches, interleaved round by round; (samples/s of
     each round, mean tokens per block of each step) per variant."""
@@ -140,14 +146,15 @@ def _time_variants(cfg: TrainConfig, args: BenchTrainOptions, variants: dict[str
 
     from pipelines.common.data import batch_to_device
     from pipelines.common.model import build_model
-    from pipelines.train.loop import _autocast
+    from pipelines.common.precision import autocast
     from pipelines.train.optim import build_optimizer
     from step_model import step_loss
 
     models, optims = {}, {}
-    for name, mcfg in variants.items():
+    for name, (arch, inference, halt_in_training) in variants.items():
         torch.manual_seed(cfg.train.seed)
-        model = build_model(mcfg).to(device)
+        model = build_model(arch, inference).to(device)
+        model.halt_in_training(halt_in_training)
         if policy_uri and name != "plain":
             from pipelines.train.stages import load_policy_weights
 
@@ -161,7 +168,7 @@ def _time_variants(cfg: TrainConfig, args: BenchTrainOptions, variants: dict[str
     def step(name: str, images, labels) -> None:
         model, opt = models[name], optims[name]
         images, labels = batch_to_device(images, labels, device)
-        with _autocast(device, cfg.train.precision):
+        with autocast(device, cfg.train.precision):
             out = model(images, labels)
             loss = step_loss(out, labels, model.cfg)["total"]
         loss.backward()
@@ -199,15 +206,14 @@ def bench(cfg: TrainConfig, args: BenchTrainOptions, config: str | None = None) 
     data = (_shard_batches(cfg, args.data, n_batches) if args.data
             else _fixture_batches(crop, batch, n_batches, cfg.train.seed))
     halt_taus = (args.halt_thresholds
-                 or cfg.finetune.inference.get("exit_thresholds")
-                 or cfg.model["exits"]["thresholds"])
+                 or cfg.inference.apply(cfg.finetune.inference).exit_thresholds)
     variants, policy_source, policy_uri = _variants(cfg, halt_taus)
     timings, tokens = _time_variants(cfg, args, variants, policy_uri, data, device)
 
     per_s = {k: statistics.median(v) for k, v in timings.items()}
     grid = (crop // 16) ** 2
     result = {
-        "config": str(config), "backbone": cfg.model["backbone"], "image_size": crop,
+        "config": str(config), "backbone": cfg.model.backbone, "image_size": crop,
         "batch_size": batch, "device": str(device), "precision": cfg.train.precision,
         "steps_per_round": args.steps, "repeats": args.repeats,
         "data": args.data or str(FIXTURES),
@@ -222,7 +228,7 @@ def bench(cfg: TrainConfig, args: BenchTrainOptions, config: str | None = None) 
         "tokens_per_block_mean": {k: statistics.fmean(v) for k, v in tokens.items()},
         "samples_per_s_rounds": timings,
     }
-    print(f"step bench train: {cfg.model['backbone']} at {crop}px, batch {batch}, {device}: "
+    print(f"step bench train: {cfg.model.backbone} at {crop}px, batch {batch}, {device}: "
           f"plain {per_s['plain']:.3g} samples/s, STEP {per_s['step']:.3g} "
           f"({result['speedup']:.2f}x), STEP+halting {per_s['step_halting']:.3g} "
           f"({result['speedup_halting']:.2f}x)")

@@ -4,22 +4,22 @@ Settings: :class:`pipelines.analyze.settings.AnalyzeSettings`. Measures the layo
 curve (oracle against the learned policy, by ceiling mIoU), ``policy_vs_oracle``, the
 plain / dCTS / exits / STEP trade-off, the exit ablation at matched counts and the token
 flow (:mod:`pipelines.analyze.runner`); logs CSVs and plots to one MLflow run under
-``analysis/`` unless ``--no-mlflow``. ``--thresholds`` (exits), ``--merge-thresholds`` or
-``--budget`` set the operating point.
+``analysis/`` unless ``--no-mlflow``. The inference flags (``--thresholds`` for the exits,
+``--merge-thresholds`` or ``--budget`` for the sharing, ...) set the operating point.
 """
 
 from __future__ import annotations
 
 from pipelines.analyze.settings import AnalyzeSettings
 from pipelines.cli.command import (
+    INFERENCE_ALIASES,
     MLFLOW_ALIASES,
-    OPERATING_POINT_ALIASES,
     Command,
     Invocation,
     Result,
 )
 
-ALIASES = (*OPERATING_POINT_ALIASES, *MLFLOW_ALIASES)
+ALIASES = (*INFERENCE_ALIASES, *MLFLOW_ALIASES)
 
 
 def analyze_command(inv: Invocation) -> Result:
@@ -28,7 +28,7 @@ def analyze_command(inv: Invocation) -> Result:
 
     s: AnalyzeSettings = inv.settings
     checkpoint = resolve_checkpoint_dir(s.checkpoint)
-    doc = analyze(checkpoint, s.data, inference=s.inference.kwargs(),
+    doc = analyze(checkpoint, s.data, inference=s.inference,
                   max_samples=s.max_samples, device=s.device, batch_size=s.batch_size,
                   purities=s.purities, thresholds=s.layout_thresholds, budgets=s.budgets,
                   seeds=s.seeds, ablation_thresholds=s.ablation_thresholds,

@@ -9,7 +9,8 @@ builds the subcommand's argparse parser from the model and, once for every comma
   *is* ``--set checkpoint=URI`` (the flag's help is the field's description). That is the
   precedence: model defaults < ``--config`` < ``--set`` (in order) < flags. Nested fields
   can get flags too, as :class:`Alias` (``step eval --thresholds`` =
-  ``--set inference.exit_thresholds=...``); old spellings are kept that way;
+  ``--set inference.exit_thresholds=...``): every command that runs a model gets one per
+  inference setting (:func:`inference_aliases`), and old spellings are kept that way;
 * **options**: an optional second model for what the command does rather than what it
   runs (``step run --dry-run``, ``step submit --address``): flags only;
 * ``--print-config`` prints the resolved settings (YAML) and exits;
@@ -73,19 +74,24 @@ class Alias:
     help: str | None = None
 
 
+# Older spellings of inference flags, kept next to the generated --field-name.
+INFERENCE_SPELLINGS = {"exit_thresholds": ("--thresholds",)}
+
+
+def inference_aliases(section: str = "inference") -> tuple[Alias, ...]:
+    """One flag per field of ``step_model.config.InferenceConfig``, setting the
+    ``section`` field (an ``InferenceOverrides``) of a command's settings: ``--policy-mode``,
+    ``--merge-thresholds``, ``--thresholds``/``--exit-thresholds``, ``--halting``/
+    ``--no-halting`` ... Generated from the config, so a new inference setting gets its
+    flag on every command that runs a model, spelled the same everywhere."""
+    from step_model.config import InferenceOverrides
+
+    return tuple(Alias((*INFERENCE_SPELLINGS.get(name, ()), "--" + name.replace("_", "-")),
+                       f"{section}.{name}") for name in InferenceOverrides.model_fields)
+
+
 # The flags every command that runs a checkpoint spells the same way.
-OPERATING_POINT_ALIASES = (
-    Alias(("--thresholds", "--exit-thresholds"), "inference.exit_thresholds"),
-    Alias(("--merge-thresholds",), "inference.merge_thresholds"),
-    Alias(("--budget",), "inference.budget"),
-    Alias(("--top-k",), "inference.top_k"),
-)
-INFERENCE_ALIASES = (
-    *OPERATING_POINT_ALIASES,
-    Alias(("--exit-policy",), "inference.exit_policy"),
-    Alias(("--policy-mode",), "inference.policy_mode"),
-    Alias(("--halting",), "inference.halting"),  # and --no-halting
-)
+INFERENCE_ALIASES = inference_aliases()
 MLFLOW_ALIASES = (
     Alias(("--tracking-uri",), "mlflow.tracking_uri"),
     Alias(("--experiment",), "mlflow.experiment"),

@@ -4,8 +4,8 @@ Evaluates a checkpoint on a ``step prep`` shard directory: mIoU, per-class IoU, 
 accuracy, GFLOPs (split), tokens per block, halted fractions, per-class halting, latency.
 Settings: :class:`pipelines.evaluate.settings.EvalSettings` (``--config``, ``--set``,
 flags). Inference settings (``inference.*``: ``--thresholds`` for the exits,
-``--merge-thresholds`` or ``--budget`` for the policy, ...) are applied with
-``model.set_inference`` on the fixed checkpoint, as Ray Tune does. The result is logged as
+``--merge-thresholds`` or ``--budget`` for the policy, ...) change the fixed checkpoint's
+own with ``model.set_inference``, as Ray Tune does. The result is logged as
 one MLflow run (params, metrics and ``eval.json``) unless ``--no-mlflow``. Policy mode
 ``oracle`` (tokens chosen from the labels) is refused unless ``--allow-oracle``; its
 results are then marked ``uses_labels`` / ``upper_bound`` (JSON, MLflow tags, output).
@@ -31,7 +31,7 @@ def evaluate(inv: Invocation) -> Result:
     from pipelines.evaluate.evaluator import evaluate_checkpoint
 
     s: EvalSettings = inv.settings
-    inference = s.inference.kwargs()
+    inference = s.inference.given()
     checkpoint = resolve_checkpoint_dir(s.checkpoint)
     oracle = uses_oracle(checkpoint, inference)
     if oracle and not s.allow_oracle:

@@ -3,18 +3,28 @@
 Settings: :class:`pipelines.tune.search.TuneSettings` (the ``tune`` section of a pipeline
 config too), from ``--config``, ``--set`` and one flag per field (``--checkpoint``,
 ``--data``, ``--space``, ``--max-drop``, ...). ``--checkpoint`` takes a checkpoint or a Ray
-run directory (its latest checkpoint), as ``step eval`` does.
+run directory (its latest checkpoint), as ``step eval`` does. The inference flags of every
+command (``--thresholds``, ``--top-k``, ``--upsample`` ...) change the checkpoint's settings
+that the reference and every trial start from; the space's dimensions override them.
 """
 
 from __future__ import annotations
 
 import json
 
-from pipelines.cli.command import Alias, Command, CommandError, Invocation, Result
+from pipelines.cli.command import (
+    INFERENCE_ALIASES,
+    Alias,
+    Command,
+    CommandError,
+    Invocation,
+    Result,
+)
 from pipelines.common.settings import ConfigError
 from pipelines.tune.search import TuneSettings
 
 ALIASES = (
+    *INFERENCE_ALIASES,  # the settings the search starts from
     Alias(("--cpus-per-trial",), "resources_per_trial.cpu"),
     Alias(("--gpus-per-trial",), "resources_per_trial.gpu"),
 )

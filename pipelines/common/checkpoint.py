@@ -3,9 +3,16 @@
 A checkpoint is a directory, local or ``s3://``::
 
     model.pt            state dict of the StepSegmenter (plain tensors: weights_only=True)
-    model_config.yaml   the step_model config that rebuilds the architecture
+    model_config.yaml   the architecture (step_model.StepConfig, as built): rebuilds the model
+    inference.yaml      the inference settings it was trained with (step_model.InferenceConfig)
     train_state.pt      optimizer, scheduler, step, epoch, RNG: only for resuming
     meta.json           stage, step, metrics at save time (human-readable)
+
+The architecture and the inference settings are stored apart: a training phase (halting
+in fine-tuning, a step's drawn threshold) never leaks into the architecture, and a
+checkpoint written before ``inference.yaml`` existed (its settings inside
+``model_config.yaml``: ``policy.mode``, ``exits.thresholds`` ...) still loads, its settings
+read from there (``step_model.config.split_model_config``).
 
 Why a state dict and not a pickled module: ``torch.load(weights_only=True)`` cannot run
 code from a checkpoint, and the architecture is rebuilt from the config, so a checkpoint
@@ -25,9 +32,11 @@ import yaml
 
 from pipelines.common import storage
 from pipelines.common.model import build_model
+from step_model.config import InferenceConfig, StepConfig, split_model_config
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.yaml"
+INFERENCE_FILE = "inference.yaml"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 
@@ -37,15 +46,21 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config: dict[str, Any],
-                    *, train_state: dict[str, Any] | None = None,
+def save_checkpoint(directory: str | Path, model: torch.nn.Module,
+                    inference: InferenceConfig | None = None, *,
+                    train_state: dict[str, Any] | None = None,
                     meta: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint into a local directory (Ray uploads it to the storage path)."""
+    """Write a checkpoint into a local directory (Ray uploads it to the storage path): the
+    model's architecture as built, and ``inference`` (default: the model's current
+    settings; a training passes the settings it trains with, not a phase's)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    inner = unwrap(model)
+    state = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
     torch.save(state, directory / MODEL_FILE)
-    (directory / CONFIG_FILE).write_text(yaml.safe_dump(model_config, sort_keys=False))
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(inner.cfg.to_dict(), sort_keys=False))
+    (directory / INFERENCE_FILE).write_text(yaml.safe_dump(
+        (inference or inner.inference).to_dict(), sort_keys=False))
     if train_state is not None:
         torch.save(train_state, directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
@@ -69,10 +84,27 @@ def local_dir(uri: str | Path) -> Path:
     return path
 
 
-def read_model_config(path: str | Path) -> dict[str, Any]:
-    data = yaml.safe_load((Path(path) / CONFIG_FILE).read_text())
+def read_configs(uri: str | Path) -> tuple[StepConfig, InferenceConfig]:
+    """(architecture, inference settings) of the checkpoint ``uri`` (local or ``s3://``;
+    only its two small files are read): ``inference.yaml``, or for a checkpoint written
+    before it existed, the inference keys of ``model_config.yaml``'s older layout."""
+    uri = str(uri)
+    model_config = _read_mapping(uri, CONFIG_FILE)
+    inference = None
+    if storage.exists(storage.join(uri, INFERENCE_FILE)):
+        inference = InferenceConfig.model_validate(_read_mapping(uri, INFERENCE_FILE))
+    try:
+        return split_model_config(model_config, inference)
+    except ValueError as err:
+        raise ValueError(f"{uri}/{CONFIG_FILE}: {err}") from None
+
+
+def _read_mapping(uri: str, name: str) -> dict[str, Any]:
+    from data_prep import storage as files
+
+    data = yaml.safe_load(files.read_bytes(storage.join(uri, name)))
     if not isinstance(data, dict):
-        raise ValueError(f"{path}/{CONFIG_FILE}: expected a mapping")
+        raise ValueError(f"{uri}/{name}: expected a mapping")
     return data
 
 
@@ -109,21 +141,22 @@ def resolve_checkpoint_dir(uri: str) -> str:
 
 def load_model(uri: str | Path, *, device: str | torch.device = "cpu"
                ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from ``model_config.yaml`` and load ``model.pt`` strictly; ``uri``
-    is a checkpoint or a Ray run directory (its latest checkpoint)."""
+    """Rebuild the model from its architecture, load ``model.pt`` strictly and set the
+    checkpoint's inference settings; ``uri`` is a checkpoint or a Ray run directory (its
+    latest checkpoint). Returns (model, the architecture as a dict, weight sources kept)."""
     path = local_dir(resolve_checkpoint_dir(str(uri)))
-    model_config = read_model_config(path)
-    model = build_model(architecture_only(model_config))
+    arch, inference = read_configs(path)
+    model = build_model(without_weight_sources(arch), inference)
     model.load_state_dict(load_state_dict(path), strict=True)
-    return model.to(device).eval(), model_config
+    return model.to(device).eval(), arch.to_dict()
 
 
-def architecture_only(model_config: dict[str, Any]) -> dict[str, Any]:
-    """The config without pretrained-weight sources: ``model.pt`` holds every tensor, and a
-    checkpoint must load on machines that lack the original weight files."""
-    data = {**model_config, "backbone_weights": None, "init_from": None}
-    data["policy"] = {**(model_config.get("policy") or {}), "pretrained": False, "weights": None}
-    return data
+def without_weight_sources(cfg: StepConfig) -> StepConfig:
+    """The architecture without pretrained-weight sources: ``model.pt`` holds every tensor,
+    and a checkpoint must load on machines that lack the original weight files."""
+    return cfg.model_copy(update={
+        "backbone_weights": None, "init_from": None,
+        "policy": cfg.policy.model_copy(update={"pretrained": False, "weights": None})})
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

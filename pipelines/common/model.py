@@ -1,8 +1,4 @@
-"""The one place where ``pipelines`` turns a model-config dict into ``step_model`` objects.
-
-The training config keeps ``model`` as the plain dict form of ``step_model.StepConfig``
-(what ``model_config.yaml`` stores), validated by ``StepConfig`` itself so that its error
-messages (dotted field names) reach the user unchanged, prefixed with ``model.``.
+"""The one place where ``pipelines`` builds a ``step_model`` segmenter from its configs.
 
 ``step_model`` reads local weight files only: ``s3://`` values of ``backbone_weights`` and
 ``init_from`` are downloaded here, once per machine, into a cache
@@ -18,6 +14,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,65 +22,36 @@ import torch
 
 from data_prep import storage as files
 from pipelines.common import storage
+from step_model.config import INIT_FROM_PREFIX, InferenceConfig, InferenceOverrides, StepConfig
 
-SEGMENTER_PREFIX = "segmenter:"  # step_model.config.INIT_FROM_PREFIX, without importing torch code here
 SEGMENTER_FILES = ("checkpoint.pth", "variant.yml")
 
 
-def normalize_model_config(data: dict[str, Any]) -> dict[str, Any]:
-    """Validate with ``StepConfig`` and return the resolved dict (defaults filled in)."""
-    from pydantic import ValidationError
-    from pydantic_core import PydanticCustomError
-
-    from step_model import StepConfig
-
-    try:
-        return StepConfig.model_validate(data).model_dump(mode="json")
-    except ValidationError as err:
-        # Re-raised for the enclosing TrainConfig, which reports it under `model`:
-        # "model: policy.mode: Input should be ... (given: 'x')".
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: "
-            f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
-            + ("" if isinstance(e.get("input"), dict) else f" (given: {e.get('input')!r})")
-            for e in err.errors()
-        )
-        raise PydanticCustomError("step_model_config", problems) from None
-
-
-def step_config(data: dict[str, Any]):
-    from step_model import StepConfig
-
-    return StepConfig.model_validate(data)
-
-
-def policy_mode(data: dict[str, Any]) -> str:
-    return str((data.get("policy") or {}).get("mode", "threshold"))
-
-
-def build_model(data: dict[str, Any]) -> torch.nn.Module:
-    """``StepSegmenter`` from the config dict: pretrained weights (``backbone_weights``,
-    ``init_from``) when it names them, ``s3://`` ones through the local cache."""
+def build_model(cfg: StepConfig | Mapping[str, Any],
+                inference: InferenceConfig | InferenceOverrides | Mapping[str, Any]
+                | None = None) -> torch.nn.Module:
+    """``StepSegmenter`` of the architecture ``cfg`` (or its dict, either layout) with
+    ``inference``: pretrained weights (``backbone_weights``, ``init_from``) when it names
+    them, ``s3://`` ones through the local cache (the model's config keeps the URIs)."""
     from step_model import build_step_model
 
-    cfg = step_config(data)
-    local = with_local_weights(cfg)
-    model = build_step_model(local)
-    if local is not cfg:  # the saved config records the URIs given, not this machine's cache
-        model.cfg = model.cfg.model_copy(
-            update={"backbone_weights": cfg.backbone_weights, "init_from": cfg.init_from})
-    return model
+    if not isinstance(cfg, StepConfig):
+        from step_model.config import split_model_config
+
+        cfg, own = split_model_config(cfg)
+        if not isinstance(inference, InferenceConfig):
+            inference = own.apply(inference)
+    return build_step_model(cfg, inference, local_files=local_weights(cfg))
 
 
-def with_local_weights(cfg: Any) -> Any:
-    """``cfg`` with its ``s3://`` weight URIs replaced by local copies (the same object when
-    there are none)."""
-    update = {}
+def local_weights(cfg: StepConfig) -> dict[str, str]:
+    """{weight source named in ``cfg``: its local copy} for the ``s3://`` ones."""
+    out = {}
     if cfg.backbone_weights and storage.is_s3(cfg.backbone_weights):
-        update["backbone_weights"] = str(cached_file(cfg.backbone_weights))
-    if cfg.init_from and storage.is_s3(cfg.init_from.removeprefix(SEGMENTER_PREFIX)):
-        update["init_from"] = SEGMENTER_PREFIX + str(cached_segmenter(cfg.init_from))
-    return cfg.model_copy(update=update) if update else cfg
+        out[cfg.backbone_weights] = str(cached_file(cfg.backbone_weights))
+    if cfg.init_from and storage.is_s3(cfg.init_from.removeprefix(INIT_FROM_PREFIX)):
+        out[cfg.init_from] = INIT_FROM_PREFIX + str(cached_segmenter(cfg.init_from))
+    return out
 
 
 def weights_cache_dir() -> Path:
@@ -115,7 +83,7 @@ def cached_file(uri: str, slot: str | None = None) -> Path:
 def cached_segmenter(spec: str) -> Path:
     """``segmenter:s3://.../checkpoint.pth`` (or its folder) -> the local checkpoint.pth, with
     its variant.yml beside it when the folder has one."""
-    uri = spec.removeprefix(SEGMENTER_PREFIX).rstrip("/")
+    uri = spec.removeprefix(INIT_FROM_PREFIX).rstrip("/")
     if not uri.endswith((".pth", ".pt")):
         uri = storage.join(uri, SEGMENTER_FILES[0])
     folder = uri.rsplit("/", 1)[0]

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.common.data import batch_to_device
+from pipelines.common.precision import Precision, autocast
 from pipelines.common.progress import duration
 from pipelines.common.storage import json_safe
 from pipelines.evaluate.bootstrap import ImageConfusions
@@ -46,6 +47,7 @@ from pipelines.evaluate.metrics import (
     all_reduce_sum,
     per_image_confusion,
 )
+from step_model.config import LEVELS, InferenceOverrides
 
 
 @dataclass
@@ -113,14 +115,11 @@ class _Counter:
 def _forward(model, images, labels, counter: _Counter, count_flops: bool):
     """One forward; adds its flops, tokens and halting to ``counter``."""
     if count_flops:
-        from step_model import flop_counter
+        from step_model.flops import flop_counter, flops_by_part
 
         with flop_counter() as fc:
             out = model(images, labels)
-        split = flops_by_part(fc.get_flop_counts(), type(model).__name__)
-        total = fc.get_total_flops() / 1e9
-        split["encoder"] = total - sum(split.values())
-        split["total"] = total
+        split = flops_by_part(fc, type(model).__name__)
         for k, v in split.items():
             counter.flops[k] = counter.flops.get(k, 0.0) + v
     else:
@@ -135,27 +134,6 @@ def _forward(model, images, labels, counter: _Counter, count_flops: bool):
     halted = flow.halted_per_exit.double().sum(0).cpu()
     counter.halted = halted if counter.halted is None else counter.halted + halted
     counter.exit_blocks = list(flow.exit_blocks)
-    return out
-
-
-def flops_by_part(counts: dict[str, dict], root: str) -> dict[str, float]:
-    """GFLOPs of the policy, exit heads and decoder from ``FlopCounterMode`` counts.
-
-    A module is listed under its dotted name only when it is *called*; ``exit_heads`` is a
-    ``ModuleList`` that is never called itself, so its count is the sum over its direct
-    children (``exit_heads.0``, ...), never over deeper names (those are already inside).
-    """
-    parts = {"policy": "policy", "exits": "exit_heads", "decoder": "decoder"}
-    out: dict[str, float] = {}
-    for key, name in parts.items():
-        prefix = f"{root}.{name}"
-        if prefix in counts:
-            flops = sum(counts[prefix].values())
-        else:
-            depth = prefix.count(".") + 1
-            flops = sum(sum(v.values()) for k, v in counts.items()
-                        if k.startswith(prefix + ".") and k.count(".") == depth)
-        out[key] = flops / 1e9
     return out
 
 
@@ -214,7 +192,7 @@ def _per_class_cells(flow, labels_window: torch.Tensor, num_classes: int,
         table[:, j] += torch.bincount(major[m].flatten().cpu(), minlength=num_classes).double()
 
 
-ALL_LEVELS = (1, 2, 4, 8, 16)  # supertoken sides (grid cells) any model can use: 1 + LEVELS
+ALL_LEVELS = (1, *LEVELS)  # supertoken sides (grid cells) any model can use
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -337,7 +315,7 @@ def evaluate_model(
     count_flops: bool = True,
     latency_samples: int = 0,
     class_names: list[str] | None = None,
-    precision: str = "fp32",
+    precision: Precision = "fp32",
     progress: bool | None = None,
     progress_every_s: float = 30.0,
     per_image: bool = False,
@@ -373,8 +351,7 @@ def evaluate_model(
     sums = _Sums(num_classes, len(exit_blocks))
     if per_image:
         sums.images, sums.keys = [], []
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if precision == "bf16" and device.type == "cuda" else _null())
+    cast = autocast(device, precision)
     infer = {"mode": mode, "crop_size": crop_size, "stride": stride}
     was_training = model.training
     model.eval()
@@ -387,7 +364,7 @@ def evaluate_model(
                     images, labels = images[: cap - sums.seen], labels[: cap - sums.seen]
                     keys = keys[: cap - sums.seen] if keys is not None else None
                 images, labels = batch_to_device(images, labels, device)
-                with autocast:
+                with cast:
                     _evaluate_batch(model, images, labels, sums, infer, device,
                                     count_flops=count_flops, latency_samples=latency_samples,
                                     exit_blocks=exit_blocks, depth=depth, keys=keys)
@@ -545,19 +522,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def evaluate_checkpoint(
     checkpoint_uri: str,
     data_uri: str,
     *,
-    inference: dict[str, Any] | None = None,
+    inference: InferenceOverrides | dict[str, Any] | None = None,
     max_samples: int | None = None,
     device: str = "cpu",
     mode: str = "whole",
@@ -572,7 +541,8 @@ def evaluate_checkpoint(
     holdout=None,
     part: str = "search",
 ) -> EvalResult:
-    """Load a checkpoint, apply ``model.set_inference(**inference)``, evaluate ``data_uri``
+    """Load a checkpoint, apply ``model.set_inference(inference)`` (changes to the
+    checkpoint's own settings), evaluate ``data_uri``
     (the first ``max_samples`` images of it when given; progress on stderr unless
     ``progress=False``). ``holdout`` / ``part``: which images, as
     :func:`pipelines.common.data.eval_loader` takes them; ``per_image``: keep per-image
@@ -580,11 +550,10 @@ def evaluate_checkpoint(
     from pipelines.common.checkpoint import load_model
     from pipelines.common.data import dataset_info, eval_loader
 
-    model, model_config = load_model(checkpoint_uri, device=device)
-    if inference:
-        model.set_inference(**inference)
+    model, _ = load_model(checkpoint_uri, device=device)
+    model.set_inference(inference)
     info = dataset_info(data_uri)
-    num_classes = int(model_config["num_classes"])
+    num_classes = model.cfg.num_classes
     if info.num_classes != num_classes:
         raise ValueError(f"{data_uri} has {info.num_classes} classes but the checkpoint "
                          f"{checkpoint_uri} predicts {num_classes}")
@@ -597,5 +566,5 @@ def evaluate_checkpoint(
         latency_samples=latency_samples, class_names=list(info.class_names),
         progress=progress, per_image=per_image,
     )
-    result.inference.update(inference or {})
+    result.inference.update(model.inference.to_dict())  # the settings that ran, all of them
     return result

@@ -28,15 +28,15 @@ class Predictor:
         import torch
 
         from pipelines.common.checkpoint import load_model
+        from step_model.config import InferenceConfig
 
         self.plan = plan
         self.device = torch.device(plan["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {plan['device']}: no CUDA device on this machine")
         self.model, _ = load_model(plan["checkpoint"], device=self.device)
-        if plan["inference"]:
-            self.model.set_inference(**plan["inference"])
-        if self.model.cfg.policy.mode == "oracle":
+        self.model.set_inference(InferenceConfig.model_validate(plan["inference"]))
+        if self.model.inference.policy_mode == "oracle":
             raise ValueError("policy mode 'oracle' needs labels (see --policy-mode)")
         self.depth = int(self.model.encoder.depth)
         self.palette = np.asarray(plan["palette"], dtype=np.uint8)
@@ -62,8 +62,6 @@ class Predictor:
                  ) -> list[dict[str, Any]]:
         import torch
 
-        from pipelines.evaluate.evaluator import flops_by_part
-
         x = torch.from_numpy(np.stack(images)).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255)
         b = x.shape[0]
@@ -71,14 +69,11 @@ class Predictor:
         t0 = time.perf_counter()
         with torch.no_grad():
             if self.plan["flops"]:
-                from step_model import flop_counter
+                from step_model.flops import flop_counter, flops_by_part
 
                 with flop_counter() as fc:
                     out = self.model(x)
-                split = flops_by_part(fc.get_flop_counts(), type(self.model).__name__)
-                total = fc.get_total_flops() / 1e9
-                split["encoder"] = total - sum(split.values())
-                split["total"] = total
+                split = flops_by_part(fc, type(self.model).__name__)
             else:
                 out = self.model(x)
             masks = out.logits.argmax(1).to(torch.uint8).cpu().numpy()

@@ -1,7 +1,7 @@
 """The settings of ``step predict``: one typed model (YAML, ``--set`` and flags all fill it).
 
-``inference`` holds ``StepSegmenter.set_inference`` keyword arguments applied on top of the
-registered model's thresholds (or of the checkpoint's own settings): what is set here wins.
+``inference`` (``step_model.config.InferenceOverrides``) is applied on top of the registered
+model's inference settings (or of the checkpoint's own): what is set here wins.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipelines.common.settings import StrictModel
-from pipelines.evaluate.settings import InferenceSettings
+from step_model.config import InferenceOverrides
 
 Palette = Literal["auto", "fixed", "loveda", "cityscapes", "ade20k", "coco_stuff"]
 
@@ -30,7 +30,9 @@ class PredictSettings(StrictModel):
                      json_schema_extra={"metavar": "DIR"})
     thresholds_from_registry: bool = Field(
         True, description="apply the thresholds registered with a models:/ version")
-    inference: InferenceSettings = InferenceSettings()
+    inference: InferenceOverrides = Field(
+        InferenceOverrides(), description="changes to the inference settings, applied last "
+        "(over the registered ones, or the checkpoint's own)")
     token_maps: bool = Field(False, description="also write the superpatch level and the exit "
                              "depth of every 16x16 cell (PNGs) and a small visual per image")
     batch_size: int = Field(1, ge=1, description="images per forward; images of different "

@@ -1,8 +1,8 @@
 """What ``--model`` names, resolved on the driver before any worker starts.
 
 * ``models:/NAME/VERSION`` (``@ALIAS``, ``/latest``): the version's ``checkpoint`` and
-  ``inference`` tags (:func:`pipelines.tracking.registry.resolve_registered_model`). The
-  weights load from that checkpoint with ``weights_only=True``; the thresholds the search
+  inference settings (:func:`pipelines.tracking.registry.resolve_registered_model`). The
+  weights load from that checkpoint with ``weights_only=True``; the settings the search
   chose are applied unless ``--no-thresholds-from-registry``. The search's run records
   the shard directory it evaluated on, whose ``dataset.json`` names the dataset (palette,
   class names).
@@ -10,7 +10,8 @@
   ``s3://``: the checkpoint's own inference settings; its ``meta.json`` ``dataset`` (a
   name) when a training recorded one.
 
-Explicit ``inference.*`` settings (``--thresholds`` ...) are applied last and win.
+Explicit ``inference.*`` settings (``--thresholds`` ...) are applied last and win. The
+result is resolved here, on the driver: every worker gets the same whole InferenceConfig.
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from data_prep import storage
-from pipelines.common.checkpoint import CONFIG_FILE, META_FILE, resolve_checkpoint_dir
+from pipelines.common.checkpoint import META_FILE, read_configs, resolve_checkpoint_dir
 from pipelines.predict.settings import PredictSettings
 
 
 @dataclass
 class ModelSource:
     checkpoint: str
-    model_config: dict[str, Any]
-    inference: dict[str, Any]  # set_inference kwargs, applied in this order: registry, flags
+    model_config: dict[str, Any]  # the architecture (StepConfig.to_dict())
+    inference: dict[str, Any]  # the whole InferenceConfig (to_dict()): checkpoint, registry, flags
     registered: dict[str, Any] | None = None  # {"name", "version", "tracking_uri"}
     dataset: str | None = None
     class_names: list[str] | None = None
@@ -44,7 +43,7 @@ class ModelSource:
 
 def resolve_source(s: PredictSettings) -> ModelSource:
     registered, dataset, data_uri, notes = None, None, None, []
-    inference: dict[str, Any] = {}
+    changes = []  # applied in this order to the checkpoint's own settings
     if s.model.startswith("models:/"):
         from pipelines.tracking.registry import resolve_registered_model
 
@@ -58,16 +57,15 @@ def resolve_source(s: PredictSettings) -> ModelSource:
                 f"{s.model}: its checkpoint {reg['checkpoint']} is not reachable from "
                 "here; copy it and pass the copy as --model") from None
         if s.thresholds_from_registry:
-            inference.update(reg["inference"])
+            changes.append(reg["inference"])
         data_uri = reg["data"]
     else:
         checkpoint = resolve_checkpoint_dir(s.model)
         meta = _read(storage.join(checkpoint, META_FILE), json.loads) or {}
         dataset = meta.get("dataset") if isinstance(meta.get("dataset"), str) else None
-    model_config = _read(storage.join(checkpoint, CONFIG_FILE), yaml.safe_load)
-    if not isinstance(model_config, dict) or "num_classes" not in model_config:
-        raise ValueError(f"{checkpoint}/{CONFIG_FILE}: not a model config")
-    inference.update(s.inference.kwargs())
+    arch, inference = read_configs(checkpoint)
+    for change in (*changes, s.inference):
+        inference = inference.apply(change)
     class_names = None
     if data_uri:
         try:
@@ -77,7 +75,7 @@ def resolve_source(s: PredictSettings) -> ModelSource:
             dataset, class_names = info.name, list(info.class_names)
         except (OSError, ValueError) as err:  # moved or deleted data: colours fall back
             notes.append(f"dataset of the search ({data_uri}) unreadable: {err}")
-    source = ModelSource(checkpoint, model_config, inference, registered, dataset,
+    source = ModelSource(checkpoint, arch.to_dict(), inference.to_dict(), registered, dataset,
                          class_names, notes)
     check_inference(source)
     return source
@@ -92,19 +90,20 @@ def _read(uri: str, parse: Callable[[bytes], Any]) -> Any:
 
 
 def check_inference(source: ModelSource) -> None:
-    """Fail on the driver, before any worker starts: ``set_inference`` on the architecture
-    built on the meta device (no memory, no weights) validates the settings by the model's
-    own rules, and says which policy runs (``oracle`` would need labels)."""
+    """Fail on the driver, before any worker starts: the architecture built on the meta
+    device (no memory, no weights) with the settings validates them by the model's own
+    rules (the exits); ``oracle`` would need labels."""
     import torch
 
-    from pipelines.common.checkpoint import architecture_only
+    from pipelines.common.checkpoint import without_weight_sources
     from pipelines.common.model import build_model
+    from step_model.config import InferenceConfig, StepConfig
 
+    inference = InferenceConfig.model_validate(source.inference)
     with torch.device("meta"):
-        model = build_model(architecture_only(source.model_config))
-    if source.inference:
-        model.set_inference(**source.inference)
-    if model.cfg.policy.mode == "oracle":
+        build_model(without_weight_sources(StepConfig.model_validate(source.model_config)),
+                    inference)
+    if inference.policy_mode == "oracle":
         raise ValueError(
             f"{source.checkpoint}: policy mode 'oracle' needs ground-truth labels; choose "
             "the policy for unlabelled images with --merge-thresholds, --budget or "

@@ -1,4 +1,12 @@
-"""The model registry: the tuned model, registered with the thresholds the search chose."""
+"""The model registry: the tuned model, registered with the inference settings the search
+chose.
+
+A version's tag ``step.inference`` holds the whole ``InferenceConfig`` (JSON) the search
+measured, and each field also has a flat tag of its own (``exit_thresholds``,
+``top_k`` ...: what the registry UI shows); both are generated from the config's fields.
+Versions registered before ``step.inference`` existed carry an ``inference`` tag of
+changes to the checkpoint's settings, still read.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +14,36 @@ import json
 from typing import Any
 
 from pipelines.tracking.runs import RunLogger, global_tracking_uri
+from step_model.config import InferenceConfig, InferenceOverrides
+
+INFERENCE_TAG = "step.inference"
+
+
+def inference_tags(inference: InferenceConfig) -> dict[str, str]:
+    """The registry tags of a version's inference settings: the whole config as JSON, and
+    one flat tag per field."""
+    data = inference.to_dict()
+    return {INFERENCE_TAG: json.dumps(data),
+            **{k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}}
+
+
+def inference_from_tags(tags: dict[str, str]) -> InferenceOverrides:
+    """A version's inference settings back from its tags (:func:`inference_tags`, or an
+    older version's ``inference`` tag of changes); ValueError if they do not validate."""
+    text = tags.get(INFERENCE_TAG) or tags.get("inference") or "{}"
+    return InferenceOverrides.model_validate(json.loads(text))
 
 
 def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
-                         inference: dict[str, Any], best: dict[str, Any], *,
+                         inference: InferenceConfig | InferenceOverrides | dict[str, Any],
+                         best: dict[str, Any], *,
                          name: str, max_drop: float, drop_mode: str,
                          baseline_miou: float, guard: str | None = None) -> dict[str, Any] | None:
-    """Log the checkpoint's model with the chosen thresholds set into run ``run_id`` and
-    register it as a new version of ``name``; None when MLflow could not take it.
+    """Log the checkpoint's model with the chosen settings (the whole InferenceConfig the
+    search measured, or changes to the checkpoint's own) into run ``run_id`` and register
+    it as a new version of ``name``; None when MLflow could not take it.
 
-    The version carries the thresholds and the measured mIoU / GFLOPs as tags, so the
+    The version carries the settings and the measured mIoU / GFLOPs as tags, so the
     registry alone says what a version costs and how accurate it is.
     """
     import mlflow
@@ -23,9 +51,9 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
     from pipelines.common.checkpoint import load_model
 
     model, _ = load_model(checkpoint)
-    model.set_inference(**inference)
+    chosen = model.set_inference(inference)
     tags = {
-        "inference": json.dumps(inference),
+        **inference_tags(chosen),
         # full precision: the registry is where a deployment reads the measured figures
         "miou": repr(float(best["miou"])),
         "gflops": repr(float(best["gflops"])),
@@ -43,8 +71,6 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
                      ("num_images", "eval_images")):
         if best.get(key) is not None:
             tags[tag] = repr(float(best[key])) if key != "num_images" else str(best[key])
-    for k, v in inference.items():
-        tags[k] = json.dumps(v) if not isinstance(v, str) else v
     tracker = RunLogger(run_id, tracking_uri)
     model_uri = tracker.log_model(model, name="tuned_model")
     if model_uri is None:
@@ -60,9 +86,10 @@ def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[
     and ``models:/NAME/latest``): {"name", "version", "checkpoint", "inference", "data",
     "tags", "tracking_uri"}.
 
-    ``checkpoint`` and ``inference`` are the tags :func:`register_tuned_model` wrote: the
-    weights are read from the checkpoint (``weights_only`` loading) rather than unpickled
-    from the logged MLflow model. ``data`` is the shard directory the search evaluated on
+    ``checkpoint`` and ``inference`` (an ``InferenceOverrides``: the whole registered
+    config, or an older version's changes) come from the tags :func:`register_tuned_model`
+    wrote: the weights are read from the checkpoint (``weights_only`` loading) rather than
+    unpickled from the logged MLflow model. ``data`` is the shard directory the search evaluated on
     (its run's ``data`` parameter), which names the dataset; None when unknown.
     FileNotFoundError when the version does not exist, ValueError for a malformed URI.
     """
@@ -109,6 +136,10 @@ def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[
     if not tags.get("checkpoint"):
         raise ValueError(f"{uri}: version {mv.version} of {name!r} has no 'checkpoint' tag "
                          "(not registered by `step tune`); pass its checkpoint as --model")
+    try:
+        inference = inference_from_tags(tags)
+    except ValueError as err:  # a JSON or validation error: say which version
+        raise ValueError(f"{uri}: version {mv.version}'s inference settings are not valid: "
+                         f"{err}") from None
     return {"name": name, "version": str(mv.version), "checkpoint": tags["checkpoint"],
-            "inference": json.loads(tags.get("inference") or "{}"), "data": data,
-            "tags": tags, "tracking_uri": tracking_uri}
+            "inference": inference, "data": data, "tags": tags, "tracking_uri": tracking_uri}

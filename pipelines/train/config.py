@@ -1,11 +1,15 @@
 """The training config: one typed, validated YAML per training (``step train ...``).
 
-Sections: ``model`` (the ``step_model`` config, validated by ``step_model`` itself), ``data``,
-``optim``, ``train``, ``finetune`` (optional stage-2 phase with halting active),
-``scaling`` (Ray Train workers), ``storage`` (checkpoints, local or ``s3://``) and
-``mlflow``. Everything has a default except what cannot have one (the data). The resolved
-config is what runs: it is saved with every run (MLflow artifact ``config.yaml``) and its
-flattened form is the run's params.
+Sections: ``model`` (the architecture, ``step_model.StepConfig``), ``inference`` (the
+settings the model trains and validates with, ``step_model.InferenceConfig``: saved with
+every checkpoint as its own), ``data``, ``optim``, ``train``, ``finetune`` (optional
+stage-2 phase with halting active), ``sharing_mix``, ``eval``, ``scaling`` (Ray Train
+workers), ``storage`` (checkpoints, local or ``s3://``) and ``mlflow``. Everything has a
+default except what cannot have one (the data). The resolved config is what runs: it is
+saved with every run (MLflow artifact ``config.yaml``) and its flattened form is the
+run's params. A config in the older layout, with inference keys inside ``model``
+(``model.policy.mode``, ``model.exits.thresholds`` ...), still loads: they move to
+``inference``, and an error names them as written.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from pipelines.common.precision import Precision
 from pipelines.common.settings import (
     ConfigError,
     MlflowSection,
@@ -23,18 +29,24 @@ from pipelines.common.settings import (
     StrictModel,
     load_config,
 )
-from step_model.config import Probability, StepConfig
+from step_model.config import (
+    InferenceConfig,
+    InferenceOverrides,
+    Probability,
+    StepConfig,
+    legacy_problems,
+    split_legacy,
+)
 
 # PolicyConfig fields that shape the policy network's tensors or what its heads compute:
 # stage 2 must build the network stage 1 trained
 POLICY_ARCHITECTURE = ("levels", "input_scale", "fine_features")
 
 
-def policy_mismatch(stage2: dict[str, Any], stage1: dict[str, Any]) -> list[str]:
+def policy_mismatch(stage2: StepConfig, stage1: StepConfig) -> list[str]:
     """``model.policy.<field>: <here> here, <there> in stage 1`` for every architecture field
-    where two model configs (raw dicts, defaults filled in) build different policy networks."""
-    ours, theirs = (StepConfig.from_dict({**m, "num_classes": m.get("num_classes") or 1})
-                    .policy.model_dump() for m in (stage2, stage1))
+    where two architectures build different policy networks."""
+    ours, theirs = stage2.policy.model_dump(), stage1.policy.model_dump()
     return [f"model.policy.{k}: {ours[k]!r} here, {theirs[k]!r} in stage 1"
             for k in POLICY_ARCHITECTURE if ours[k] != theirs[k]]
 
@@ -90,7 +102,7 @@ class TrainLoopConfig(StrictModel):
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)
     seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Precision = Field(
         "auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts (-1 = forever)")
     inject_failure_at_step: int | None = Field(
@@ -118,10 +130,9 @@ class FinetuneConfig(StrictModel):
 
     steps: int = Field(0, ge=0, description="0 = no fine-tuning phase")
     lr_scale: float = Field(0.1, gt=0, description="lr of the phase relative to optim.lr")
-    inference: dict[str, Any] = Field(
-        default_factory=dict,
-        description="model.set_inference kwargs active during the phase "
-        "(e.g. exit_thresholds)")
+    inference: InferenceOverrides = Field(
+        InferenceOverrides(), description="changes to the inference settings during the "
+        "phase (e.g. exit_thresholds); the checkpoints keep the training's own")
     exit_mix: list[Probability] = Field(
         default_factory=list, description="exit thresholds (every exit) drawn per step of "
         "the phase; 1.0 = halting off for that step (the plain path); empty = the phase's "
@@ -148,7 +159,7 @@ class SharingMixConfig(StrictModel):
 
     thresholds: list[Probability] = Field(
         default_factory=list, description="merge thresholds (all levels) drawn per step; "
-        "1.0 = no sharing; empty = model.policy.thresholds throughout")
+        "1.0 = no sharing; empty = inference.merge_thresholds throughout")
 
 
 class EvalSection(StrictModel):
@@ -178,8 +189,11 @@ class TrainConfig(StrictModel):
     name: RunName = Field("step-train", description="deterministic Ray run name: a rerun with "
                       "the same name and storage path resumes")
     stage: Stage | None = None
-    model: dict[str, Any] = Field(default_factory=dict,
-                                  description="step_model config (StepConfig fields)")
+    model: StepConfig = Field(default_factory=StepConfig,
+                              description="the architecture (step_model.StepConfig)")
+    inference: InferenceConfig = Field(
+        default_factory=InferenceConfig, description="the settings the model trains and "
+        "validates with, saved with every checkpoint (step_model.InferenceConfig)")
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainLoopConfig = TrainLoopConfig(steps=1000)
@@ -191,19 +205,31 @@ class TrainConfig(StrictModel):
     mlflow: TrainMlflowSection = TrainMlflowSection()
     policy_checkpoint: str | None = Field(
         None, description="stage 2: a stage-1 checkpoint whose (frozen) policy is used; "
-        "not needed with model.policy.mode oracle or none")
+        "not needed with inference.policy_mode oracle or none")
 
-    @field_validator("model")
+    @model_validator(mode="before")
     @classmethod
-    def _valid_model(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.common.model import normalize_model_config
-
-        return normalize_model_config(v)
+    def _older_layout(cls, data: Any) -> Any:
+        """Inference keys inside ``model`` (the older layout) move to ``inference``. They
+        win over its keys: they come from a file without the section, or from a ``--set``
+        made for one, which is later than the file's own section."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        arch, changes, where = split_legacy(data["model"])
+        if not changes:
+            return {**data, "model": arch}
+        try:
+            InferenceOverrides.model_validate(changes)
+        except ValidationError as err:
+            raise PydanticCustomError("older_layout", legacy_problems(err, where, "model."),
+                                      ) from None
+        inference = data.get("inference")
+        inference = {**inference, **changes} if isinstance(inference, dict) else \
+            (changes if inference is None else inference)
+        return {**data, "model": arch, "inference": inference}
 
     @model_validator(mode="after")
     def _stage_rules(self) -> TrainConfig:
-        from pipelines.common.model import policy_mode
-
         if self.stage == "policy":
             if self.policy_checkpoint:
                 raise ValueError("policy_checkpoint: only for stage 'step'")
@@ -211,12 +237,26 @@ class TrainConfig(StrictModel):
                 raise ValueError("finetune.steps: only for stage 'step'")
             if self.sharing_mix.thresholds:
                 raise ValueError("sharing_mix.thresholds: only for stage 'step'")
-        mode = policy_mode(self.model)
-        if self.stage == "step" and mode in ("threshold", "budget") and not self.policy_checkpoint:
-            raise ValueError(f"policy_checkpoint: required by model.policy.mode={mode!r} "
-                             "(train one with 'step train policy', or use mode 'oracle')")
+        try:
+            finetune = self.inference.apply(self.finetune.inference)
+        except ValidationError as err:
+            raise ValueError("finetune.inference: " + legacy_problems(err, {})) from None
+        blocks = self.model.exits.blocks  # None: the exits follow the backbone's depth
+        for where, inf in (("inference", self.inference), ("finetune.inference", finetune)):
+            try:
+                inf.check_levels(self.model.policy.levels)
+                if blocks is not None:
+                    inf.check_exits(len(blocks))
+            except ValueError as err:
+                raise ValueError(f"{where}.{err} (model.exits.blocks: {blocks}, "
+                                 f"model.policy.levels: {self.model.policy.levels})") from None
+        mode = self.inference.policy_mode
+        for m in {mode, finetune.policy_mode} if self.finetune.steps else {mode}:
+            if self.stage == "step" and m in ("threshold", "budget") and not self.policy_checkpoint:
+                raise ValueError(f"policy_checkpoint: required by inference.policy_mode={m!r} "
+                                 "(train one with 'step train policy', or use mode 'oracle')")
         if self.sharing_mix.thresholds and mode != "threshold":
-            raise ValueError(f"sharing_mix.thresholds: needs model.policy.mode 'threshold' "
+            raise ValueError(f"sharing_mix.thresholds: needs inference.policy_mode 'threshold' "
                              f"(a learned policy to share with), got {mode!r}")
         return self
 
@@ -236,7 +276,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if cfg.stage not in (None, stage):
             raise ConfigError(f"invalid config ({path}):\n  stage: the file says "
                               f"{cfg.stage!r} but the command is 'train {stage}'")
-        data = cfg.model_dump()
+        data = cfg.model_dump(mode="json")
         data["stage"] = stage
         from pipelines.common.settings import validate
 

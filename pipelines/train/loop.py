@@ -24,8 +24,7 @@ Loop design:
   epoch (batches already consumed are skipped), so a restarted worker group continues the
   same sample stream, and the run ends at the same step count.
 * Gradient accumulation uses DDP's ``no_sync`` on all but the last micro-batch.
-* bf16 autocast only on CUDA (CPU bf16 is slower than fp32 on most CPUs and changes
-  numerics for the tests); no GradScaler is needed for bf16.
+* bf16 autocast only on CUDA unless asked for (:mod:`pipelines.common.precision`).
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ import torch
 from pipelines.common import checkpoint as ckpt_io
 from pipelines.common.data import batch_to_device
 from pipelines.common.model import build_model
+from pipelines.common.precision import autocast
 from pipelines.common.progress import duration
 from pipelines.train.config import TrainConfig
 
@@ -80,15 +80,6 @@ def total_steps(cfg: TrainConfig, world_size: int) -> int:
 def final_step(cfg: TrainConfig, world_size: int) -> int:
     """The step of the last checkpoint: base steps plus the fine-tuning phase (stage 2)."""
     return total_steps(cfg, world_size) + (cfg.finetune.steps if cfg.stage == "step" else 0)
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "bf16":  # asked for explicitly on CPU: honour it
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train_batches(cfg: TrainConfig, state: LoopState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,7 +154,7 @@ class Worker:
         self.tracker = RunLogger(run_id, tracking_uri) if self.rank == 0 else None
 
         _seed_everything(cfg.train.seed)  # same init on every rank (DDP broadcasts rank 0's)
-        self.model = build_model(cfg.model)
+        self.model = build_model(cfg.model, cfg.inference)
         self.stage = stages.get(cfg.stage)
         self.stage.prepare(self.model, cfg)
         self.model.to(self.device)
@@ -271,7 +262,7 @@ class Worker:
             images, labels = batch_to_device(*next(batches), self.device)
             sync = (ddp.no_sync() if micro < accum - 1 and hasattr(ddp, "no_sync")
                     else contextlib.nullcontext())
-            with sync, _autocast(self.device, cfg.train.precision):
+            with sync, autocast(self.device, cfg.train.precision):
                 losses = self.stage.losses(ddp, self.model, images, labels, cfg)
             with sync:
                 (losses["total"] / accum).backward()
@@ -341,8 +332,9 @@ def _report(rank: int, model: torch.nn.Module, cfg: TrainConfig, train_state: di
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="step-ckpt-") as tmp:
+        # the training's inference settings, not the fine-tuning phase's nor a step's draw
         ckpt_io.save_checkpoint(
-            tmp, model, ckpt_io.unwrap(model).cfg.to_dict(), train_state=train_state,
+            tmp, model, cfg.inference, train_state=train_state,
             meta={"stage": cfg.stage, "step": step, "name": cfg.name,
                   "metrics": {k: v for k, v in metrics.items()
                               if isinstance(v, int | float | str)}},

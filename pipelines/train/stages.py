@@ -100,17 +100,16 @@ class StepStage:
         model.policy.eval()
 
     def start_finetune(self, model, cfg: TrainConfig) -> None:
-        """DToP's second phase: halting active during training."""
-        if cfg.finetune.inference:
-            model.set_inference(**cfg.finetune.inference)
-        model.cfg.exits.halting = True
-        model.cfg.exits.halt_in_training = True
+        """DToP's second phase: halting active during training, at the phase's settings
+        (the training's, with ``finetune.inference`` applied)."""
+        model.set_inference(cfg.finetune.inference, halting=True)
+        model.halt_in_training(True)
 
     @contextlib.contextmanager
     def step_settings(self, model, cfg: TrainConfig, step: int):
         """The optimizer step's sharing and halting: a merge threshold drawn from
         ``sharing_mix.thresholds`` and, in the fine-tuning phase, an exit threshold drawn
-        from ``finetune.exit_mix`` (1.0 = off for that step). The configured settings are
+        from ``finetune.exit_mix`` (1.0 = off for that step). The phase's settings are
         restored afterwards, so that evaluation and checkpoints keep them."""
         gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
         settings: dict[str, Any] = {}
@@ -119,22 +118,15 @@ class StepStage:
             if tau >= 1.0:
                 settings["policy_mode"] = "none"
             else:
-                settings["merge_thresholds"] = dict.fromkeys(model.cfg.policy.levels, tau)
-        if (choices := cfg.finetune.exit_mix) and model.cfg.exits.halt_in_training:
+                settings["merge_thresholds"] = tau  # every level
+        if (choices := cfg.finetune.exit_mix) and model.halts_in_training:
             tau = _draw(choices, gen)  # after the sharing draw: its sequence is unchanged
             if tau >= 1.0:
                 settings["halting"] = False
             else:
-                settings["exit_thresholds"] = [tau] * len(model.exit_blocks)
-        if not settings:
+                settings["exit_thresholds"] = tau  # every exit
+        with model.inference_scope(**settings):
             yield
-            return
-        saved = model.cfg
-        model.set_inference(**settings)
-        try:
-            yield
-        finally:
-            model.cfg = saved
 
     def losses(self, ddp, model, images, labels, cfg: TrainConfig) -> dict[str, torch.Tensor]:
         from step_model import step_loss
@@ -148,7 +140,7 @@ class StepStage:
             model, _val_loader(cfg), num_classes=model.cfg.num_classes, device=device,
             mode=cfg.eval.mode, crop_size=cfg.eval.crop_size or cfg.data.crop_size,
             stride=cfg.eval.stride, max_samples=cfg.eval.max_samples, count_flops=True,
-            precision="fp32" if cfg.train.precision == "fp32" else "bf16",  # bf16 on CUDA only
+            precision=cfg.train.precision,  # the training's autocast rule
         )
         return {k: v for k, v in result.headline().items() if v is not None}
 
@@ -174,13 +166,13 @@ def load_policy_weights(model, uri: str) -> None:
     from pipelines.common.checkpoint import (
         load_state_dict,
         local_dir,
-        read_model_config,
+        read_configs,
         resolve_checkpoint_dir,
     )
 
     path = local_dir(resolve_checkpoint_dir(uri))
     # a shape mismatch deep in load_state_dict would not say which setting to change
-    differ = policy_mismatch(model.cfg.to_dict(), read_model_config(path))
+    differ = policy_mismatch(model.cfg, read_configs(path)[0])
     if differ:
         raise ValueError(f"policy_checkpoint {uri} was trained with another policy network; "
                          "set these as in stage 1: " + "; ".join(differ))
@@ -202,7 +194,7 @@ def evaluate_policy(model, loader, *, device, max_samples: int | None = None) ->
     was = policy.training
     policy.eval()
     levels = tuple(policy.levels)
-    taus = model.cfg.policy.thresholds
+    taus = model.inference.merge_thresholds
     # per level: tp, tn, fp, fn, bce_sum, windows
     stats = torch.zeros(len(levels), 6, dtype=torch.float64)
     tokens = torch.zeros(3, dtype=torch.float64)  # images, tokens, tokens_in
@@ -227,7 +219,7 @@ def evaluate_policy(model, loader, *, device, max_samples: int | None = None) ->
             stats[i, 4] += float(torch.nn.functional.binary_cross_entropy_with_logits(
                 lg, t, reduction="sum"))
             stats[i, 5] += t.numel()
-        layout, _ = model.select(images, None) if model.cfg.policy.mode in ("threshold", "budget") \
+        layout, _ = model.select(images, None) if model.inference.policy_mode in ("threshold", "budget") \
             else (None, None)
         if layout is not None:
             tokens += torch.tensor([images.shape[0], float(layout.num_tokens.sum()),

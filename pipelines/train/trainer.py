@@ -210,8 +210,9 @@ def _close_run(tracker: RunLogger, cfg: TrainConfig, ckpt: str, *,
         from pipelines.common.checkpoint import load_model
 
         model, model_config = load_model(ckpt)
-        model_uri = tracker.log_model(model, name="model", metadata={"step_config": model_config,
-                                                                     "checkpoint": ckpt})
+        model_uri = tracker.log_model(model, name="model", metadata={
+            "step_config": model_config, "inference": model.inference.to_dict(),
+            "checkpoint": ckpt})
         if model_uri is not None:
             tracker.set_tags({MODEL_URI_TAG: model_uri})
     tracker.end("FINISHED")

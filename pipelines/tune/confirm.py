@@ -21,6 +21,7 @@ from pipelines.tune.trial import (
     drop_interval,
     evaluate_images,
     reference_inference,
+    trial_inference,
     trial_metrics,
 )
 
@@ -81,14 +82,14 @@ def confirm(ctx: TrialContext, space, cands: list[dict[str, Any]],
     """Evaluate the reference and each candidate on every searchable image (on the driver,
     like the reference evaluation: a handful of evaluations, one after the other)."""
     ref, ref_images = evaluate_images(ctx.checkpoint, ctx.data,
-                                      reference_inference(ctx.num_exits), max_samples=None,
+                                      reference_inference(ctx.base), max_samples=None,
                                       device=ctx.device, holdout=ctx.holdout)
     full = replace(ctx, baseline=ref, reference=ref_images, max_samples=None)
     echo(f"confirm: the reference and {len(cands)} candidate(s) on all {len(ref_images)} "
          f"searchable images; reference mIoU {100 * ref['miou']:.2f}")
     confirmed = []
     for t in cands:
-        inference = space.to_inference(t["params"], ctx.num_exits)
+        inference = trial_inference(ctx.base, space.to_inference(t["params"], ctx.num_exits))
         m, images = evaluate_images(ctx.checkpoint, ctx.data, inference, max_samples=None,
                                     device=ctx.device, holdout=ctx.holdout)
         metrics = trial_metrics(m, ref, ctx.max_drop, ctx.drop_mode,

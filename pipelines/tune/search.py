@@ -5,8 +5,9 @@
 1. evaluates the checkpoint once *unpruned* (no merging, no halting): the reference mIoU
    and GFLOPs every drop is measured against, and its per-image confusion matrices;
 2. runs Ray Tune trials. Every knob is an inference-time setting
-   (``StepSegmenter.set_inference``), so a trial only *evaluates* the fixed checkpoint with
-   its thresholds; nothing is trained. Trials run in parallel within the resources given
+   (``step_model.config.InferenceConfig``), so a trial only *evaluates* the fixed checkpoint
+   with its settings (the checkpoint's own, ``inference`` applied, then the trial's point
+   of the space); nothing is trained. Trials run in parallel within the resources given
    (``resources_per_trial``: CPUs here, a GPU each on a cluster). Each reports mIoU, drop
    with its 95 % paired-bootstrap interval (``drop_lo``, ``drop_hi``), GFLOPs, tokens,
    halted fraction and latency. Images held out (``holdout``) never reach a trial;
@@ -65,7 +66,9 @@ from pipelines.tune.trial import (
     model_num_exits,
     reference_inference,
     run_trial,
+    trial_inference,
 )
+from step_model.config import InferenceConfig, InferenceOverrides
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,9 @@ class TuneSettings(StrictModel):
     checkpoint: str | None = Field(None, description="STEP checkpoint dir (local or s3://)")
     data: str | None = Field(None, description="validation shards written by `step prep`")
     space: str = Field("joint", description="a tune_spaces/ name or a YAML file")
+    inference: InferenceOverrides = Field(
+        InferenceOverrides(), description="changes to the checkpoint's inference settings, "
+        "for the reference and every trial (the space's dimensions override them)")
     max_drop: float = Field(2.0, ge=0, description="largest acceptable mIoU drop (percent)")
     drop_mode: Literal["points", "relative"] = "points"
     search: Search = "optuna"
@@ -130,7 +136,7 @@ class TuneOutcome:
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     confirmation: Confirmation | None = None
-    inference_of: Any = None  # params -> set_inference kwargs (SearchSpace.to_inference)
+    inference_of: Any = None  # params -> the trial's full InferenceConfig as a dict
 
     @property
     def final(self) -> Selection:
@@ -224,7 +230,8 @@ def _searcher(settings: TuneSettings):
 
 
 def preflight(settings: TuneSettings) -> tuple[SearchSpace, int]:
-    """Check what can be checked before any run or trial starts; (space, exits)."""
+    """Check what can be checked before any run or trial starts (the space, the settings
+    against the checkpoint, the oracle); (space, exits)."""
     from pipelines.common.settings import ConfigError
 
     if not settings.checkpoint or not settings.data:
@@ -236,6 +243,10 @@ def preflight(settings: TuneSettings) -> tuple[SearchSpace, int]:
     except FileNotFoundError as err:
         raise ConfigError(f"tune: --checkpoint {settings.checkpoint}: {err}") from None
     space.check_model(num_exits)
+    try:
+        base_inference(settings).check_exits(num_exits)
+    except ValueError as err:
+        raise ConfigError(f"tune: {err}") from None
     if uses_oracle_trials(settings, space) and not settings.allow_oracle:
         from pipelines.common.oracle import refuse_oracle
 
@@ -245,15 +256,30 @@ def preflight(settings: TuneSettings) -> tuple[SearchSpace, int]:
     return space, num_exits
 
 
-def uses_oracle_trials(settings: TuneSettings, space: SearchSpace) -> bool:
-    """Whether the trials select tokens with the label oracle: the space sets no policy
-    mode of its own (no merge thresholds, no budget) and the checkpoint's mode is oracle."""
+def base_inference(settings: TuneSettings) -> InferenceConfig:
+    """The settings the search starts from: the checkpoint's, ``settings.inference``
+    applied."""
     from pipelines.common.checkpoint import resolve_checkpoint_dir
-    from pipelines.common.oracle import checkpoint_policy_mode
+    from pipelines.common.oracle import checkpoint_inference
 
+    try:
+        return checkpoint_inference(resolve_checkpoint_dir(settings.checkpoint),
+                                    settings.inference)
+    except ValueError as err:  # a validation error: the settings, not the run, are wrong
+        from pipelines.common.settings import ConfigError
+
+        raise ConfigError(f"tune: inference: {err}") from None
+
+
+def uses_oracle_trials(settings: TuneSettings, space: SearchSpace) -> bool:
+    """Whether the trials select tokens with the label oracle: the space's policy modes
+    include it, or the space sets no mode of its own (no merge thresholds, no budget, no
+    policy_mode) and the settings it starts from are in mode oracle."""
+    if space.policy_mode is not None:
+        return "oracle" in (space.policy_mode.grid() or [])
     if space.merge_thresholds is not None or space.budget is not None:
         return False
-    return checkpoint_policy_mode(resolve_checkpoint_dir(settings.checkpoint)) == "oracle"
+    return base_inference(settings).policy_mode == "oracle"
 
 
 def search(settings: TuneSettings, *, parent_run_id: str | None = None,
@@ -348,7 +374,8 @@ def _reference(settings: TuneSettings, space: SearchSpace, num_exits: int, check
         init_ray()
     log.info("tune: reference evaluation of %s (unpruned)", checkpoint)
     holdout = settings.holdout.model_dump() if settings.holdout else None
-    baseline, images = evaluate_images(checkpoint, data, reference_inference(num_exits),
+    base = base_inference(settings).to_dict()
+    baseline, images = evaluate_images(checkpoint, data, reference_inference(base),
                                        max_samples=settings.max_samples, device=device,
                                        holdout=holdout)
     tracker.log_metrics({f"baseline_{k}": baseline[k] for k in
@@ -359,7 +386,8 @@ def _reference(settings: TuneSettings, space: SearchSpace, num_exits: int, check
         print(f"warning: the drop intervals come from {len(images)} image(s); a bootstrap "
               "over so few is too narrow to guard anything (raise max_samples)", flush=True)
     return TrialContext(
-        space=space.model_dump(mode="json"), num_exits=num_exits, checkpoint=checkpoint,
+        space=space.model_dump(mode="json"), base=base, num_exits=num_exits,
+        checkpoint=checkpoint,
         data=data, baseline=baseline, max_drop=settings.max_drop,
         drop_mode=settings.drop_mode, max_samples=settings.max_samples, device=device,
         cpus=settings.resources_per_trial.cpu, s3_env=s3_env, reference=images,
@@ -444,7 +472,9 @@ def _choose(settings: TuneSettings, space: SearchSpace, num_exits: int, ctx: Tri
                        settings.guard)
     print(selection.message(), flush=True)
     confirmation = _confirm(settings, space, ctx, trials)
-    inference_of = lambda params: space.to_inference(params, num_exits)  # noqa: E731
+    def inference_of(params: dict[str, Any]) -> dict[str, Any]:
+        return trial_inference(ctx.base, space.to_inference(params, num_exits)).to_dict()
+
     outcome = TuneOutcome(tracking_uri=tracker.tracking_uri, parent_run_id=tracker.run_id,
                           settings=settings, baseline=baseline, selection=selection,
                           trials=trials, failed_trials=failed, confirmation=confirmation,

@@ -1,10 +1,11 @@
-"""Search spaces over STEP's inference-time knobs, loaded from YAML and validated.
+"""Search spaces over STEP's inference settings, loaded from YAML and validated.
 
-A space says which arguments of ``StepSegmenter.set_inference`` the search varies and over
-which values: exit thresholds (one per exit head, or one shared by all), merge thresholds
-per superpatch level (or one shared) *or* a token budget, the top-k tokens of each class
-kept active, and the exit policy. Everything is an inference-time setting, so one trained
-checkpoint serves every trial.
+A space says which fields of ``step_model.config.InferenceConfig`` the search varies and
+over which values: exit thresholds (one per exit head, or one shared by all), merge
+thresholds per superpatch level (or one shared) *or* a token budget, and any other field
+by its own name (``top_k``, ``exit_policy``, ...: the space's fields are generated from
+the config, so a new inference setting is searchable as it is). Everything is an
+inference-time setting, so one trained checkpoint serves every trial.
 
 Design choices:
 
@@ -16,9 +17,13 @@ Design choices:
   stepped distribution, random search ``quniform``, grid search the full list). That makes
   "Optuna against an exhaustive grid over the same space" a fair comparison, and keeps
   trial values readable (0.86, not 0.8600000001).
-* **Validation on load names the file and the field**: thresholds must lie in [0, 1],
-  ``low < high``, a grid needs finite values, ``merge_thresholds`` and ``budget`` exclude
-  each other (the policy runs in one mode), and a space must vary at least one knob.
+* **Validation on load names the file and the field**: every value a dimension can take
+  (its grid, or the ends of a continuous range) must be a valid value of its
+  InferenceConfig field (thresholds in [0, 1], a budget in (0, 1], an integer top_k, a
+  known exit policy: the config's own rules), a continuous range needs a field that takes
+  fractions, ``low < high``, a grid needs finite values, ``merge_thresholds`` and
+  ``budget`` exclude each other (the policy runs in one mode), and a space must vary at
+  least one setting.
   The number of exit thresholds is checked against the model when a trial is built
   (:meth:`SearchSpace.check_model`), since a space file does not know the checkpoint.
 """
@@ -26,15 +31,19 @@ Design choices:
 from __future__ import annotations
 
 import math
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from pipelines.common.settings import ConfigError, StrictModel, load_config
+from step_model.config import LEVELS, InferenceConfig, InferenceOverrides
 
-LEVELS = (2, 4, 8, 16)
-EXIT_POLICIES = ("confidence", "random", "uniform")
+# Settings searched per exit head / per level (one dimension each, or one shared); every
+# other InferenceConfig field is one dimension under its own name.
+STRUCTURED = ("exit_thresholds", "merge_thresholds")
+SCALARS = tuple(n for n in InferenceConfig.model_fields if n not in STRUCTURED)
 
 
 class Uniform(StrictModel):
@@ -76,13 +85,13 @@ class Choice(StrictModel):
     """One of a list of values (numbers or strings)."""
 
     type: Literal["choice"] = "choice"
-    values: list[float | int | str] = Field(min_length=1)
+    values: list[bool | int | float | str] = Field(min_length=1)
 
     def grid(self) -> list[Any]:
         return list(self.values)
 
     def bounds(self) -> tuple[Any, Any] | None:
-        nums = [v for v in self.values if isinstance(v, (int, float))]
+        nums = [v for v in self.values if isinstance(v, int | float) and not isinstance(v, bool)]
         return (min(nums), max(nums)) if len(nums) == len(self.values) else None
 
 
@@ -90,7 +99,7 @@ class Fixed(StrictModel):
     """A constant: part of the inference settings, not searched."""
 
     type: Literal["fixed"] = "fixed"
-    value: float | int | str
+    value: bool | int | float | str
 
     def grid(self) -> list[Any]:
         return [self.value]
@@ -102,18 +111,17 @@ class Fixed(StrictModel):
 Dim = Annotated[Uniform | Choice | Fixed, Field(discriminator="type")]
 
 
-class SearchSpace(StrictModel):
-    """What ``step tune`` searches over. See ``tune_spaces/*.yaml`` for annotated examples."""
+class _SpaceBase(StrictModel):
+    """What ``step tune`` searches over. See ``tune_spaces/*.yaml`` for annotated examples.
+    Besides the two threshold sets below, one optional dimension per other InferenceConfig
+    field (``budget``, ``top_k``, ``exit_policy``, ...), generated in :data:`SearchSpace`."""
 
     name: str
     description: str = ""
     # One dim shared by every exit head, or a list with one dim per head (model order).
     exit_thresholds: Dim | list[Dim] | None = None
     # One dim shared by every level, or a mapping level -> dim (levels 2, 4, 8, 16).
-    merge_thresholds: Dim | dict[Literal[2, 4, 8, 16], Dim] | None = None
-    budget: Dim | None = None
-    top_k: Dim | None = None
-    exit_policy: Dim | None = None
+    merge_thresholds: Dim | dict[Literal[LEVELS], Dim] | None = None
 
     @field_validator("merge_thresholds", mode="before")
     @classmethod
@@ -132,13 +140,13 @@ class SearchSpace(StrictModel):
         return out
 
     @model_validator(mode="after")
-    def _check(self) -> SearchSpace:
-        if self.merge_thresholds is not None and self.budget is not None:
+    def _check(self) -> _SpaceBase:
+        if self.merge_thresholds is not None and getattr(self, "budget", None) is not None:
             raise ValueError(
                 "merge_thresholds and budget exclude each other (threshold vs budget policy mode)"
             )
         for name, dim in self._named_dims():
-            _check_range(name, dim)
+            _check_values(name, dim)
         if not any(not isinstance(d, Fixed) for _, d in self._named_dims()):
             raise ValueError("the space varies nothing: every dimension is missing or fixed")
         return self
@@ -155,7 +163,7 @@ class SearchSpace(StrictModel):
             out += [(f"merge_threshold_{s}", d) for s, d in sorted(self.merge_thresholds.items())]
         elif self.merge_thresholds is not None:
             out.append(("merge_threshold", self.merge_thresholds))
-        for name in ("budget", "top_k", "exit_policy"):
+        for name in SCALARS:
             dim = getattr(self, name)
             if dim is not None:
                 out.append((name, dim))
@@ -228,7 +236,8 @@ class SearchSpace(StrictModel):
     # ---- back to the model ---------------------------------------------------------
 
     def normalise(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Round stepped values onto their grid; cast budget/top_k to int where integral."""
+        """Round stepped values onto their grid; give every other setting its field's
+        type (``top_k`` 5.0 -> 5)."""
         out: dict[str, Any] = {}
         for name, dim in self.dims.items():
             if name not in params:
@@ -236,35 +245,38 @@ class SearchSpace(StrictModel):
             value = params[name]
             if isinstance(dim, Uniform) and dim.step is not None:
                 value = _round_to(float(value), dim.step)
-            if name == "top_k":
-                value = int(value)
+            if name in SCALARS:
+                value = InferenceOverrides.model_validate({name: value}).given()[name]
             out[name] = value
         return out
 
-    def to_inference(self, params: dict[str, Any], num_exits: int | None = None) -> dict[str, Any]:
-        """``set_inference`` keyword arguments for one trial's flat ``params``."""
+    def to_inference(self, params: dict[str, Any], num_exits: int | None = None
+                     ) -> InferenceOverrides:
+        """The inference settings of one trial's flat ``params`` (changes to the
+        settings the search starts from); ``num_exits`` checks the exit thresholds."""
         if num_exits is not None:
             self.check_model(num_exits)
         p = self.normalise(params)
-        kwargs: dict[str, Any] = {}
+        out: dict[str, Any] = {}
         if isinstance(self.exit_thresholds, list):
-            kwargs["exit_thresholds"] = [
+            out["exit_thresholds"] = [
                 float(p[f"exit_threshold_{i + 1}"]) for i in range(len(self.exit_thresholds))
             ]
         elif self.exit_thresholds is not None:
-            if num_exits is None:
-                raise ConfigError("a shared exit threshold needs the model's number of exits")
-            kwargs["exit_thresholds"] = [float(p["exit_threshold"])] * num_exits
+            out["exit_thresholds"] = [float(p["exit_threshold"])]  # every exit
         if isinstance(self.merge_thresholds, dict):
-            kwargs["merge_thresholds"] = {
+            out["merge_thresholds"] = {
                 s: float(p[f"merge_threshold_{s}"]) for s in sorted(self.merge_thresholds)
             }
         elif self.merge_thresholds is not None:
-            kwargs["merge_thresholds"] = {s: float(p["merge_threshold"]) for s in LEVELS}
-        for name in ("budget", "top_k", "exit_policy"):
-            if name in p:
-                kwargs[name] = p[name]
-        return kwargs
+            out["merge_thresholds"] = float(p["merge_threshold"])  # every level
+        out.update({name: p[name] for name in SCALARS if name in p})
+        return InferenceOverrides.model_validate(out)
+
+
+SearchSpace = create_model(
+    "SearchSpace", __base__=_SpaceBase, __doc__=_SpaceBase.__doc__,
+    **{name: (Dim | None, None) for name in SCALARS})
 
 
 def _round_to(value: float, step: float) -> float:
@@ -272,24 +284,40 @@ def _round_to(value: float, step: float) -> float:
     return round(round(value / step) * step, decimals)
 
 
-def _check_range(name: str, dim: Uniform | Choice | Fixed) -> None:
-    values = dim.grid() or []
-    lo_hi = dim.bounds()
-    if name.startswith(("exit_threshold", "merge_threshold")):
-        if lo_hi is None or not (lo_hi[0] >= 0.0 and lo_hi[1] <= 1.0):
-            raise ValueError(f"{name}: thresholds must be numbers in [0, 1], got {_show(dim)}")
-    elif name == "top_k":
-        if any(not isinstance(v, (int, float)) or v < 0 or float(v) != int(v) for v in values) \
-                or isinstance(dim, Uniform) and dim.step is None:
-            raise ValueError(f"top_k: must be integers >= 0 (choice, fixed, or a stepped "
-                             f"uniform with integer step), got {_show(dim)}")
-    elif name == "budget":
-        if lo_hi is None or lo_hi[0] <= 0 or lo_hi[1] > 1:
-            raise ValueError(f"budget: the fraction of tokens kept, in (0, 1], got {_show(dim)}")
-    elif name == "exit_policy":
-        bad = [v for v in values if v not in EXIT_POLICIES]
-        if bad or isinstance(dim, Uniform):
-            raise ValueError(f"exit_policy: values must be among {list(EXIT_POLICIES)}, got {_show(dim)}")
+def _field_of(name: str) -> str:
+    """The InferenceConfig field a flat dimension sets (``exit_threshold_2`` -> exits)."""
+    if name.startswith("exit_threshold"):
+        return "exit_thresholds"
+    if name.startswith("merge_threshold"):
+        return "merge_thresholds"
+    return name
+
+
+def _takes_fractions(field: str) -> bool:
+    """Whether the field's values include floats (a continuous range can sample it)."""
+    def walk(tp: Any) -> bool:
+        return tp is float or any(walk(a) for a in typing.get_args(tp))
+
+    return walk(InferenceConfig.model_fields[field].annotation)
+
+
+def _check_values(name: str, dim: Uniform | Choice | Fixed) -> None:
+    """Every value ``dim`` can take must be valid for its InferenceConfig field: the
+    grid's values, or the ends of a continuous range (whose field must take fractions)."""
+    field = _field_of(name)
+    values = dim.grid()
+    if values is None:
+        if not _takes_fractions(field):
+            raise ValueError(f"{name}: takes no fractions; give the range an integer `step`, "
+                             f"or use a choice, got {_show(dim)}")
+        values = list(dim.bounds())
+    for value in values:
+        try:  # one value stands for every exit / level: the threshold syntax takes it
+            InferenceOverrides.model_validate({field: value})
+        except ValidationError as err:
+            why = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+            raise ValueError(f"{name}: {value!r} is not a valid {field} ({why}), "
+                             f"got {_show(dim)}") from None
 
 
 def _show(dim: Uniform | Choice | Fixed) -> str:

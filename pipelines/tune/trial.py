@@ -1,8 +1,10 @@
 """One trial of the threshold search: evaluate the fixed checkpoint with one setting.
 
 Nothing is trained: every knob is an inference-time setting
-(``StepSegmenter.set_inference``). The same evaluation gives the search its reference
-(the unpruned model, :func:`reference_inference`). Each evaluation keeps its per-image
+(``step_model.config.InferenceConfig``). A trial evaluates the settings the search starts
+from (``TrialContext.base``: the checkpoint's own with the search's ``inference``
+applied) with its space point applied; the same evaluation gives the search its
+reference (the unpruned model, :func:`reference_inference`). Each evaluation keeps its per-image
 confusion matrices; a trial resamples them with the reference's (same images, same order,
 checked by sample key) into its drop's interval (:mod:`pipelines.evaluate.bootstrap`).
 """
@@ -14,21 +16,30 @@ from typing import Any
 
 from pipelines.tune.pareto import is_feasible, miou_drop, penalised_objective, rule_drop
 from pipelines.tune.space import SearchSpace
+from step_model.config import InferenceConfig, InferenceOverrides, overrides_given
 
 # What a trial reports, and what the Pareto CSV carries per trial.
 TRIAL_METRICS = ("miou", "drop", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
                  "feasible", "objective", "drop_lo", "drop_hi")
 
 
-def reference_inference(num_exits: int) -> dict[str, Any]:
-    """``set_inference`` kwargs for the unpruned model: plain 16x16 tokens (policy
-    ``none``: the policy network does not run) and halting off (the exit heads do not run),
-    i.e. the plain ViT + decoder the STEP papers compare against. A threshold of 1.0 would
-    not do: fp32 softmax does reach exactly 1.0."""
-    return {"policy_mode": "none", "halting": False}
+def reference_inference(settings: Any = None) -> InferenceOverrides:
+    """The unpruned model: plain 16x16 tokens (policy ``none``: the policy network does not
+    run) and halting off (the exit heads do not run), i.e. the plain ViT + decoder the
+    STEP papers compare against; the other settings of ``settings`` (changes, or an
+    InferenceConfig's dict: upsampling, varlen ...) kept, so that a drop compares like with
+    like. A threshold of 1.0 would not do: fp32 softmax does reach exactly 1.0."""
+    return InferenceOverrides.model_validate(
+        {**overrides_given(settings), "policy_mode": "none", "halting": False})
 
 
-def evaluate(checkpoint: str, data: str, inference: dict[str, Any] | None, *,
+def trial_inference(base: dict[str, Any], changes: InferenceOverrides | None) -> InferenceConfig:
+    """The full settings a trial (or the reference) runs with: ``changes`` applied to the
+    search's starting settings ``base`` (an InferenceConfig's dict)."""
+    return InferenceConfig.model_validate(base).apply(changes)
+
+
+def evaluate(checkpoint: str, data: str, inference: Any, *,
              max_samples: int | None, device: str, progress: bool = False,
              holdout: dict[str, Any] | None = None) -> dict[str, Any]:
     """One evaluation as a plain dict. Quiet by default: a search shows one line per
@@ -37,12 +48,13 @@ def evaluate(checkpoint: str, data: str, inference: dict[str, Any] | None, *,
                            device=device, progress=progress, holdout=holdout)[0]
 
 
-def evaluate_images(checkpoint: str, data: str, inference: dict[str, Any] | None, *,
+def evaluate_images(checkpoint: str, data: str, inference: Any, *,
                     max_samples: int | None, device: str, progress: bool = False,
                     holdout: dict[str, Any] | None = None, part: str = "search"):
-    """(evaluation dict, :class:`~pipelines.evaluate.bootstrap.ImageConfusions`): the images
-    of ``data`` the search may see (``holdout`` left out), or with ``part="holdout"``
-    only the held-out ones."""
+    """(evaluation dict, :class:`~pipelines.evaluate.bootstrap.ImageConfusions`) with
+    ``inference`` (an InferenceConfig, or changes to the checkpoint's own settings): the
+    images of ``data`` the search may see (``holdout`` left out), or with
+    ``part="holdout"`` only the held-out ones."""
     from pipelines.evaluate.evaluator import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, inference=inference,
@@ -54,17 +66,12 @@ def evaluate_images(checkpoint: str, data: str, inference: dict[str, Any] | None
 def model_num_exits(checkpoint: str) -> int:
     """Exit heads of the checkpoint's model (from its config; builds it only when the
     exit blocks follow the backbone's depth)."""
-    from pipelines.common.checkpoint import (
-        load_model,
-        local_dir,
-        read_model_config,
-        resolve_checkpoint_dir,
-    )
+    from pipelines.common.checkpoint import load_model, read_configs, resolve_checkpoint_dir
 
     checkpoint = resolve_checkpoint_dir(checkpoint)
-    exits = (read_model_config(local_dir(checkpoint)).get("exits") or {})
-    if exits.get("blocks") is not None:
-        return len(exits["blocks"])
+    blocks = read_configs(checkpoint)[0].exits.blocks
+    if blocks is not None:
+        return len(blocks)
     model, _ = load_model(checkpoint)
     return len(model.exit_blocks)
 
@@ -103,6 +110,7 @@ class TrialContext:
     """
 
     space: dict[str, Any]  # SearchSpace.model_dump(mode="json")
+    base: dict[str, Any]  # InferenceConfig.to_dict(): the settings every trial changes
     num_exits: int
     checkpoint: str
     data: str
@@ -133,7 +141,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     apply_s3_env(ctx.s3_env)
     torch.set_num_threads(max(1, int(ctx.cpus)))
     space = SearchSpace.model_validate(ctx.space)
-    inference = space.to_inference(config, ctx.num_exits)
+    inference = trial_inference(ctx.base, space.to_inference(config, ctx.num_exits))
     m, images = evaluate_images(ctx.checkpoint, ctx.data, inference,
                                 max_samples=ctx.max_samples, device=ctx.device,
                                 holdout=ctx.holdout)

@@ -17,14 +17,15 @@ def holdout_check(checkpoint: str, data: str, holdout: dict[str, Any],
                   device: str, samples: int = 1000, confidence: float = 0.95,
                   seed: int = 0, plain: dict[str, Any] | None = None) -> dict[str, Any]:
     """Figures on the held-out images of ``data`` (the validation shards for a held-out
-    fraction, the held-out split's shards for a split); ``tuned`` = the chosen
-    ``set_inference`` kwargs (None: no tuned model, reference figures only); ``plain`` =
+    fraction, the held-out split's shards for a split); ``tuned`` = the chosen inference
+    settings (an InferenceConfig's dict; None: no tuned model, reference figures only); the
+    reference is the unpruned model with ``tuned``'s other settings; ``plain`` =
     the point-estimate rule's answer, given when it is another trial (its held-out drop,
     under ``plain``: what the guard saved, or cost)."""
     from pipelines.common.holdout import Holdout
     from pipelines.evaluate.bootstrap import paired_bootstrap
     from pipelines.tune.pareto import is_feasible
-    from pipelines.tune.trial import evaluate_images, model_num_exits, reference_inference
+    from pipelines.tune.trial import evaluate_images, reference_inference
 
     h = Holdout.model_validate(holdout)
 
@@ -32,7 +33,7 @@ def holdout_check(checkpoint: str, data: str, holdout: dict[str, Any],
         return evaluate_images(checkpoint, data, inference, max_samples=None, device=device,
                                holdout=holdout, part="holdout")
 
-    ref, ref_images = run(reference_inference(model_num_exits(checkpoint)))
+    ref, ref_images = run(reference_inference(tuned))
     out: dict[str, Any] = {"holdout": h.describe(), "images": len(ref_images),
                            "max_drop": max_drop, "drop_mode": drop_mode,
                            "baseline": _headline(ref), "tuned": None}

@@ -190,7 +190,8 @@ def token_map_figure(path: str | Path, image, cell_level, cell_exit_depth, depth
 
 def token_maps(checkpoint: str, val_data: str, inference: dict[str, Any] | None,
                out_dir: Path, num_images: int) -> list[Path]:
-    """Run the tuned model on the first ``num_images`` validation images; one figure each."""
+    """Run the tuned model (``inference``: its settings, or changes to the checkpoint's) on
+    the first ``num_images`` validation images; one figure each."""
     import torch
 
     from pipelines.common.checkpoint import load_model
@@ -199,8 +200,7 @@ def token_maps(checkpoint: str, val_data: str, inference: dict[str, Any] | None,
     if num_images <= 0:
         return []
     model, _ = load_model(checkpoint)
-    if inference:
-        model.set_inference(**inference)
+    model.set_inference(inference)
     loader = eval_loader(val_data, batch_size=1, num_workers=0, rank=0, world_size=1)
     paths = []
     with torch.no_grad():

@@ -365,24 +365,27 @@ def verify_source(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> N
 
 
 def _check_policy_free(cfg: PipelineConfig) -> None:
-    from pipelines.common.model import policy_mode
     from pipelines.train.config import load_train_config
 
     tc = load_train_config(cfg.step.config, [*cfg.step.set, "policy_checkpoint=x"],
                            stage="step")
-    if policy_mode(tc.model) in ("threshold", "budget"):
+    mode = tc.inference.policy_mode
+    if mode in ("threshold", "budget"):
         raise ConfigError(
-            f"step.config {cfg.step.config}: model.policy.mode={policy_mode(tc.model)!r} needs "
+            f"step.config {cfg.step.config}: inference.policy_mode={mode!r} needs "
             "a trained policy, but the pipeline's policy step is disabled (enable `policy`, "
             "or use policy mode 'oracle')")
-    if policy_mode(tc.model) == "oracle" and not cfg.tune.allow_oracle:
+    # the mode tune starts from: the checkpoint's (the training's) with tune.inference
+    if tc.inference.apply(cfg.tune.inference).policy_mode == "oracle" \
+            and not cfg.tune.allow_oracle:
         from pipelines.tune.space import load_space
 
         space = load_space(cfg.tune.space)
-        if space.merge_thresholds is None and space.budget is None:
+        if space.merge_thresholds is None and space.budget is None \
+                and space.policy_mode is None:
             # said before any training: tune and the report would refuse it hours later
             raise ConfigError(
-                f"step.config {cfg.step.config}: model.policy.mode='oracle' and tune.space "
+                f"step.config {cfg.step.config}: inference.policy_mode='oracle' and tune.space "
                 f"{cfg.tune.space!r} sets no merge thresholds: tune and the report would "
                 "measure the label oracle, an upper bound; set tune.allow_oracle: true "
                 "(--allow-oracle) or enable the policy step")

@@ -135,12 +135,25 @@ def train_payload(cfg: PipelineConfig, stage: str, inputs: list[str | None]) -> 
         tc.pop(key, None)
     tc["data"].pop("train", None)
     tc["data"].pop("val", None)
-    # the model as configured, not every default of today's StepConfig: a model option added
-    # later (at a default that keeps the old behaviour) must not retrain finished stages
-    from step_model import StepConfig
-
-    tc["model"] = StepConfig.model_validate(tc["model"]).model_dump(mode="json", exclude_defaults=True)
+    tc["model"] = _model_payload(tc["model"], tc.pop("inference"))
     return {"train": tc, "inputs": inputs, "stage": stage}
+
+
+def _model_payload(model: dict[str, Any], inference: dict[str, Any]) -> dict[str, Any]:
+    """The model and its inference settings as configured, not every default of today's
+    configs: an option added later (at a default that keeps the old behaviour) must not
+    retrain finished stages. In the layout fingerprints had before the inference settings
+    got a section of their own (inside the model: ``policy.mode``, ``exits.thresholds``
+    ...), so that pipelines run before keep theirs."""
+    from step_model.config import LEGACY_INFERENCE_KEYS, InferenceConfig, StepConfig
+
+    out = StepConfig.model_validate(model).model_dump(mode="json", exclude_defaults=True)
+    set_ = InferenceConfig.model_validate(inference).model_dump(mode="json", exclude_defaults=True)
+    for (section, key), name in LEGACY_INFERENCE_KEYS.items():
+        if name in set_:
+            (out if section is None else out.setdefault(section, {}))[key] = set_.pop(name)
+    out.update({f"inference.{name}": v for name, v in set_.items()})  # settings added since
+    return out
 
 
 def train(cfg: PipelineConfig, stage: str, run_id: str, wf: Workflow,
@@ -196,11 +209,21 @@ def _holdout(cfg: PipelineConfig) -> dict[str, Any] | None:
     return cfg.data.holdout.model_dump(mode="json") if cfg.data.holdout else None
 
 
+# the search space's fields when fingerprints were first taken
+SPACE_FIELDS_BEFORE = ("name", "description", "exit_thresholds", "merge_thresholds", "budget",
+                       "top_k", "exit_policy")
+
+
 def tune_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
     from pipelines.tune.space import load_space
 
-    payload = {"tune": cfg.tune.model_dump(mode="json"),
-               "space": load_space(cfg.tune.space).model_dump(mode="json"), "inputs": inputs}
+    tune = cfg.tune.model_dump(mode="json")
+    if not tune["inference"]:  # unset: pipelines from before the field keep their fingerprints
+        del tune["inference"]
+    # so do their spaces: the dimensions added with the generated space count when set
+    space = {k: v for k, v in load_space(cfg.tune.space).model_dump(mode="json").items()
+             if v is not None or k in SPACE_FIELDS_BEFORE}
+    payload = {"tune": tune, "space": space, "inputs": inputs}
     if cfg.data.holdout is not None:  # only then: other pipelines keep their fingerprints
         payload["holdout"] = _holdout(cfg)
     return payload
@@ -239,10 +262,11 @@ def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str,
 def _evaluate_pair(checkpoint: str, data: str, tuned: dict[str, Any] | None,
                    max_samples: int | None, device: str,
                    holdout: dict[str, Any] | None = None) -> dict[str, Any]:
-    from pipelines.tune.trial import evaluate, model_num_exits, reference_inference
+    from pipelines.tune.trial import evaluate, reference_inference
 
-    baseline = evaluate(checkpoint, data, reference_inference(model_num_exits(checkpoint)),
-                        max_samples=max_samples, device=device)
+    # the unpruned model with the tuned settings' others (upsampling ...), as tune measured
+    baseline = evaluate(checkpoint, data, reference_inference(tuned), max_samples=max_samples,
+                        device=device)
     after = evaluate(checkpoint, data, tuned, max_samples=max_samples, device=device) \
         if tuned is not None else None
     out = {"baseline": baseline, "tuned": after}
