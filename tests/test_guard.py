@@ -183,7 +183,10 @@ def test_holdout_settings_name_the_field():
 
     assert Holdout(fraction=0.3).describe().startswith("0.3 of the validation images")
     for bad, why in (({"fraction": 1.5}, "holdout.fraction"),
-                     ({"split": "test", "fraction": 0.2}, "exactly one of split")):
+                     ({"split": "test", "fraction": 0.2}, "not both"),
+                     ({}, "give split .* fraction .* or groups"),
+                     ({"fraction": 0.2, "from_training": True}, "from_training: needs groups"),
+                     ({"groups": ["a"]}, "holdout.groups: needs groups")):
         with pytest.raises(ConfigError, match=why):
             validate(TuneSettings, {"holdout": bad})
     with pytest.raises(ConfigError, match="guard"):

@@ -15,16 +15,19 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipelines.tune.guard import as_guard, confirm_confidence, point_key
 from pipelines.tune.pareto import Selection, annotate, is_feasible, rule_drop, select
 from pipelines.tune.trial import (
     TrialContext,
     drop_interval,
     evaluate_images,
     reference_inference,
+    slice_figures,
     trial_metrics,
 )
 
-SEARCH_FIGURES = ("miou", "drop", "drop_lo", "drop_hi", "gflops", "num_images")
+SEARCH_FIGURES = ("miou", "drop", "drop_lo", "drop_hi", "gflops", "num_images", "tail_drop",
+                  "worst_group_drop")
 
 
 @dataclass
@@ -46,26 +49,28 @@ class Confirmation:
 
 
 def candidates(trials: list[dict[str, Any]], baseline_miou: float, max_drop: float,
-               mode: str, top: int) -> list[dict[str, Any]]:
-    """The ``top`` cheapest trials feasible under each rule (point drop, interval's upper
-    end), cheapest first, each operating point once: a searcher over a discrete space can
-    propose the same point again (Optuna's TPE does), and confirming it twice would crowd
-    out the next-cheapest point."""
+               mode: str, top: int, guard: Any = "ci") -> list[dict[str, Any]]:
+    """The ``top`` cheapest trials feasible under each rule (point drop, ``guard``; ``ci``
+    when the guard is ``none``), cheapest first, each operating point once: a searcher over
+    a discrete space can propose the same point again (Optuna's TPE does), and confirming
+    it twice would crowd out the next-cheapest point."""
     done = annotate(trials, baseline_miou, max_drop, mode)  # type: ignore[arg-type]
+    g = as_guard(guard)
+    rule = as_guard("ci") if g.is_plain() else g
 
     def key(t: dict[str, Any]) -> Any:
         params = t.get("params")
-        return tuple(sorted(params.items())) if params else t.get("trial_id") or id(t)
+        return point_key(params) if params else t.get("trial_id") or id(t)
 
-    def cheapest(guard: str) -> list[dict[str, Any]]:
-        ok = [t for t in done if is_feasible(rule_drop(t, guard), max_drop)]  # type: ignore[arg-type]
+    def cheapest(guard: Any) -> list[dict[str, Any]]:
+        ok = [t for t in done if is_feasible(rule_drop(t, guard, max_drop), max_drop)]
         points: dict[Any, dict[str, Any]] = {}
         for t in sorted(ok, key=lambda t: (t["gflops"], -t["miou"])):
             points.setdefault(key(t), t)
         return list(points.values())[:top]
 
     out: dict[Any, dict[str, Any]] = {}
-    for t in [*cheapest("none"), *cheapest("ci")]:
+    for t in [*cheapest("none"), *cheapest(rule)]:
         out.setdefault(key(t), t)
     return sorted(out.values(), key=lambda t: (t["gflops"], -t["miou"]))
 
@@ -83,19 +88,24 @@ def confirm(ctx: TrialContext, space, cands: list[dict[str, Any]],
     ref, ref_images = evaluate_images(ctx.checkpoint, ctx.data,
                                       reference_inference(ctx.num_exits), max_samples=None,
                                       device=ctx.device, holdout=ctx.holdout)
-    full = replace(ctx, baseline=ref, reference=ref_images, max_samples=None)
+    level = confirm_confidence(ctx.guard, ctx.confidence, len(cands))
+    full = replace(ctx, baseline=ref, reference=ref_images, max_samples=None, confidence=level)
     echo(f"confirm: the reference and {len(cands)} candidate(s) on all {len(ref_images)} "
-         f"searchable images; reference mIoU {100 * ref['miou']:.2f}")
+         f"searchable images; reference mIoU {100 * ref['miou']:.2f}"
+         + (f"; intervals at {100 * level:.2f} % (Bonferroni over {len(cands)} candidates)"
+            if level != ctx.confidence else ""))
     confirmed = []
     for t in cands:
         inference = space.to_inference(t["params"], ctx.num_exits)
         m, images = evaluate_images(ctx.checkpoint, ctx.data, inference, max_samples=None,
                                     device=ctx.device, holdout=ctx.holdout)
         metrics = trial_metrics(m, ref, ctx.max_drop, ctx.drop_mode,
-                                interval=drop_interval(full, images), guard=ctx.guard)
+                                interval=drop_interval(full, images), guard=ctx.guard,
+                                slices=slice_figures(full, images))
+        # the cliff figures stay the search's: neighbours and candidate on the same images
         row = {**{k: v for k, v in t.items() if k not in ("feasible",)},
                **{f"search_{k}": t.get(k) for k in SEARCH_FIGURES}, **metrics,
-               "num_images": len(images)}
+               "num_images": len(images), "confirm_confidence": level}
         confirmed.append(row)
         echo(f"confirm: trial {t.get('trial_id')}: {row['gflops']:.3f} GFLOPs, drop "
              f"{row['drop']:.2f} [{row.get('drop_lo', float('nan')):.2f}, "
