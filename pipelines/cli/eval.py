@@ -75,7 +75,7 @@ def _slices(s: EvalSettings, checkpoint: str, images) -> dict:
     if grouper is not None:
         out["groups"] = group_miou(images, grouper)
     if s.reference:
-        from pipelines.workflow.evaluation import comparison
+        from pipelines.evaluate.compare import comparison
 
         ref, ref_images = evaluate_images(
             checkpoint, s.data, reference_inference(model_num_exits(checkpoint)),

@@ -29,6 +29,7 @@ def evaluate_all(checkpoint: str, data: str, tuned: dict[str, Any] | None, *,
                  holdout: dict[str, Any] | None = None) -> dict[str, Any]:
     """The evaluation document (see the module docstring); ``holdout``: the keyword
     arguments of :func:`pipelines.workflow.holdout.holdout_check` besides the models."""
+    from pipelines.evaluate.compare import comparison
     from pipelines.tune.trial import evaluate_images, model_num_exits, reference_inference
 
     def run(ckpt: str, inference):
@@ -75,31 +76,4 @@ def evaluate_all(checkpoint: str, data: str, tuned: dict[str, Any] | None, *,
                                        plain_vit=plain_vit, groups=groups,
                                        min_images=min_images, tail_fraction=tail_fraction,
                                        evaluated=reuse, **holdout)
-    return out
-
-
-def comparison(reference, candidate, *, grouper, drop_mode: str, max_drop: float,
-               samples: int, confidence: float, seed: int, tail_fraction: float,
-               min_images: int) -> dict[str, Any]:
-    """Drop of ``candidate`` against ``reference`` (per-image matrices of the same images):
-    point, interval, within the limit, tail, per group and the worst group."""
-    from pipelines.evaluate.bootstrap import paired_bootstrap
-    from pipelines.evaluate.groups import group_drops, worst_group
-    from pipelines.evaluate.tail import tail_drop
-    from pipelines.tune.pareto import is_feasible
-
-    iv = paired_bootstrap(reference, candidate, mode=drop_mode,  # type: ignore[arg-type]
-                          samples=samples, confidence=confidence, seed=seed)
-    tail = tail_drop(reference, candidate, tail_fraction, drop_mode)  # type: ignore[arg-type]
-    out: dict[str, Any] = {"reference_miou": reference.miou(), "miou": candidate.miou(),
-                           "drop": iv.drop, "drop_lo": iv.lo, "drop_hi": iv.hi,
-                           "confidence": confidence, "within_limit": is_feasible(iv.drop,
-                                                                                 max_drop),
-                           "tail": {k: tail[k] for k in ("fraction", "images", "drop",
-                                                         "pixel_drop")}}
-    if grouper is not None:
-        per = group_drops(reference, candidate, grouper, drop_mode)  # type: ignore[arg-type]
-        worst = worst_group(per, min_images)
-        out.update(groups=per, worst_group=worst[0] if worst else None,
-                   worst_group_drop=worst[1] if worst else None)
     return out

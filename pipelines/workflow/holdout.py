@@ -66,7 +66,7 @@ def holdout_check(checkpoint: str, data: str, holdout: dict[str, Any],
         return out
 
     def drop(reference_images, images) -> dict[str, Any]:
-        from pipelines.workflow.evaluation import comparison
+        from pipelines.evaluate.compare import comparison
 
         return comparison(reference_images, images, grouper=grouper, drop_mode=drop_mode,
                           max_drop=max_drop, samples=samples, confidence=confidence,
