@@ -77,7 +77,7 @@ def holdout_check(checkpoint: str, data: str, holdout: dict[str, Any],
     broken = not figures["within_limit"] or (
         figures.get("worst_group_drop") is not None
         and figures["worst_group_drop"] > max_drop + 1e-9)
-    out.update(tuned=after, confidence=confidence, limit_broken=broken, **figures)
+    out.update(tuned=after, limit_broken=broken, **figures)
     if plain is not None:
         p_after, p_images = run("plain", checkpoint, plain)
         out["plain"] = {**p_after, **drop(ref_images, p_images)}
