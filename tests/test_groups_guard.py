@@ -326,3 +326,44 @@ def test_evaluation_per_group_against_both_baselines_and_the_held_out_group(tiny
     assert check["limit_broken"] == (check["drop"] > 2.0 or check["worst_group_drop"] > 2.0)
     line = holdout_line(check)
     assert "worst group 0" in line and "against the plain ViT trained on its own" in line
+
+
+def test_robust_search_reports_groups_tail_cliff_and_a_corrected_confirmation(
+        tiny_shards, models, tmp_path, capsys):
+    """``step tune`` with the default guard on real evaluations: every trial carries its
+    tail and group figures, the cheapest candidates are screened for cliffs, the
+    confirmation's intervals are at the Bonferroni level, and the answer says which checks
+    it passed. The held-out group never reaches a trial."""
+    from pipelines.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("name: two\nexit_thresholds: {type: choice, values: [0.3, 0.9]}\n"
+                     "merge_thresholds: {type: choice, values: [0.0]}\n")
+    out, uri = tmp_path / "tune.json", f"sqlite:///{tmp_path / 'm.db'}"
+    rc = main(["tune", "--checkpoint", models["step"], "--data", tiny_shards["val"],
+               "--space", str(space), "--max-drop", "100", "--search", "grid",
+               "--max-samples", "1", "--confirm-top", "2", "--bootstrap-samples", "200",
+               "--set", f"groups.pattern={BY_SCENE['pattern']}", "--set", "holdout.groups=['0']",
+               "--set", "guard.groups.min_images=1", "--tracking-uri", uri,
+               "--register-name", "", "--storage-path", str(tmp_path / "ray"),
+               "--json", str(out)])
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert rc == 0, captured.err
+    import json
+
+    doc = json.loads(out.read_text())
+    # robust, with groups of one image checked (the shards hold one per scene)
+    assert doc["guard"] == "custom" and doc["guard_config"]["groups"]["min_images"] == 1
+    assert doc["guard_config"]["tail"] and doc["holdout"]["groups"] == ["0"]
+    conf = doc["confirmation"]
+    assert conf["images"] == 2  # scenes 1 and 2; scene 0 is held out
+    n = len(conf["candidates"])
+    best = doc["best"]
+    assert best["confirm_confidence"] == pytest.approx(1 - 0.05 / n)
+    assert set(best["groups"]) == {"1", "2"} and best["tail_drop"] is not None
+    assert best["cliff_step"] is not None  # screened: its neighbours were measured
+    assert [c["name"] for c in doc["guard_verdict"]] == ["interval", "tail", "worst_group",
+                                                         "cliff"]
+    assert all(c["ok"] for c in doc["guard_verdict"])
+    assert "cliff: " in printed and "Bonferroni over" in printed

@@ -319,7 +319,7 @@ def test_search_confirms_on_every_searchable_image_and_registers_the_interval(ca
     out, uri = tmp_path / "tune.json", f"sqlite:///{tmp_path / 'm.db'}"
     rc = main(["tune", "--checkpoint", case["ckpt"], "--data", case["val"], "--space",
                str(space), "--max-drop", "100", "--search", "grid", "--max-samples", "1",
-               "--confirm-top", "1", "--bootstrap-samples", "200",
+               "--confirm-top", "1", "--bootstrap-samples", "200", "--guard", "ci",
                "--set", "holdout.fraction=0.54", "--tracking-uri", uri,
                "--register-name", "guard-model", "--storage-path", str(tmp_path / "ray"),
                "--json", str(out)])

@@ -51,9 +51,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from pipelines.common.settings import StrictModel
 
@@ -103,12 +103,7 @@ class GuardConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if value not in PRESETS:
-                raise ValueError(f"must be one of {sorted(PRESETS)} or a mapping of "
-                                 f"checks, got {value!r}")
-            return dict(PRESETS[value])
-        return value
+        return preset_values(value)
 
     @property
     def name(self) -> str:
@@ -142,6 +137,20 @@ PRESETS: dict[str, dict[str, Any]] = {
            "multiplicity": "none"},
     "robust": {},
 }
+
+
+def preset_values(value: Any) -> Any:
+    """A preset's name -> its mapping; anything else unchanged."""
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise ValueError(f"must be one of {sorted(PRESETS)} or a mapping of checks, "
+                             f"got {value!r}")
+        return dict(PRESETS[value])
+    return value
+
+
+# a settings field: YAML mapping, or a preset's name (which also makes it a --guard flag)
+GuardSetting = Annotated[GuardConfig, BeforeValidator(preset_values)]
 
 
 def as_guard(guard: str | GuardConfig | dict[str, Any]) -> GuardConfig:

@@ -64,7 +64,7 @@ from pipelines.tune.confirm import (
     searchable_images,
 )
 from pipelines.tune.credentials import keys_out_of_env, tune_storage, upload_results
-from pipelines.tune.guard import GuardConfig, as_guard, checks
+from pipelines.tune.guard import GuardConfig, GuardSetting, as_guard, checks
 from pipelines.tune.pareto import Selection, mark_choices, pareto_plot, select, trials_csv
 from pipelines.tune.progress import error_summary, progress_callback, trial_error
 from pipelines.tune.space import SearchSpace, load_space
@@ -109,7 +109,7 @@ class TuneSettings(StrictModel):
     max_concurrent: int = Field(2, ge=1)
     resources_per_trial: TrialResources = TrialResources()
     max_samples: int | None = Field(None, ge=1, description="val images per evaluation")
-    guard: GuardConfig = Field(
+    guard: GuardSetting = Field(
         GuardConfig(), description="which trials count as within max_drop: none (point "
         "drop), ci (upper end of the interval), robust (default: the interval, the worst "
         "fraction of the images, the worst group, no cliff one step more aggressive, "
