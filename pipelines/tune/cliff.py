@@ -32,7 +32,7 @@ from pipelines.tune.guard import (
     cliff_step,
     point_key,
 )
-from pipelines.tune.pareto import is_feasible, miou_drop, rule_drop
+from pipelines.tune.pareto import cost_order, is_feasible, miou_drop, rule_drop
 
 
 def screen(trials: list[dict[str, Any]], space, ctx, guard: GuardConfig, *, want: int,
@@ -47,13 +47,13 @@ def screen(trials: list[dict[str, Any]], space, ctx, guard: GuardConfig, *, want
     baseline, max_drop, mode = ctx.baseline["miou"], ctx.max_drop, ctx.drop_mode
     pool: dict[tuple, dict[str, Any]] = {}
     out = [dict(t) for t in trials]
-    for t in sorted(out, key=_order):
+    for t in sorted(out, key=cost_order):
         t["drop"] = miou_drop(baseline, t["miou"], mode)
         pool.setdefault(point_key(t["params"]), t)
     no_cliff = guard.model_copy(update={"cliff": None})
     spent, passed, cap = 0, 0, guard.cliff.max_evaluations
     while passed < want:
-        todo = [t for t in sorted(pool.values(), key=_order)
+        todo = [t for t in sorted(pool.values(), key=cost_order)
                 if "cliff_step" not in t
                 and is_feasible(rule_drop(t, no_cliff, max_drop), max_drop)]
         if not todo:
@@ -90,10 +90,6 @@ def screen(trials: list[dict[str, Any]], space, ctx, guard: GuardConfig, *, want
             t["cliff_step"], t["cliff_neighbour"] = found["cliff_step"], found.get(
                 "cliff_neighbour")
     return out
-
-
-def _order(t: dict[str, Any]) -> tuple:
-    return (t["gflops"], -t["miou"], point_key(t["params"]))
 
 
 def _show(params: dict[str, Any]) -> str:

@@ -16,7 +16,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipelines.tune.guard import as_guard, confirm_confidence, point_key
-from pipelines.tune.pareto import Selection, annotate, is_feasible, rule_drop, select
+from pipelines.tune.pareto import (
+    Selection,
+    annotate,
+    cost_order,
+    is_feasible,
+    rule_drop,
+    select,
+)
 from pipelines.tune.trial import (
     TrialContext,
     drop_interval,
@@ -65,14 +72,14 @@ def candidates(trials: list[dict[str, Any]], baseline_miou: float, max_drop: flo
     def cheapest(guard: Any) -> list[dict[str, Any]]:
         ok = [t for t in done if is_feasible(rule_drop(t, guard, max_drop), max_drop)]
         points: dict[Any, dict[str, Any]] = {}
-        for t in sorted(ok, key=lambda t: (t["gflops"], -t["miou"])):
+        for t in sorted(ok, key=cost_order):
             points.setdefault(key(t), t)
         return list(points.values())[:top]
 
     out: dict[Any, dict[str, Any]] = {}
     for t in [*cheapest("none"), *cheapest(rule)]:
         out.setdefault(key(t), t)
-    return sorted(out.values(), key=lambda t: (t["gflops"], -t["miou"]))
+    return sorted(out.values(), key=cost_order)
 
 
 def searchable_images(data: str, holdout: dict[str, Any] | None) -> int:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.tune.guard import TOL, as_guard, ruled_drop
+from pipelines.tune.guard import TOL, as_guard, point_key, ruled_drop
 
 DropMode = Literal["points", "relative"]
 Guard = Any  # a preset name (none | ci | robust), its mapping, or a GuardConfig
@@ -99,13 +99,19 @@ def _valid(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def cost_order(t: dict[str, Any]) -> tuple:
+    """Cheapest first, ties to the higher mIoU, then to the operating point's parameters:
+    the order (and so the answer) never depends on the order trials finished in."""
+    return (t["gflops"], -t["miou"], point_key(t.get("params") or {}))
+
+
 def pareto_front(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Trials not dominated in (fewer GFLOPs, higher mIoU), sorted by GFLOPs.
 
     A trial is dominated when another has <= GFLOPs and >= mIoU with one strict; among
     exact duplicates the first one is kept.
     """
-    ordered = sorted(_valid(trials), key=lambda t: (t["gflops"], -t["miou"]))
+    ordered = sorted(_valid(trials), key=cost_order)
     front: list[dict[str, Any]] = []
     best_miou = -math.inf
     for t in ordered:
@@ -184,7 +190,7 @@ def annotate(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: f
 
 
 def _cheapest(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return min(trials, key=lambda t: (t["gflops"], -t["miou"])) if trials else None
+    return min(trials, key=cost_order) if trials else None
 
 
 def select(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: float,
