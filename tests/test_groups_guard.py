@@ -367,3 +367,25 @@ def test_robust_search_reports_groups_tail_cliff_and_a_corrected_confirmation(
                                                          "cliff"]
     assert all(c["ok"] for c in doc["guard_verdict"])
     assert "cliff: " in printed and "Bonferroni over" in printed
+
+
+def test_step_eval_gives_mIoU_per_group_and_the_drop_against_the_reference(tiny_shards, models,
+                                                                           tmp_path, capsys):
+    import json
+
+    from pipelines.cli import main
+
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--checkpoint", models["step"], "--data", tiny_shards["val"],
+               "--thresholds", "0.3", "--merge-thresholds", "0.0",
+               "--set", f"groups.pattern={BY_SCENE['pattern']}", "--set", "reference=true",
+               "--no-mlflow", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())["result"]
+    assert set(res["groups"]) == {"0", "1", "2"}
+    assert all(g["images"] == 1 for g in res["groups"].values())
+    d = res["drop"]
+    assert d["drop"] == pytest.approx(100 * (d["reference_miou"] - res["miou"]), abs=1e-9)
+    assert d["worst_group_drop"] == max(g["drop"] for g in d["groups"].values())
+    assert d["tail"]["images"] == 1  # ceil(0.2 x 3)
+    assert "drop against the unpruned reference" in capsys.readouterr().out
