@@ -214,7 +214,9 @@ class TuneOutcome:
             "pareto": [brief(t) for t in sel.front],
             "evaluations": len(self.trials) + 1 + (  # + the reference evaluation(s)
                 len(self.confirmation.trials) + 1 if self.confirmation else 0),
-            "n_trials": len(self.trials),
+            # the search's trials; the neighbours the cliff screen evaluated apart
+            "n_trials": sum(t.get("source") != "neighbour" for t in self.trials),
+            "n_neighbours": sum(t.get("source") == "neighbour" for t in self.trials),
             "n_feasible": sel.n_feasible,
             "failed_trials": self.failed_trials,
             "registered_model": self.registered_model,
@@ -477,7 +479,8 @@ def _choose(settings: TuneSettings, space: SearchSpace, num_exits: int, ctx: Tri
               flush=True)
     print(final.choices(), flush=True)
     outcome.best_inference = inference_of(final.best["params"]) if final.best else None
-    tracker.log_metrics({"n_trials": len(trials), "n_feasible": selection.n_feasible,
+    tracker.log_metrics({"n_trials": sum(t.get("source") != "neighbour" for t in trials),
+                         "n_feasible": selection.n_feasible,
                          "failed_trials": failed, "feasible": float(final.feasible)})
     tracker.set_tags({"step.tune.result": "feasible" if final.feasible else "infeasible",
                       "step.tune.message": final.message(),
