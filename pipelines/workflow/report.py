@@ -139,8 +139,10 @@ def guard_lines(tune_doc: dict[str, Any]) -> list[str]:
     if not verdict:
         return []
     best = tune_doc.get("best") is not None
+    tail = ((tune_doc.get("guard_config") or {}).get("tail") or {}).get("fraction")
     names = {"drop": "point drop", "interval": "upper end of the interval",
-             "tail": "drop on the worst images", "worst_group": "worst group's drop",
+             "tail": f"drop on the worst {tail:g} of the images" if tail else "tail drop",
+             "worst_group": "worst group's drop",
              "cliff": "steepest step to a neighbour beyond the limit"}
     head = (f"guard {tune_doc.get('guard')}: "
             + ("the chosen configuration passes every check" if best else
