@@ -112,11 +112,11 @@ def test_tail_is_zero_for_an_identical_candidate_and_independent_of_order():
 # dearer one that keeps every check
 TRIALS = [
     {"trial_id": "mean-only", "miou": 0.49, "gflops": 3.0, "drop_lo": 0.2, "drop_hi": 1.8,
-     "tail_drop": 5.5, "worst_group_drop": 1.4, "params": {}},
+     "tail_drop": 5.5, "tail_images": 10, "worst_group_drop": 1.4, "params": {}},
     {"trial_id": "bad-group", "miou": 0.49, "gflops": 3.5, "drop_lo": 0.2, "drop_hi": 1.8,
-     "tail_drop": 1.5, "worst_group_drop": 2.6, "params": {}},
+     "tail_drop": 1.5, "tail_images": 10, "worst_group_drop": 2.6, "params": {}},
     {"trial_id": "robust", "miou": 0.495, "gflops": 5.0, "drop_lo": -0.3, "drop_hi": 1.4,
-     "tail_drop": 1.9, "worst_group_drop": 0.8, "params": {}},
+     "tail_drop": 1.9, "tail_images": 10, "worst_group_drop": 0.8, "params": {}},
 ]
 
 
@@ -131,10 +131,13 @@ def test_robust_guard_looks_past_the_mean():
     assert verdict["tail"]["value"] == 5.5 and verdict["tail"]["limit"] == 2.0
     assert not {c["name"]: c for c in checks(TRIALS[1], "robust", 2.0)}["worst_group"]["ok"]
     assert "worst 0.2 of the images" in robust.message()
+    # a tail of fewer images than tail.min_images is its noise: shown, not checked
+    few = {**TRIALS[0], "tail_images": 2}
+    assert "tail" not in {c["name"] for c in checks(few, "robust", 2.0)}
 
 
 def test_ruled_drop_keeps_the_old_rules_and_maps_other_limits():
-    t = {"drop": 1.0, "drop_hi": 2.5, "tail_drop": 3.0}
+    t = {"drop": 1.0, "drop_hi": 2.5, "tail_drop": 3.0, "tail_images": 5}
     assert ruled_drop(t, "none", 2.0) == 1.0 and ruled_drop(t, "ci", 2.0) == 2.5
     custom = GuardConfig(tail={"fraction": 0.2, "max_drop": 4.0})
     assert ruled_drop(t, custom, 2.0) == 2.5  # the tail is 1.0 under its own limit of 4
@@ -344,7 +347,8 @@ def test_robust_search_reports_groups_tail_cliff_and_a_corrected_confirmation(
                "--space", str(space), "--max-drop", "100", "--search", "grid",
                "--max-samples", "1", "--confirm-top", "2", "--bootstrap-samples", "200",
                "--set", f"groups.pattern={BY_SCENE['pattern']}", "--set", "holdout.groups=['0']",
-               "--set", "guard.groups.min_images=1", "--tracking-uri", uri,
+               "--set", "guard.groups.min_images=1", "--set", "guard.tail.min_images=1",
+               "--tracking-uri", uri,
                "--register-name", "", "--storage-path", str(tmp_path / "ray"),
                "--json", str(out)])
     captured = capsys.readouterr()

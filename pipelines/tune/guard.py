@@ -67,6 +67,9 @@ class TailCheck(StrictModel):
                             "whose pooled drop is checked")
     max_drop: float | None = Field(None, ge=0, description="limit of the tail drop "
                                    "(default: tune.max_drop)")
+    min_images: int = Field(5, ge=1, description="fewer worst images than this (a search "
+                            "on few images) are shown, not checked: the mIoU of one or two "
+                            "images is their noise, not a tail")
 
 
 class GroupCheck(StrictModel):
@@ -171,7 +174,8 @@ def checks(trial: dict[str, Any], guard: str | GuardConfig, max_drop: float
         out.append(("drop", trial["drop"], max_drop))
     else:
         out.append(("interval", value, max_drop))
-    if g.tail is not None and trial.get("tail_drop") is not None:
+    if g.tail is not None and trial.get("tail_drop") is not None \
+            and (trial.get("tail_images") or 0) >= g.tail.min_images:
         out.append(("tail", trial["tail_drop"], _limit(g.tail.max_drop, max_drop)))
     if g.groups is not None and trial.get("worst_group_drop") is not None:
         out.append(("worst_group", trial["worst_group_drop"], _limit(g.groups.max_drop,

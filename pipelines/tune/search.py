@@ -87,7 +87,8 @@ class TrialsFailed(RuntimeError):
 
 Search = Literal["optuna", "random", "grid"]
 # what each answer in the --json document carries besides mIoU, GFLOPs and the interval
-GUARD_FIGURES = ("tail_drop", "tail_pixel_drop", "worst_group", "worst_group_drop", "groups",
+GUARD_FIGURES = ("tail_drop", "tail_pixel_drop", "tail_images", "worst_group",
+                 "worst_group_drop", "groups",
                  "cliff_step", "cliff_neighbour", "confirm_confidence")
 
 

@@ -19,7 +19,7 @@ from pipelines.tune.space import SearchSpace
 # ``worst_group``, a name, are kept in the trial's record, not logged as metrics).
 TRIAL_METRICS = ("miou", "drop", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
                  "feasible", "objective", "drop_lo", "drop_hi", "tail_drop",
-                 "tail_pixel_drop", "worst_group_drop", "worst_group", "groups")
+                 "tail_pixel_drop", "tail_images", "worst_group_drop", "worst_group", "groups")
 
 
 def reference_inference(num_exits: int) -> dict[str, Any]:
@@ -163,7 +163,8 @@ def slice_figures(ctx: TrialContext, images) -> dict[str, Any]:
     g = as_guard(ctx.guard)
     tail = tail_drop(ctx.reference, images, (g.tail or TailCheck()).fraction,
                      ctx.drop_mode)  # type: ignore[arg-type]
-    out: dict[str, Any] = {"tail_drop": tail["drop"], "tail_pixel_drop": tail["pixel_drop"]}
+    out: dict[str, Any] = {"tail_drop": tail["drop"], "tail_pixel_drop": tail["pixel_drop"],
+                           "tail_images": tail["images"]}
     if ctx.groups is not None:
         from pipelines.common.data import resolve_data_uri
         from pipelines.common.groups import key_grouper
