@@ -6,12 +6,16 @@ images (the winner's curse). So before choosing, the ``confirm_top`` cheapest tr
 feasible under the point rule, plus the ``confirm_top`` cheapest feasible under the
 guarded rule, are evaluated again on the whole split the search may see (held-out images
 still excluded), together with the unpruned reference (their per-image matrices give new
-intervals), and the choice is made over those figures only. Nothing runs when the trials
-already saw every searchable image.
+intervals, at a level corrected for the number of candidates under ``multiplicity:
+bonferroni``), and the choice is made over those figures only. A candidate of the point
+rule that the cliff screen never reached keeps a NaN ``cliff_step``: the guard does not
+choose a point whose neighbours were not measured. Nothing runs when the trials already
+saw every searchable image.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -95,7 +99,8 @@ def confirm(ctx: TrialContext, space, cands: list[dict[str, Any]],
     ref, ref_images = evaluate_images(ctx.checkpoint, ctx.data,
                                       reference_inference(ctx.num_exits), max_samples=None,
                                       device=ctx.device, holdout=ctx.holdout)
-    level = confirm_confidence(ctx.guard, ctx.confidence, len(cands))
+    guard = as_guard(ctx.guard)
+    level = confirm_confidence(guard, ctx.confidence, len(cands))
     full = replace(ctx, baseline=ref, reference=ref_images, max_samples=None, confidence=level)
     echo(f"confirm: the reference and {len(cands)} candidate(s) on all {len(ref_images)} "
          f"searchable images; reference mIoU {100 * ref['miou']:.2f}"
@@ -113,6 +118,10 @@ def confirm(ctx: TrialContext, space, cands: list[dict[str, Any]],
         row = {**{k: v for k, v in t.items() if k not in ("feasible",)},
                **{f"search_{k}": t.get(k) for k in SEARCH_FIGURES}, **metrics,
                "num_images": len(images), "confirm_confidence": level}
+        if guard.cliff is not None and row.get("cliff_step") is None:
+            # a point the cliff screen never reached (the point rule's candidate) is not
+            # the guard's to choose: its neighbours were not measured
+            row["cliff_step"] = math.nan
         confirmed.append(row)
         echo(f"confirm: trial {t.get('trial_id')}: {row['gflops']:.3f} GFLOPs, drop "
              f"{row['drop']:.2f} [{row.get('drop_lo', float('nan')):.2f}, "
