@@ -195,6 +195,7 @@ class SegShards(IterableDataset):
         skipped: SkipCounter,
         with_keys: bool = False,
         to_float: bool = True,
+        exclude: frozenset[str] = frozenset(),
     ):
         self.plan = plan
         self.batch_size = batch_size
@@ -210,6 +211,7 @@ class SegShards(IterableDataset):
         self.skipped = skipped
         self.with_keys = with_keys
         self.to_float = to_float
+        self.exclude = exclude  # training: keys never yielded (plan.sizes counts the rest)
 
     # -- shard stream ---------------------------------------------------------------
 
@@ -236,7 +238,8 @@ class SegShards(IterableDataset):
         stream = wds.tarfile_samples([{"url": url}], handler=handler)
         try:
             for sample in stream:
-                mine = pos >= lo
+                # an excluded key is neither yielded nor counted: sizes count the kept ones
+                mine = pos >= lo and sample.get("__key__") not in self.exclude
                 pos += 1
                 if mine:
                     if SHARD_LABEL_EXT not in sample or not any(e in sample for e in SHARD_IMAGE_EXTS):
@@ -459,6 +462,7 @@ def build_loader(
     with_keys: bool = False,
     to_float: bool = True,
     max_samples: int | None = None,
+    exclude_keys: frozenset[str] | set[str] | None = None,
 ) -> SegLoader:
     """A loader over the shards of ``split`` in ``uri`` (a ``step prep`` output, local or S3).
 
@@ -480,11 +484,23 @@ def build_loader(
     the split (shard order, then tar order), split across ranks like the whole split,
     i.e. the same images whatever the number of ranks. ``num_samples`` is this rank's
     share, ``total_samples`` the count over all ranks.
+
+    ``exclude_keys`` (training only): samples never yielded, e.g. a recording kept from
+    training. The epoch length counts the samples kept per shard (from the manifest), so
+    every rank still takes the same number of steps.
     """
     info = read_dataset_info(uri)
     split = info.pick_split(split, train)
     shards = info.shard_uris(split)
     sizes = [info.shard_sizes[s.rsplit("/", 1)[-1]] for s in shards]
+    exclude = frozenset(exclude_keys or ())
+    if exclude:
+        if not train:
+            raise ValueError("exclude_keys filters training loaders only; evaluation "
+                             "filters keys after loading (pipelines.common.data.KeyFilter)")
+        sizes = kept_shard_sizes(uri, split, [s.rsplit("/", 1)[-1] for s in shards], exclude)
+        if not sum(sizes):
+            raise ValueError(f"{uri}: exclude_keys leaves no sample of split {split!r}")
     if rank is None or world_size is None:
         rank, world_size = dist_rank_world()
     cfg = augment if isinstance(augment, AugmentConfig) else AugmentConfig.model_validate(augment or {})
@@ -507,9 +523,28 @@ def build_loader(
         plan, batch_size=batch_size, crop_size=crop_size, train=train, seed=seed, epoch=epoch,
         augment_cfg=cfg, resample=resample, shuffle_buffer=shuffle_buffer,
         eval_long_side=eval_long_side, pad_to_multiple=pad_to_multiple, skipped=SkipCounter(),
-        with_keys=with_keys, to_float=to_float,
+        with_keys=with_keys, to_float=to_float, exclude=exclude,
     )
     return SegLoader(dataset, info, num_workers, steps, num_samples, total_samples)
+
+
+def kept_shard_sizes(uri: str, split: str, shard_names: list[str],
+                     exclude: frozenset[str]) -> list[int]:
+    """Samples per shard of ``split`` (in ``shard_names`` order) whose key is not in
+    ``exclude``, from ``manifest.parquet``."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, "manifest.parquet"))),
+                          columns=["split", "shard", "key"])
+    kept = dict.fromkeys(shard_names, 0)
+    for sp, shard, key in zip(table.column("split").to_pylist(),
+                              table.column("shard").to_pylist(),
+                              table.column("key").to_pylist(), strict=True):
+        if sp == split and shard in kept and key not in exclude:
+            kept[shard] += 1
+    return [kept[n] for n in shard_names]
 
 
 def _check_mode_args(train: bool, crop_size: int | None, max_samples: int | None) -> None:

@@ -235,3 +235,26 @@ def test_eval_loader_gives_every_rank_its_share_of_samples(shards: str, world: i
     assert sorted(capped) == sorted(single) and len(single) == 3
     with pytest.raises(ValueError, match="max_samples"):
         build_loader(shards, batch_size=1, crop_size=16, train=True, max_samples=3)
+
+
+def test_excluded_keys_never_reach_training_and_the_epoch_counts_the_rest(shards: str) -> None:
+    """``exclude_keys`` (a group kept from training): under 2 ranks no excluded key is ever
+    yielded, no kept one twice in an epoch, and both ranks take the same number of steps,
+    counted from the kept samples of each shard (the manifest)."""
+    keys = sorted(_all_keys(shards))
+    excluded = frozenset(keys[:3])  # a whole shard and one sample of the next
+    seen: list[str] = []
+    steps = []
+    for rank in range(2):
+        loader = build_loader(shards, batch_size=1, crop_size=16, num_workers=1, rank=rank,
+                              world_size=2, with_keys=True, exclude_keys=excluded, seed=3)
+        got = [k for *_, ks in loader for k in ks]
+        steps.append(len(loader))
+        seen += got
+    assert not set(seen) & excluded
+    assert len(seen) == len(set(seen)) and set(seen) <= set(keys) - excluded
+    assert steps[0] == steps[1] and len(seen) == 2 * steps[0]
+    with pytest.raises(ValueError, match="leaves no sample"):
+        build_loader(shards, batch_size=1, crop_size=16, num_workers=0, exclude_keys=set(keys))
+    with pytest.raises(ValueError, match="training loaders only"):
+        build_loader(shards, batch_size=1, crop_size=None, train=False, exclude_keys={keys[0]})

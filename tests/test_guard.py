@@ -183,7 +183,10 @@ def test_holdout_settings_name_the_field():
 
     assert Holdout(fraction=0.3).describe().startswith("0.3 of the validation images")
     for bad, why in (({"fraction": 1.5}, "holdout.fraction"),
-                     ({"split": "test", "fraction": 0.2}, "exactly one of split")):
+                     ({"split": "test", "fraction": 0.2}, "not both"),
+                     ({}, "give split .* fraction .* or groups"),
+                     ({"fraction": 0.2, "from_training": True}, "from_training: needs groups"),
+                     ({"groups": ["a"]}, "holdout.groups: needs groups")):
         with pytest.raises(ConfigError, match=why):
             validate(TuneSettings, {"holdout": bad})
     with pytest.raises(ConfigError, match="guard"):
@@ -315,7 +318,7 @@ def test_search_confirms_on_every_searchable_image_and_registers_the_interval(ca
     out, uri = tmp_path / "tune.json", f"sqlite:///{tmp_path / 'm.db'}"
     rc = main(["tune", "--checkpoint", case["ckpt"], "--data", case["val"], "--space",
                str(space), "--max-drop", "100", "--search", "grid", "--max-samples", "1",
-               "--confirm-top", "1", "--bootstrap-samples", "200",
+               "--confirm-top", "1", "--bootstrap-samples", "200", "--guard", "ci",
                "--set", "holdout.fraction=0.54", "--tracking-uri", uri,
                "--register-name", "guard-model", "--storage-path", str(tmp_path / "ray"),
                "--json", str(out)])

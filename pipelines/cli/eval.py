@@ -36,12 +36,15 @@ def evaluate(inv: Invocation) -> Result:
     oracle = uses_oracle(checkpoint, inference)
     if oracle and not s.allow_oracle:
         refuse_oracle("step eval")
+    per_image = s.groups is not None or s.reference
     result = evaluate_checkpoint(
         checkpoint, s.data, inference=inference, max_samples=s.max_samples,
         device=s.device, mode=s.mode, crop_size=s.crop_size, stride=s.stride,
-        latency_samples=s.latency_samples,
+        latency_samples=s.latency_samples, per_image=per_image,
     )
     full = result.to_dict()
+    if per_image:
+        full.update(_slices(s, checkpoint, result.images))
     run_id = tracking_uri = None
     if s.mlflow.enabled:
         run_id, tracking_uri = _log(s, checkpoint, inference, result, oracle)
@@ -49,12 +52,55 @@ def evaluate(inv: Invocation) -> Result:
            "data": s.data, "inference": inference, "metrics": result.headline(),
            "result": full, "uses_labels": oracle, "upper_bound": oracle}
     m = out["metrics"]
+    for line in _slice_lines(full):
+        print(f"step eval: {line}")
     if oracle:
         print(f"step eval: {ORACLE_NOTE}; these figures are not a model's result")
     print(f"step eval: {result.num_images} images, mIoU {_f(m['miou'])}, "
           f"GFLOPs {_f(m['gflops'])}, tokens {_f(m['tokens_mean'])}/{_f(m['tokens_in'])}, "
           f"halted {_f(m['halted_fraction'])}, latency {_f(m['latency_ms'])} ms")
     return Result(out)
+
+
+def _slices(s: EvalSettings, checkpoint: str, images) -> dict:
+    """mIoU per group and, with ``reference``, the drop against the unpruned model (overall,
+    worst fifth of the images, per group): the figures of the pipeline's evaluate step."""
+    from pipelines.common.data import resolve_data_uri
+    from pipelines.common.groups import key_grouper
+    from pipelines.evaluate.groups import group_miou
+    from pipelines.tune.trial import evaluate_images, reference_inference
+
+    grouper = key_grouper(resolve_data_uri(s.data)[0], s.groups) if s.groups else None
+    out: dict = {}
+    if grouper is not None:
+        out["groups"] = group_miou(images, grouper)
+    if s.reference:
+        from pipelines.evaluate.compare import comparison
+
+        ref, ref_images = evaluate_images(
+            checkpoint, s.data, reference_inference(s.inference),
+            max_samples=s.max_samples, device=s.device)
+        out["reference"] = {k: ref.get(k) for k in ("miou", "gflops", "tokens_mean")}
+        out["drop"] = comparison(ref_images, images, grouper=grouper, drop_mode="points",
+                                 max_drop=float("inf"), samples=1000, confidence=0.95,
+                                 seed=0, tail_fraction=0.2, min_images=1)
+        out["drop"].pop("within_limit")
+    return out
+
+
+def _slice_lines(full: dict) -> list[str]:
+    lines = []
+    for g, f in (full.get("groups") or {}).items():
+        lines.append(f"group {g}: {f['images']} images, mIoU {_f(f['miou'])}")
+    d = full.get("drop")
+    if d:
+        lines.append(f"drop against the unpruned reference (mIoU {_f(d['reference_miou'])}): "
+                     f"{d['drop']:.2f} points [{d['drop_lo']:.2f}, {d['drop_hi']:.2f}]; "
+                     f"worst {d['tail']['fraction']:g} of the images: "
+                     f"{_f(d['tail']['drop'])}"
+                     + (f"; worst group {d['worst_group']}: {d['worst_group_drop']:.2f}"
+                        if d.get("worst_group") is not None else ""))
+    return lines
 
 
 def _f(v: float | None) -> str:

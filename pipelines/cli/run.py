@@ -41,7 +41,7 @@ def _run(inv: Invocation) -> Result:
         plan = Workflow(inv.settings, config_path=inv.config).plan()
         for p in plan:
             extra = f" (reuses run {p['reuses_run']})" if p["reuses_run"] else ""
-            print(f"{p['step']:<13} {p['action']:<4} fingerprint {p['fingerprint'][:12]}{extra}")
+            print(f"{p['step']:<14} {p['action']:<4} fingerprint {p['fingerprint'][:12]}{extra}")
         return Result({"plan": plan})
     result = run_pipeline(inv.config, inv.overrides)
     doc = result_json(result)
@@ -84,7 +84,13 @@ def result_json(result) -> dict:
         "evaluation": {"baseline": s.get("baseline"), "tuned": s.get("tuned"),
                        "drop": s.get("drop_on_reevaluation"),
                        "within_limit": s.get("within_limit_on_reevaluation"),
+                       "plain_vit": s.get("plain_vit"),
+                       "drop_vs_plain_vit": s.get("drop_vs_plain_vit"),
+                       "within_limit_vs_plain_vit": s.get("within_limit_vs_plain_vit"),
+                       "worst_group": s.get("worst_group"),
                        "holdout": s.get("holdout")},
+        "guard": s.get("guard"),
+        "guard_verdict": s.get("guard_verdict"),
         "steps": {n: {"run_id": r.run_id, "fingerprint": r.fingerprint, "skipped": r.skipped,
                       "reused_run_id": r.reused_run_id, "outputs": r.outputs}
                   for n, r in result.steps.items()},

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from pipelines.common.groups import key_grouper
 from pipelines.common.holdout import is_held_out
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def batch_to_device(images, labels, device):
 def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
                 rank: int | None = None, world_size: int | None = None,
                 max_samples: int | None = None, holdout=None,
-                part: Literal["search", "holdout"] = "search", with_keys: bool = False):
+                part: Literal["search", "holdout", "groups"] = "search",
+                with_keys: bool = False):
     """Every sample of ``uri`` once, whole images at their own resolution.
 
     Under DDP each rank reads its own contiguous range of samples, sizes differing by at
@@ -73,41 +75,70 @@ def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
     ``total_samples`` the count over all ranks.
 
     ``holdout`` (a :class:`pipelines.common.holdout.Holdout` or its dict) with
-    ``part="search"`` leaves the held-out images out: a held-out fraction is filtered by
-    key (``max_samples`` then counts the images kept), and a held-out split may not be the
-    split read. ``part="holdout"`` yields only the held-out images: those keys of the
-    split, or the held-out split of ``uri``. ``with_keys`` adds the sample keys as a
-    third batch element.
+    ``part="search"`` leaves the held-out images out: a held-out fraction or held-out
+    groups are filtered by key (``max_samples`` then counts the images kept), and a
+    held-out split may not be the split read. ``part="holdout"`` yields only the held-out
+    images: those keys of the split, or the held-out split of ``uri``. ``part="groups"``
+    yields the images of the held-out groups only (no fraction: the training split's
+    images that ``from_training`` kept from the trainings). ``with_keys`` adds the sample
+    keys as a third batch element.
     """
     from data_prep.loader import build_loader
 
     uri, split = resolve_data_uri(uri)
     holdout = as_holdout(holdout)
-    if holdout is not None and holdout.split is not None:
-        if part == "holdout":
-            split = holdout.split
-        elif _picked_split(uri, split) == holdout.split:
-            raise ValueError(f"{uri}: split {holdout.split!r} is held out from the search")
-        holdout = None  # a whole split: nothing to filter
-    if holdout is None:
+    keep = None
+    if holdout is not None:
+        if holdout.split is not None and part == "holdout":
+            split = holdout.split  # a whole split: nothing to filter
+        else:
+            if part == "search" and holdout.split is not None \
+                    and _picked_split(uri, split) == holdout.split:
+                raise ValueError(f"{uri}: split {holdout.split!r} is held out from the search")
+            keep = key_filter(uri, holdout, part)
+    if keep is None:
         return build_loader(uri, split=split, batch_size=batch_size, crop_size=None,
                             train=False, num_workers=num_workers, rank=rank,
                             world_size=world_size, to_float=False, max_samples=max_samples,
                             with_keys=with_keys)
     if max_samples is not None and (world_size or 1) > 1:
-        raise ValueError("max_samples with a held-out fraction needs a single-process "
+        raise ValueError("max_samples with held-out keys needs a single-process "
                          "evaluation (world_size=1)")
     inner = build_loader(uri, split=split, batch_size=batch_size, crop_size=None, train=False,
                          num_workers=num_workers, rank=rank, world_size=world_size,
                          to_float=False, with_keys=True)
-    fraction = holdout.fraction
-    want_held = part == "holdout"
-    kept = sum(is_held_out(k, fraction) == want_held
-               for k in split_keys(uri, _picked_split(uri, split)))
+    kept = sum(map(keep, split_keys(uri, _picked_split(uri, split))))
     if max_samples is not None:
         kept = min(kept, max_samples)
-    return KeyFilter(inner, lambda k: is_held_out(k, fraction) == want_held, max_samples,
-                     with_keys, total=kept, single=(world_size or 1) == 1)
+    return KeyFilter(inner, keep, max_samples, with_keys, total=kept,
+                     single=(world_size or 1) == 1)
+
+
+def key_filter(uri: str, holdout, part: str):
+    """key -> whether ``part`` (search | holdout | groups) of the split keeps it; None when
+    ``holdout`` filters nothing there (the search, with only a held-out split)."""
+    h = as_holdout(holdout)
+    if part not in ("search", "holdout", "groups"):
+        raise ValueError(f"part must be 'search', 'holdout' or 'groups', got {part!r}")
+    groups = frozenset(h.groups) if h is not None else frozenset()
+    fraction = h.fraction if h is not None and part != "groups" else None
+    if fraction is None and not groups:
+        if part == "search":
+            return None
+        return lambda key: False
+    grouper = key_grouper(uri, h.group_by) if groups else None
+
+    def in_group(key: str) -> bool:
+        return grouper is not None and grouper(key) in groups
+
+    def held(key: str) -> bool:
+        return (fraction is not None and is_held_out(key, fraction)) or in_group(key)
+
+    if part == "groups":
+        return in_group
+    if part == "holdout":
+        return held
+    return lambda key: not held(key)
 
 
 class KeyFilter:
@@ -162,15 +193,15 @@ def split_keys(uri: str, split: str) -> list[str]:
 
 
 def holdout_keys(uri: str, holdout) -> tuple[set[str], set[str]]:
-    """(searched keys, held-out keys) of the split that ``uri`` names, under a held-out
-    fraction (a held-out split leaves the whole split to the search)."""
+    """(searched keys, held-out keys) of the split that ``uri`` names (a held-out split
+    leaves the whole split to the search)."""
     uri, split = resolve_data_uri(uri)
     keys = split_keys(uri, _picked_split(uri, split))
-    holdout = as_holdout(holdout)
-    if holdout is None or holdout.fraction is None:
+    keep = key_filter(uri, holdout, "search") if holdout is not None else None
+    if keep is None:
         return set(keys), set()
-    held = {k for k in keys if is_held_out(k, holdout.fraction)}
-    return set(keys) - held, held
+    searched = {k for k in keys if keep(k)}
+    return searched, set(keys) - searched
 
 
 def _picked_split(uri: str, split: str | None) -> str:

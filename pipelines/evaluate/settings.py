@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from pipelines.common.groups import Groups
 from pipelines.common.settings import MlflowSection, StrictModel
 from step_model.config import InferenceOverrides
 
@@ -39,4 +40,10 @@ class EvalSettings(StrictModel):
                                  "(0: no latency)")
     allow_oracle: bool = Field(False, description="allow policy mode 'oracle' (tokens chosen "
                                "from the labels: an upper bound, labelled as such)")
+    groups: Groups | None = Field(None, description="how sample keys fall into groups "
+                                  "(recordings, cities): {pattern: REGEX} or {column: NAME}; "
+                                  "mIoU per group")
+    reference: bool = Field(False, description="also evaluate the unpruned reference (no "
+                            "merging, no halting): the drop overall, on the worst fifth of "
+                            "the images and per group, with the worst group")
     mlflow: EvalMlflow = EvalMlflow()

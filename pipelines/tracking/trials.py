@@ -65,7 +65,7 @@ def trial_runs_callback(tracking_uri: str, experiment_id: str, parent_run_id: st
             now = int(time.time() * 1000)
             self.client.log_batch(rid, metrics=[
                 Metric(k, float(v), now, 0) for k, v in metrics.items()
-                if v is not None and math.isfinite(float(v))])
+                if isinstance(v, (int, float)) and math.isfinite(float(v))])
 
         def _end(self, trial, status: str, error: str | None = None) -> None:
             rid = self.run_ids.get(trial.trial_id)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from pipelines.common.groups import Groups
 from pipelines.common.precision import Precision
 from pipelines.common.settings import (
     ConfigError,
@@ -69,6 +70,17 @@ class DataConfig(StrictModel):
     resample: bool | Literal["auto"] = Field(
         "auto", description="sample shards with replacement; auto = only when there are "
         "fewer shards than ranks x loader workers")
+    groups: Groups | None = Field(None, description="how sample keys fall into groups "
+                                  "(recordings, cities): {pattern: REGEX} or {column: NAME}")
+    exclude_groups: list[str] = Field(
+        default_factory=list, description="groups whose training images are skipped "
+        "(a condition held out to measure a change of conditions); needs data.groups")
+
+    @model_validator(mode="after")
+    def _groups_defined(self) -> DataConfig:
+        if self.exclude_groups and self.groups is None:
+            raise ValueError("exclude_groups: needs data.groups (how keys fall into groups)")
+        return self
 
     @field_validator("scale_range")
     @classmethod

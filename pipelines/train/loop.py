@@ -73,6 +73,10 @@ def total_steps(cfg: TrainConfig, world_size: int) -> int:
 
     info = dataset_info(cfg.data.train)
     samples = info.num_samples[info.pick_split(resolve_data_uri(cfg.data.train)[1], train=True)]
+    if cfg.data.exclude_groups:
+        from pipelines.train.data import excluded_keys
+
+        samples -= len(excluded_keys(cfg))
     per_step = cfg.data.batch_size * world_size * cfg.optim.grad_accum
     return max(1, math.ceil(cfg.train.epochs * samples / per_step))
 

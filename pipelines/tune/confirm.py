@@ -6,26 +6,40 @@ images (the winner's curse). So before choosing, the ``confirm_top`` cheapest tr
 feasible under the point rule, plus the ``confirm_top`` cheapest feasible under the
 guarded rule, are evaluated again on the whole split the search may see (held-out images
 still excluded), together with the unpruned reference (their per-image matrices give new
-intervals), and the choice is made over those figures only. Nothing runs when the trials
-already saw every searchable image.
+intervals, at a level corrected for the number of candidates under ``multiplicity:
+bonferroni``), and the choice is made over those figures only. A candidate of the point
+rule that the cliff screen never reached keeps a NaN ``cliff_step``: the guard does not
+choose a point whose neighbours were not measured. Nothing runs when the trials already
+saw every searchable image.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipelines.tune.pareto import Selection, annotate, is_feasible, rule_drop, select
+from pipelines.tune.guard import as_guard, confirm_confidence, point_key
+from pipelines.tune.pareto import (
+    Selection,
+    annotate,
+    cost_order,
+    is_feasible,
+    rule_drop,
+    select,
+)
 from pipelines.tune.trial import (
     TrialContext,
     drop_interval,
     evaluate_images,
     reference_inference,
+    slice_figures,
     trial_inference,
     trial_metrics,
 )
 
-SEARCH_FIGURES = ("miou", "drop", "drop_lo", "drop_hi", "gflops", "num_images")
+SEARCH_FIGURES = ("miou", "drop", "drop_lo", "drop_hi", "gflops", "num_images", "tail_drop",
+                  "worst_group_drop")
 
 
 @dataclass
@@ -47,28 +61,30 @@ class Confirmation:
 
 
 def candidates(trials: list[dict[str, Any]], baseline_miou: float, max_drop: float,
-               mode: str, top: int) -> list[dict[str, Any]]:
-    """The ``top`` cheapest trials feasible under each rule (point drop, interval's upper
-    end), cheapest first, each operating point once: a searcher over a discrete space can
-    propose the same point again (Optuna's TPE does), and confirming it twice would crowd
-    out the next-cheapest point."""
+               mode: str, top: int, guard: Any = "ci") -> list[dict[str, Any]]:
+    """The ``top`` cheapest trials feasible under each rule (point drop, ``guard``; ``ci``
+    when the guard is ``none``), cheapest first, each operating point once: a searcher over
+    a discrete space can propose the same point again (Optuna's TPE does), and confirming
+    it twice would crowd out the next-cheapest point."""
     done = annotate(trials, baseline_miou, max_drop, mode)  # type: ignore[arg-type]
+    g = as_guard(guard)
+    rule = as_guard("ci") if g.is_plain() else g
 
     def key(t: dict[str, Any]) -> Any:
         params = t.get("params")
-        return tuple(sorted(params.items())) if params else t.get("trial_id") or id(t)
+        return point_key(params) if params else t.get("trial_id") or id(t)
 
-    def cheapest(guard: str) -> list[dict[str, Any]]:
-        ok = [t for t in done if is_feasible(rule_drop(t, guard), max_drop)]  # type: ignore[arg-type]
+    def cheapest(guard: Any) -> list[dict[str, Any]]:
+        ok = [t for t in done if is_feasible(rule_drop(t, guard, max_drop), max_drop)]
         points: dict[Any, dict[str, Any]] = {}
-        for t in sorted(ok, key=lambda t: (t["gflops"], -t["miou"])):
+        for t in sorted(ok, key=cost_order):
             points.setdefault(key(t), t)
         return list(points.values())[:top]
 
     out: dict[Any, dict[str, Any]] = {}
-    for t in [*cheapest("none"), *cheapest("ci")]:
+    for t in [*cheapest("none"), *cheapest(rule)]:
         out.setdefault(key(t), t)
-    return sorted(out.values(), key=lambda t: (t["gflops"], -t["miou"]))
+    return sorted(out.values(), key=cost_order)
 
 
 def searchable_images(data: str, holdout: dict[str, Any] | None) -> int:
@@ -84,19 +100,29 @@ def confirm(ctx: TrialContext, space, cands: list[dict[str, Any]],
     ref, ref_images = evaluate_images(ctx.checkpoint, ctx.data,
                                       reference_inference(ctx.base), max_samples=None,
                                       device=ctx.device, holdout=ctx.holdout)
-    full = replace(ctx, baseline=ref, reference=ref_images, max_samples=None)
+    guard = as_guard(ctx.guard)
+    level = confirm_confidence(guard, ctx.confidence, len(cands))
+    full = replace(ctx, baseline=ref, reference=ref_images, max_samples=None, confidence=level)
     echo(f"confirm: the reference and {len(cands)} candidate(s) on all {len(ref_images)} "
-         f"searchable images; reference mIoU {100 * ref['miou']:.2f}")
+         f"searchable images; reference mIoU {100 * ref['miou']:.2f}"
+         + (f"; intervals at {100 * level:.2f} % (Bonferroni over {len(cands)} candidates)"
+            if level != ctx.confidence else ""))
     confirmed = []
     for t in cands:
         inference = trial_inference(ctx.base, space.to_inference(t["params"], ctx.num_exits))
         m, images = evaluate_images(ctx.checkpoint, ctx.data, inference, max_samples=None,
                                     device=ctx.device, holdout=ctx.holdout)
         metrics = trial_metrics(m, ref, ctx.max_drop, ctx.drop_mode,
-                                interval=drop_interval(full, images), guard=ctx.guard)
+                                interval=drop_interval(full, images), guard=ctx.guard,
+                                slices=slice_figures(full, images))
+        # the cliff figures stay the search's: neighbours and candidate on the same images
         row = {**{k: v for k, v in t.items() if k not in ("feasible",)},
                **{f"search_{k}": t.get(k) for k in SEARCH_FIGURES}, **metrics,
-               "num_images": len(images)}
+               "num_images": len(images), "confirm_confidence": level}
+        if guard.cliff is not None and row.get("cliff_step") is None:
+            # a point the cliff screen never reached (the point rule's candidate) is not
+            # the guard's to choose: its neighbours were not measured
+            row["cliff_step"] = math.nan
         confirmed.append(row)
         echo(f"confirm: trial {t.get('trial_id')}: {row['gflops']:.3f} GFLOPs, drop "
              f"{row['drop']:.2f} [{row.get('drop_lo', float('nan')):.2f}, "

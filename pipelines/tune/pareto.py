@@ -14,7 +14,9 @@ Conventions (the unit of ``max_drop`` is the same in both modes: percent):
   compared with the limit is the upper end of the trial's bootstrap interval
   (``drop_hi``, :mod:`pipelines.evaluate.bootstrap`), so a trial is feasible only when the
   limit holds with 97.5 % confidence, not just on the images measured; ``none`` compares
-  the point estimate. A trial without an interval falls back to its point estimate.
+  the point estimate. A trial without an interval falls back to its point estimate. The
+  default guard ``robust`` adds the tail, worst-group and cliff checks of
+  :mod:`pipelines.tune.guard`.
 * The answer is the feasible trial with the fewest GFLOPs; ties go to the higher mIoU.
   Both rules' answers are kept (``plain``, ``guarded``); ``best`` is the one of the guard
   asked for. With no feasible trial there is no answer; the *closest* trial (smallest
@@ -33,9 +35,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from pipelines.tune.guard import TOL, as_guard, point_key, ruled_drop
+
 DropMode = Literal["points", "relative"]
-Guard = Literal["none", "ci"]
-TOL = 1e-9
+Guard = Any  # a preset name (none | ci | robust), its mapping, or a GuardConfig
 
 
 def miou_drop(baseline_miou: float, miou: float, mode: DropMode = "points") -> float:
@@ -56,14 +59,19 @@ def is_feasible(drop: float, max_drop: float) -> bool:
     return drop <= max_drop + TOL
 
 
-def rule_drop(trial: dict[str, Any], guard: Guard = "none") -> float:
-    """The drop a guard compares with the limit: the point estimate, or under ``ci`` the
-    upper end of the interval when the trial has one."""
-    if guard == "ci" and trial.get("drop_hi") is not None and math.isfinite(trial["drop_hi"]):
-        return float(trial["drop_hi"])
-    if guard not in ("none", "ci"):
-        raise ValueError(f"guard must be 'none' or 'ci', got {guard!r}")
-    return float(trial["drop"])
+def rule_drop(trial: dict[str, Any], guard: Guard = "none",
+              max_drop: float | None = None) -> float:
+    """The drop a guard compares with the limit: the point estimate, under ``ci`` the upper
+    end of the interval when the trial has one, under a guard with more checks
+    (:mod:`pipelines.tune.guard`) the worst of them mapped onto the limit's scale (which
+    needs ``max_drop``)."""
+    g = as_guard(guard)
+    if max_drop is None:
+        if not (g.tail is None and g.groups is None and g.cliff is None):
+            raise ValueError("rule_drop: a guard with tail, group or cliff checks needs "
+                             "max_drop")
+        max_drop = math.inf
+    return ruled_drop(trial, g, max_drop)
 
 
 def penalised_objective(gflops: float, drop: float, max_drop: float, ref_gflops: float) -> float:
@@ -91,13 +99,19 @@ def _valid(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def cost_order(t: dict[str, Any]) -> tuple:
+    """Cheapest first, ties to the higher mIoU, then to the operating point's parameters:
+    the order (and so the answer) never depends on the order trials finished in."""
+    return (t["gflops"], -t["miou"], point_key(t.get("params") or {}))
+
+
 def pareto_front(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Trials not dominated in (fewer GFLOPs, higher mIoU), sorted by GFLOPs.
 
     A trial is dominated when another has <= GFLOPs and >= mIoU with one strict; among
     exact duplicates the first one is kept.
     """
-    ordered = sorted(_valid(trials), key=lambda t: (t["gflops"], -t["miou"]))
+    ordered = sorted(_valid(trials), key=cost_order)
     front: list[dict[str, Any]] = []
     best_miou = -math.inf
     for t in ordered:
@@ -121,14 +135,15 @@ class Selection:
     n_feasible: int = 0
     guard: Guard = "none"
     plain: dict[str, Any] | None = None  # cheapest with the point drop within the limit
-    guarded: dict[str, Any] | None = None  # cheapest with drop_hi within the limit
+    guarded: dict[str, Any] | None = None  # cheapest within the limit under the guard
 
     @property
     def feasible(self) -> bool:
         return self.best is not None
 
     def message(self) -> str:
-        rule = " (guard ci: upper end of the interval)" if self.guard == "ci" else ""
+        g = as_guard(self.guard)
+        rule = "" if g.is_plain() else f" ({g.describe()})"
         if self.best is not None:
             b = self.best
             return (f"{self.n_feasible}/{self.n_trials} trials within the {self.max_drop:g} "
@@ -143,9 +158,10 @@ class Selection:
 
     def choices(self) -> str:
         """Both rules' answers, one line each (the search prints them)."""
+        g = as_guard(self.guard)
+        rule = "interval's upper end" if g.is_plain() or g.name == "ci" else g.describe()
         lines = []
-        for name, t in (("plain (point drop)", self.plain),
-                        ("guarded (interval's upper end)", self.guarded)):
+        for name, t in (("plain (point drop)", self.plain), (f"guarded ({rule})", self.guarded)):
             mark = " <- chosen" if t is not None and t is self.best else ""
             lines.append(f"  {name}: " + (
                 f"{t['gflops']:.3f} GFLOPs, mIoU {t['miou']:.4f}, drop {describe_drop(t)}{mark}"
@@ -168,32 +184,39 @@ def annotate(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: f
     for t in _valid(trials):
         d = miou_drop(baseline_miou, t["miou"], mode)
         a = {**t, "drop": d}
-        a["feasible"] = is_feasible(rule_drop(a, guard), max_drop)
+        a["feasible"] = is_feasible(rule_drop(a, guard, max_drop), max_drop)
         out.append(a)
     return out
 
 
 def _cheapest(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return min(trials, key=lambda t: (t["gflops"], -t["miou"])) if trials else None
+    return min(trials, key=cost_order) if trials else None
 
 
 def select(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: float,
            mode: DropMode = "points", guard: Guard = "none") -> Selection:
-    """Cheapest feasible trial, the Pareto front, and the closest one when none is feasible."""
+    """Cheapest feasible trial, the Pareto front, and the closest one when none is feasible.
+
+    ``plain`` is the cheapest trial whose point drop keeps the limit; ``guarded`` the
+    cheapest under ``guard`` (under ``ci`` when the guard is ``none``, for comparison);
+    ``best`` the one the guard asks for."""
     if max_drop < 0:
         raise ValueError(f"max_drop must be >= 0, got {max_drop}")
-    done = annotate(trials, baseline_miou, max_drop, mode, guard)
+    g = as_guard(guard)
+    done = annotate(trials, baseline_miou, max_drop, mode, g)
     feasible = [t for t in done if t["feasible"]]
     plain = _cheapest([t for t in done if is_feasible(t["drop"], max_drop)])
-    guarded = _cheapest([t for t in done if is_feasible(rule_drop(t, "ci"), max_drop)])
-    best = guarded if guard == "ci" else plain
+    rule = as_guard("ci") if g.is_plain() else g
+    guarded = _cheapest([t for t in done if is_feasible(rule_drop(t, rule, max_drop),
+                                                        max_drop)])
+    best = plain if g.is_plain() else guarded
     closest = None
     if best is None and done:
-        closest = min(done, key=lambda t: (rule_drop(t, guard), t["gflops"]))
+        closest = min(done, key=lambda t: (rule_drop(t, g, max_drop), t["gflops"]))
     return Selection(
         baseline_miou=baseline_miou, max_drop=max_drop, drop_mode=mode, best=best,
         closest=closest, front=pareto_front(done), n_trials=len(done), n_feasible=len(feasible),
-        guard=guard, plain=plain, guarded=guarded,
+        guard=g, plain=plain, guarded=guarded,
     )
 
 
@@ -214,7 +237,8 @@ def mark_choices(selection: Selection, trials: Sequence[dict[str, Any]],
 # artifacts: the trials table and the plot
 
 CSV_FIELDS = ("trial_id", "on_front", "feasible", "miou", "drop", "gflops", "tokens_mean",
-              "halted_fraction", "latency_ms", "drop_lo", "drop_hi")
+              "halted_fraction", "latency_ms", "drop_lo", "drop_hi", "tail_drop",
+              "worst_group_drop", "cliff_step")
 
 
 def trials_csv(trials: list[dict[str, Any]], selection: Selection) -> str:
@@ -228,11 +252,12 @@ def trials_csv(trials: list[dict[str, Any]], selection: Selection) -> str:
     for t in sorted(trials, key=lambda t: t["gflops"]):
         on_front = id(t) in front or t.get("trial_id") in front_ids
         drop = t.get("drop", miou_drop(selection.baseline_miou, t["miou"], selection.drop_mode))
-        feasible = is_feasible(rule_drop({**t, "drop": drop}, selection.guard),
-                               selection.max_drop)
+        feasible = is_feasible(rule_drop({**t, "drop": drop}, selection.guard,
+                                         selection.max_drop), selection.max_drop)
         row = [t.get("trial_id"), int(on_front), int(feasible), t["miou"], drop, t["gflops"],
                t.get("tokens_mean"), t.get("halted_fraction"), t.get("latency_ms"),
-               t.get("drop_lo"), t.get("drop_hi")]
+               t.get("drop_lo"), t.get("drop_hi"), t.get("tail_drop"),
+               t.get("worst_group_drop"), t.get("cliff_step")]
         w.writerow(row + [t["params"].get(n) for n in names])
     return buf.getvalue()
 
@@ -248,8 +273,9 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], selection: Selec
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    ann = [{**t, "feasible": is_feasible(rule_drop({"drop": 0.0, **t}, selection.guard),
-                                         selection.max_drop)} for t in trials]
+    ann = [{**t, "feasible": is_feasible(rule_drop({"drop": 0.0, **t}, selection.guard,
+                                                   selection.max_drop), selection.max_drop)}
+           for t in trials]
     # a drop of 1 (points, or percent of the reference) is this many mIoU points
     unit = 1.0 if selection.drop_mode == "points" else selection.baseline_miou
     for feas, colour, label in ((True, "tab:blue", "feasible trial"),
@@ -283,7 +309,7 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], selection: Selec
                    s=60, facecolors="none", edgecolors="tab:purple", linewidths=1.5,
                    label="plain choice (point drop)", zorder=6)
     if selection.best is not None:
-        rule = "guarded" if selection.guard == "ci" else "cheapest feasible"
+        rule = "cheapest feasible" if as_guard(selection.guard).is_plain() else "guarded"
         ax.scatter([selection.best["gflops"]], [100 * selection.best["miou"]], marker="D",
                    s=60, facecolors="none", edgecolors="tab:green", linewidths=2,
                    label=f"chosen ({rule})", zorder=6)

@@ -14,8 +14,12 @@
 3. picks the answer over *all* finished trials with :mod:`pipelines.tune.pareto` (cheapest
    feasible, Pareto front, closest when nothing is feasible) rather than trusting the
    searcher's own "best": the searcher optimises a penalised scalar, the answer follows the
-   rule the user asked for. Under ``guard: ci`` (default) feasible means the interval's
-   upper end is within the limit; the point-estimate ("plain") answer is reported too;
+   rule the user asked for. Under ``guard: robust`` (default, :mod:`pipelines.tune.guard`)
+   feasible means the interval's upper end, the drop on the worst fifth of the images and
+   the worst group's drop are within the limit; the point-estimate ("plain") answer is
+   reported too;
+3a. screens for cliff edges (:mod:`pipelines.tune.cliff`): the cheapest guarded points
+   whose neighbours one grid step more aggressive fall off steeply are not chosen;
 3b. confirms (:mod:`pipelines.tune.confirm`): the few cheapest feasible trials and the
    reference are evaluated again on every searchable image (not ``max_samples``), and
    the answer is chosen over those figures;
@@ -49,12 +53,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipelines.common.holdout import Holdout
+from pipelines.common.groups import Groups
+from pipelines.common.holdout import Holdout, fill_group_by
 from pipelines.common.settings import StrictModel
-from pipelines.tune.confirm import Confirmation, candidates, confirm, searchable_images
+from pipelines.tune.confirm import (
+    SEARCH_FIGURES,
+    Confirmation,
+    candidates,
+    confirm,
+    searchable_images,
+)
 from pipelines.tune.credentials import keys_out_of_env, tune_storage, upload_results
+from pipelines.tune.guard import GuardConfig, GuardSetting, as_guard, checks
 from pipelines.tune.pareto import Selection, mark_choices, pareto_plot, select, trials_csv
 from pipelines.tune.progress import error_summary, progress_callback, trial_error
 from pipelines.tune.resume import experiment_name, open_tuner, snapshots_every_step
@@ -79,6 +91,10 @@ class TrialsFailed(RuntimeError):
 
 
 Search = Literal["optuna", "random", "grid"]
+# what each answer in the --json document carries besides mIoU, GFLOPs and the interval
+GUARD_FIGURES = ("tail_drop", "tail_pixel_drop", "tail_images", "worst_group",
+                 "worst_group_drop", "groups",
+                 "cliff_step", "cliff_neighbour", "confirm_confidence")
 
 
 class TrialResources(StrictModel):
@@ -102,16 +118,22 @@ class TuneSettings(StrictModel):
     max_concurrent: int = Field(2, ge=1)
     resources_per_trial: TrialResources = TrialResources()
     max_samples: int | None = Field(None, ge=1, description="val images per evaluation")
-    guard: Literal["none", "ci"] = Field(
-        "ci", description="feasible when the point drop (none) or the upper end of its "
-        "bootstrap interval at level `confidence` (ci) is within max_drop")
+    guard: GuardSetting = Field(
+        GuardConfig(), description="which trials count as within max_drop: none (point "
+        "drop), ci (upper end of the interval), robust (default: the interval, the worst "
+        "fraction of the images, the worst group, no cliff one step more aggressive, "
+        "Bonferroni at the confirmation), or a mapping of those checks (docs/tuning.md)")
     confirm_top: int = Field(3, ge=0, description="cheapest feasible trials (per rule) "
                              "re-evaluated on every searchable image before choosing; 0 = off")
     bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the drop interval "
                               "(two-sided: 0.95 guards the upper end at 97.5 %)")
     holdout: Holdout | None = Field(None, description="images the search never sees: "
-                                    "{fraction: F} of the validation keys, or {split: S}")
+                                    "{fraction: F} of the validation keys, {split: S}, "
+                                    "and/or whole {groups: [...]} of `groups`")
+    groups: Groups | None = Field(None, description="how sample keys fall into groups "
+                                  "(recordings, cities): {pattern: REGEX} or {column: NAME}; "
+                                  "every trial reports its drop per group")
     seed: int = 0
     name: str = "step-tune"
     storage_path: str = Field("runs/ray", description="Ray Tune results (local or s3://)")
@@ -120,6 +142,11 @@ class TuneSettings(StrictModel):
     register_name: str | None = Field("step-seg", description="registry name; None = skip")
     allow_oracle: bool = Field(False, description="allow trials in policy mode 'oracle' "
                                "(tokens chosen from the labels: an upper bound)")
+
+    @model_validator(mode="after")
+    def _holdout_groups_defined(self) -> TuneSettings:
+        fill_group_by(self.holdout, self.groups, "groups")
+        return self
 
 
 @dataclass
@@ -158,10 +185,9 @@ class TuneOutcome:
                    "latency_ms": t.get("latency_ms"), "params": t["params"],
                    "trial_id": t.get("trial_id"), "run_id": t.get("run_id")}
             out["num_images"] = t.get("num_images")
+            out.update({k: t.get(k) for k in GUARD_FIGURES if k in t})
             if "search_drop" in t:  # confirmed: the figures on the searched images too
-                out.update(search={k: t.get(f"search_{k}") for k in
-                                   ("miou", "drop", "drop_lo", "drop_hi", "gflops",
-                                    "num_images")})
+                out.update(search={k: t.get(f"search_{k}") for k in SEARCH_FIGURES})
             if inference and self.inference_of is not None:
                 out["inference"] = self.inference_of(t["params"])
             return out
@@ -169,12 +195,17 @@ class TuneOutcome:
         best = brief(final.best)
         if best is not None:
             best["inference"] = self.best_inference
+        judged = final.best or final.closest
+        verdict = checks(judged, final.guard, final.max_drop) if judged is not None else []
         return {
             "tracking_uri": self.tracking_uri,
             "parent_run_id": self.parent_run_id,
             "max_drop": sel.max_drop,
             "drop_mode": sel.drop_mode,
-            "guard": final.guard,
+            "guard": as_guard(final.guard).name,
+            "guard_config": as_guard(final.guard).model_dump(mode="json"),
+            # each check of the guard on the chosen trial (or the closest one)
+            "guard_verdict": verdict,
             "search": self.settings.search,
             "space": self.settings.space,
             "baseline": {k: self.baseline.get(k) for k in
@@ -192,7 +223,9 @@ class TuneOutcome:
             "pareto": [brief(t) for t in sel.front],
             "evaluations": len(self.trials) + 1 + (  # + the reference evaluation(s)
                 len(self.confirmation.trials) + 1 if self.confirmation else 0),
-            "n_trials": len(self.trials),
+            # the search's trials; the neighbours the cliff screen evaluated apart
+            "n_trials": sum(t.get("source") != "neighbour" for t in self.trials),
+            "n_neighbours": sum(t.get("source") == "neighbour" for t in self.trials),
             "n_feasible": sel.n_feasible,
             "failed_trials": self.failed_trials,
             "registered_model": self.registered_model,
@@ -335,7 +368,7 @@ def _search(settings: TuneSettings, space: SearchSpace, num_exits: int, checkpoi
         "search": settings.search, "num_samples": _num_trials(settings, space),
         "max_samples": settings.max_samples, "seed": settings.seed,
         "resources_per_trial": settings.resources_per_trial.model_dump(),
-        "guard": settings.guard, "confirm_top": settings.confirm_top,
+        "guard": settings.guard.describe(), "confirm_top": settings.confirm_top,
         "bootstrap_samples": settings.bootstrap_samples, "confidence": settings.confidence,
         "holdout": settings.holdout.model_dump() if settings.holdout else None,
     })
@@ -392,7 +425,8 @@ def _reference(settings: TuneSettings, space: SearchSpace, num_exits: int, check
         drop_mode=settings.drop_mode, max_samples=settings.max_samples, device=device,
         cpus=settings.resources_per_trial.cpu, s3_env=s3_env, reference=images,
         guard=settings.guard, bootstrap_samples=settings.bootstrap_samples,
-        confidence=settings.confidence, seed=settings.seed, holdout=holdout)
+        confidence=settings.confidence, seed=settings.seed, holdout=holdout,
+        groups=settings.groups.model_dump(mode="json") if settings.groups else None)
 
 
 def _run_trials(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
@@ -468,6 +502,11 @@ def _choose(settings: TuneSettings, space: SearchSpace, num_exits: int, ctx: Tri
     from pipelines.tracking.registry import register_tuned_model
 
     baseline = ctx.baseline
+    if settings.guard.cliff is not None:
+        from pipelines.tune.cliff import screen
+
+        trials = screen(trials, space, ctx, settings.guard, want=max(1, settings.confirm_top),
+                        echo=lambda line: print(line, flush=True))
     selection = select(trials, baseline["miou"], settings.max_drop, settings.drop_mode,
                        settings.guard)
     print(selection.message(), flush=True)
@@ -485,10 +524,12 @@ def _choose(settings: TuneSettings, space: SearchSpace, num_exits: int, ctx: Tri
               flush=True)
     print(final.choices(), flush=True)
     outcome.best_inference = inference_of(final.best["params"]) if final.best else None
-    tracker.log_metrics({"n_trials": len(trials), "n_feasible": selection.n_feasible,
+    tracker.log_metrics({"n_trials": sum(t.get("source") != "neighbour" for t in trials),
+                         "n_feasible": selection.n_feasible,
                          "failed_trials": failed, "feasible": float(final.feasible)})
     tracker.set_tags({"step.tune.result": "feasible" if final.feasible else "infeasible",
-                      "step.tune.message": final.message(), "step.tune.guard": settings.guard})
+                      "step.tune.message": final.message(),
+                      "step.tune.guard": settings.guard.name})
     _log_choices(tracker, final, baseline, confirmation)
     b = final.best
     if b is not None:
@@ -500,7 +541,8 @@ def _choose(settings: TuneSettings, space: SearchSpace, num_exits: int, ctx: Tri
         outcome.registered_model = register_tuned_model(
             tracker.tracking_uri, tracker.run_id, ctx.checkpoint, outcome.best_inference, b,
             name=settings.register_name, max_drop=final.max_drop,
-            drop_mode=final.drop_mode, baseline_miou=final.baseline_miou, guard=final.guard)
+            drop_mode=final.drop_mode, baseline_miou=final.baseline_miou,
+            guard=settings.guard.name)
     return outcome
 
 
@@ -515,7 +557,7 @@ def _confirm(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
     if seen >= searchable_images(ctx.data, ctx.holdout):
         return None
     cands = candidates(trials, ctx.baseline["miou"], settings.max_drop, settings.drop_mode,
-                       settings.confirm_top)
+                       settings.confirm_top, settings.guard)
     if not cands:
         return None
     return confirm(ctx, space, cands, echo=lambda line: print(line, flush=True))
@@ -530,8 +572,9 @@ def _log_choices(tracker, final: Selection, baseline: dict[str, Any],
             continue
         metrics.update({f"{name}_miou": t["miou"], f"{name}_gflops": t["gflops"],
                         f"{name}_drop": t["drop"]})
-        metrics.update({f"{name}_{k}": t[k] for k in ("drop_lo", "drop_hi")
-                        if t.get(k) is not None})
+        metrics.update({f"{name}_{k}": t[k] for k in ("drop_lo", "drop_hi", "tail_drop",
+                                                      "worst_group_drop", "cliff_step")
+                        if isinstance(t.get(k), (int, float))})
     b = final.best
     if b is not None:
         metrics.update(best_tokens_mean=b.get("tokens_mean", 0),

@@ -18,9 +18,11 @@ from pipelines.tune.pareto import is_feasible, miou_drop, penalised_objective, r
 from pipelines.tune.space import SearchSpace
 from step_model.config import InferenceConfig, InferenceOverrides, overrides_given
 
-# What a trial reports, and what the Pareto CSV carries per trial.
+# What a trial reports, and what the Pareto CSV carries per trial (``groups``, a dict, and
+# ``worst_group``, a name, are kept in the trial's record, not logged as metrics).
 TRIAL_METRICS = ("miou", "drop", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
-                 "feasible", "objective", "drop_lo", "drop_hi")
+                 "feasible", "objective", "drop_lo", "drop_hi", "tail_drop",
+                 "tail_pixel_drop", "tail_images", "worst_group_drop", "worst_group", "groups")
 
 
 def reference_inference(settings: Any = None) -> InferenceOverrides:
@@ -77,11 +79,13 @@ def model_num_exits(checkpoint: str) -> int:
 
 
 def trial_metrics(m: dict[str, Any], baseline: dict[str, Any], max_drop: float,
-                  drop_mode: str, interval=None, guard: str = "none") -> dict[str, float]:
+                  drop_mode: str, interval=None, guard: Any = "none",
+                  slices: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flat metrics a trial reports (and MLflow logs), from an evaluation dict and,
-    when given, the drop's bootstrap interval (a ``DropInterval``). ``feasible`` and the
-    searcher's ``objective`` follow the guard, so that the searcher is pulled towards
-    configurations the guarded rule can pick."""
+    when given, the drop's bootstrap interval (a ``DropInterval``) and its tail and group
+    figures (:func:`slice_figures`). ``feasible`` and the searcher's ``objective`` follow
+    the guard, so that the searcher is pulled towards configurations the guarded rule can
+    pick."""
     drop = miou_drop(baseline["miou"], m["miou"], drop_mode)
     out = {
         "miou": float(m["miou"]),
@@ -93,7 +97,8 @@ def trial_metrics(m: dict[str, Any], baseline: dict[str, Any], max_drop: float,
     }
     if interval is not None:
         out.update(drop_lo=float(interval.lo), drop_hi=float(interval.hi))
-    ruled = rule_drop(out, guard)  # type: ignore[arg-type]
+    out.update(slices or {})
+    ruled = rule_drop(out, guard, max_drop)
     out["feasible"] = float(is_feasible(ruled, max_drop))
     out["objective"] = penalised_objective(m["gflops"], ruled, max_drop, baseline["gflops"])
     return out
@@ -124,11 +129,12 @@ class TrialContext:
     # the reference's per-image confusion matrices (an ImageConfusions): what each trial
     # is resampled against; None = no interval
     reference: Any = None
-    guard: str = "none"
+    guard: Any = "none"  # a preset name or a GuardConfig (pipelines.tune.guard)
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     seed: int = 0
     holdout: dict[str, Any] | None = None  # Holdout.model_dump(): images the trials skip
+    groups: dict[str, Any] | None = None  # Groups.model_dump(): figures per group
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -146,7 +152,38 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                                 max_samples=ctx.max_samples, device=ctx.device,
                                 holdout=ctx.holdout)
     tune.report(trial_metrics(m, ctx.baseline, ctx.max_drop, ctx.drop_mode,
-                              interval=drop_interval(ctx, images), guard=ctx.guard))
+                              interval=drop_interval(ctx, images), guard=ctx.guard,
+                              slices=slice_figures(ctx, images)))
+
+
+def slice_figures(ctx: TrialContext, images) -> dict[str, Any]:
+    """The tail and group figures of ``images`` against the reference's (empty without a
+    reference): ``tail_drop`` / ``tail_pixel_drop`` on the worst fraction of the images
+    (the guard's ``tail.fraction``, else 0.2), ``groups`` (per group: images, reference and
+    trial mIoU, drop) and ``worst_group_drop`` / ``worst_group`` (groups of at least the
+    guard's ``groups.min_images``), when ``ctx.groups`` is set."""
+    from pipelines.evaluate.groups import MIN_IMAGES, group_drops, worst_group
+    from pipelines.evaluate.tail import tail_drop
+    from pipelines.tune.guard import TailCheck, as_guard
+
+    if ctx.reference is None:
+        return {}
+    g = as_guard(ctx.guard)
+    tail = tail_drop(ctx.reference, images, (g.tail or TailCheck()).fraction,
+                     ctx.drop_mode)  # type: ignore[arg-type]
+    out: dict[str, Any] = {"tail_drop": tail["drop"], "tail_pixel_drop": tail["pixel_drop"],
+                           "tail_images": tail["images"]}
+    if ctx.groups is not None:
+        from pipelines.common.data import resolve_data_uri
+        from pipelines.common.groups import key_grouper
+
+        grouper = key_grouper(resolve_data_uri(ctx.data)[0], ctx.groups)
+        drops = group_drops(ctx.reference, images, grouper,
+                            ctx.drop_mode)  # type: ignore[arg-type]
+        worst = worst_group(drops, g.groups.min_images if g.groups else MIN_IMAGES)
+        out.update(groups=drops, worst_group=worst[0] if worst else None,
+                   worst_group_drop=worst[1] if worst else None)
+    return out
 
 
 def drop_interval(ctx: TrialContext, images):

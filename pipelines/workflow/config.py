@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from pipelines.analyze.settings import SweepSettings
-from pipelines.common.holdout import Holdout
+from pipelines.common.groups import Groups
+from pipelines.common.holdout import Holdout, fill_group_by
 from pipelines.common.settings import (
     ConfigError,
     MlflowSection,
@@ -57,9 +58,14 @@ class DataSection(StrictModel):
     samples_per_shard: int | None = Field(None, ge=1)
     shard_size: str | None = Field(None, description="e.g. 512MB (default when no count)")
     tile: TileSection | None = None
+    groups: Groups | None = Field(None, description="how sample keys fall into groups "
+                                  "(recordings, cities): {pattern: REGEX} or {column: NAME}; "
+                                  "evaluate, every trial and the report show figures per "
+                                  "group")
     holdout: Holdout | None = Field(None, description="images the search never sees, whose "
                                     "drop evaluate and report show: {fraction: 0.3} of "
-                                    "val by key hash, or {split: test}")
+                                    "val by key hash, {split: test}, and/or whole {groups: "
+                                    "[...]} (from_training: true keeps them from training)")
     manifest: str | None = Field(None, description="the files src must hold (a `step prep "
                                  "--verify` manifest: names, sizes, sha256), checked before "
                                  "any step runs: a missing or different file stops the run "
@@ -71,6 +77,11 @@ class DataSection(StrictModel):
 
         if self.manifest and not is_s3(self.manifest) and not Path(self.manifest).is_file():
             raise ValueError(f"manifest: file not found: {self.manifest}")
+        return self
+
+    @model_validator(mode="after")
+    def _holdout_groups_defined(self) -> DataSection:
+        fill_group_by(self.holdout, self.groups, "data.groups")
         return self
 
     @model_validator(mode="after")
@@ -89,6 +100,27 @@ class TrainStepSection(StrictModel):
     config: str = Field(description="a `step train` config YAML")
     set: list[str] = Field(default_factory=list, description="overrides, as --set key=value")
     enabled: bool = True
+
+
+# the STEP recipe minus everything STEP adds: no sharing, no exits, no sharing mix, no
+# fine-tuning with halting (overrides applied after step.set)
+BASELINE_RECIPE = ("inference.policy_mode=none", "model.exits.blocks=[]",
+                   "sharing_mix.thresholds=[]", "finetune.steps=0", "finetune.exit_mix=[]")
+
+
+class BaselineSection(StrictModel):
+    """A plain ViT trained on its own: the STEP training's recipe (``step.config`` with
+    ``step.set``) without sharing (policy mode ``none``), without exits, without the
+    sharing mix and without a fine-tuning phase; the same data, steps, optimiser and seed.
+    The STEP network run unshared is not that model: it was trained sharing tokens in most
+    steps, with exit losses. The STEP papers compare against a segmenter trained on its
+    own, so evaluate and the report give the drop against both."""
+
+    enabled: bool = True
+    checkpoint: str | None = Field(None, description="a trained plain ViT checkpoint to "
+                                   "take instead of training one (local or s3://)")
+    set: list[str] = Field(default_factory=list, description="more overrides on the derived "
+                           "recipe, as --set key=value")
 
 
 class EvaluateSection(StrictModel):
@@ -123,6 +155,7 @@ class PipelineTune(TuneSettings):
     checkpoint: None = None
     data: None = None
     holdout: None = None  # from data.holdout
+    groups: None = None  # from data.groups
 
 
 class PipelineConfig(StrictModel):
@@ -134,6 +167,8 @@ class PipelineConfig(StrictModel):
     data: DataSection
     policy: TrainStepSection | None = None
     step: TrainStepSection
+    baseline: BaselineSection | None = Field(None, description="a plain ViT trained on its "
+                                             "own with the STEP recipe (or taken)")
     tune: PipelineTune = PipelineTune()
     evaluate: EvaluateSection = EvaluateSection()
     report: ReportSection = ReportSection()
@@ -157,6 +192,14 @@ class PipelineConfig(StrictModel):
     def runs_policy(self) -> bool:
         return self.policy is not None and self.policy.enabled
 
+    @property
+    def has_baseline(self) -> bool:
+        return self.baseline is not None and self.baseline.enabled
+
+    @property
+    def trains_baseline(self) -> bool:
+        return self.has_baseline and self.baseline.checkpoint is None  # type: ignore[union-attr]
+
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Load + validate the pipeline config and the training configs it points at."""
@@ -174,6 +217,12 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
                 if stage == "policy" else _validate_step_config(section)
         except ConfigError as err:
             raise ConfigError(f"{path}: {stage}.config {section.config}:\n{err}") from None
+    if cfg.trains_baseline:
+        try:
+            baseline_train_config(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: baseline (step.config {cfg.step.config} without "
+                              f"sharing and exits):\n{err}") from None
     if "policy" in loaded and "step" in loaded:
         # found here, not when stage 2 loads the weights after stage 1 has trained
         differ = policy_mismatch(loaded["step"].model, loaded["policy"].model)
@@ -185,6 +234,16 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     except ConfigError as err:
         raise ConfigError(f"{path}: tune.space:\n{err}") from None
     return cfg
+
+
+def baseline_train_config(cfg: PipelineConfig) -> TrainConfig:
+    """The plain ViT's training config: step.config + step.set + :data:`BASELINE_RECIPE`
+    + baseline.set (see :class:`BaselineSection`)."""
+    from pipelines.train.config import load_train_config
+
+    extra = cfg.baseline.set if cfg.baseline is not None else []
+    return load_train_config(cfg.step.config, [*cfg.step.set, *BASELINE_RECIPE, *extra],
+                             stage="step")
 
 
 def _validate_step_config(section: TrainStepSection) -> TrainConfig:

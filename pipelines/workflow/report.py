@@ -2,9 +2,11 @@
 
 Artifacts logged on the report step's run (all under ``report/``):
 
-* ``summary.md`` / ``summary.csv``: baseline (the same checkpoint, unpruned) against the
-  tuned STEP model: mIoU, GFLOPs, tokens, halted %, latency, from the ``evaluate`` step's
-  re-evaluation on the validation set;
+* ``summary.md`` / ``summary.csv``: baseline (the same checkpoint, unpruned) and, when the
+  pipeline trained one, the plain ViT trained on its own, against the tuned STEP model:
+  mIoU, GFLOPs, tokens, halted %, latency, from the ``evaluate`` step's re-evaluation on
+  the validation set; the drop against both, the guard's verdict check by check, and mIoU
+  and drop per group (validation and held-out images) with the worst group;
 * ``pareto.png`` / ``pareto.csv``: GFLOPs against mIoU over all search trials, the front,
   the drop limit and the chosen configuration;
 * ``token_maps/<i>.png``: for a few validation images, the image, the superpatch level of
@@ -25,7 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROWS = (("baseline", "baseline (unpruned)"), ("tuned", "tuned STEP"))
+ROWS = (("baseline", "baseline (unpruned)"), ("plain_vit", "plain ViT (trained on its own)"),
+        ("tuned", "tuned STEP"))
 COLUMNS = (("miou", "mIoU (%)"), ("gflops", "GFLOPs"), ("tokens_mean", "tokens"),
            ("halted_fraction", "halted (%)"), ("latency_ms", "latency (ms)"))
 
@@ -60,7 +63,15 @@ def summary_table(eval_doc: dict[str, Any]) -> str:
     if b and t and t.get("gflops"):
         lines.append("")
         lines.append(f"GFLOPs reduction: {b['gflops'] / t['gflops']:.2f}x; mIoU drop: "
-                     f"{100 * (b['miou'] - t['miou']):.2f} points")
+                     f"{100 * (b['miou'] - t['miou']):.2f} points"
+                     + _against("the STEP network run unshared", eval_doc.get("vs_unshared")))
+        vit, vs = eval_doc.get("plain_vit"), eval_doc.get("vs_plain_vit")
+        if vit and vs:
+            lines.append(f"against the plain ViT trained on its own (mIoU "
+                         f"{100 * vit['miou']:.2f}, {vit['gflops']:.3f} GFLOPs): GFLOPs "
+                         f"reduction {vit['gflops'] / t['gflops']:.2f}x; mIoU drop "
+                         f"{vs['drop']:.2f} [{vs['drop_lo']:.2f}, {vs['drop_hi']:.2f}] "
+                         f"({'within' if vs['within_limit'] else 'BEYOND'} the limit)")
     elif b and not t:
         lines.append("")
         lines.append("no tuned model: no configuration met the mIoU-drop limit")
@@ -76,6 +87,70 @@ def summary_table(eval_doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _against(name: str, c: dict[str, Any] | None) -> str:
+    if not c:
+        return ""
+    return (f" [{c['drop_lo']:.2f}, {c['drop_hi']:.2f}] against {name}"
+            + (f"; on the worst {c['tail']['fraction']:g} of the images "
+               f"({c['tail']['images']}): {c['tail']['drop']:.2f}"
+               if (c.get("tail") or {}).get("drop") is not None else ""))
+
+
+def groups_md(eval_doc: dict[str, Any]) -> str | None:
+    """mIoU and drop per group (validation images, then held-out images), the worst group
+    marked; None without groups."""
+    sections = []
+    for title, doc in (("validation", eval_doc),
+                       ("held-out images", _holdout_as_eval(eval_doc.get("holdout")))):
+        vs = (doc or {}).get("vs_unshared") or {}
+        if not vs.get("groups"):
+            continue
+        vit = (doc or {}).get("vs_plain_vit") or {}
+        head = ["group", "images", "unshared mIoU", "tuned mIoU", "drop"]
+        if vit.get("groups"):
+            head += ["plain ViT mIoU", "drop vs plain ViT"]
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for g, f in vs["groups"].items():
+            mark = " (worst)" if g == vs.get("worst_group") else ""
+            cells = [f"{g}{mark}", str(f["images"]), _pct(f["reference_miou"]),
+                     _pct(f["miou"]), f"{f['drop']:.2f}"]
+            v = (vit.get("groups") or {}).get(g)
+            if vit.get("groups"):
+                cells += [_pct(v["reference_miou"]), f"{v['drop']:.2f}"] if v else ["-", "-"]
+            rows.append("| " + " | ".join(cells) + " |")
+        sections.append(f"per group, {title}:\n" + "\n".join(rows))
+    return "\n\n".join(sections) or None
+
+
+def _holdout_as_eval(check: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The held-out check's figures in the shape of the evaluation's comparisons."""
+    if not check or check.get("drop") is None:
+        return None
+    return {"vs_unshared": check, "vs_plain_vit": check.get("vs_plain_vit")}
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}" if isinstance(v, (int, float)) else "-"
+
+
+def guard_lines(tune_doc: dict[str, Any]) -> list[str]:
+    """The guard's verdict on the chosen trial: each check, its figure and its limit."""
+    verdict = tune_doc.get("guard_verdict") or []
+    if not verdict:
+        return []
+    best = tune_doc.get("best") is not None
+    tail = ((tune_doc.get("guard_config") or {}).get("tail") or {}).get("fraction")
+    names = {"drop": "point drop", "interval": "upper end of the interval",
+             "tail": f"drop on the worst {tail:g} of the images" if tail else "tail drop",
+             "worst_group": "worst group's drop",
+             "cliff": "steepest step to a neighbour beyond the limit"}
+    head = (f"guard {tune_doc.get('guard')}: "
+            + ("the chosen configuration passes every check" if best else
+               "no configuration passes; the closest one"))
+    return [head] + [f"- {names.get(c['name'], c['name'])}: {c['value']:.2f} "
+                     f"{'<=' if c['ok'] else '>'} {c['limit']:g}" for c in verdict]
+
+
 def choices_lines(tune_doc: dict[str, Any]) -> list[str]:
     """The search's two answers (point-drop rule, guarded rule) with their GFLOPs."""
     out = []
@@ -84,13 +159,14 @@ def choices_lines(tune_doc: dict[str, Any]) -> list[str]:
         if name not in tune_doc:
             continue
         chosen = t is not None and (tune_doc.get("best") or {}).get("trial_id") == t.get(
-            "trial_id") and tune_doc.get("guard", "none") == ("ci" if name == "guarded"
-                                                               else "none")
+            "trial_id") and (tune_doc.get("guard", "none") == "none") == (name == "plain")
         text = "none within the limit" if t is None else (
             f"{t['gflops']:.3f} GFLOPs, mIoU {100 * t['miou']:.2f}, drop {t['drop']:.2f}"
             + (f" [{t['drop_lo']:.2f}, {t['drop_hi']:.2f}]" if t.get("drop_hi") is not None
                else "") + (f" on {t['num_images']} images" if t.get("num_images") else ""))
-        rule = "point drop" if name == "plain" else "upper end of the interval"
+        rule = "point drop" if name == "plain" else (
+            "upper end of the interval" if tune_doc.get("guard") in ("ci", "none", None)
+            else f"guard {tune_doc['guard']}")
         out.append(f"- {name} choice ({rule} within the limit): {text}"
                    + (" (chosen)" if chosen else ""))
     return out
@@ -245,6 +321,12 @@ def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
     choices = choices_lines(tune_doc)
     if choices:
         table += "\n\nthe search's answers:\n" + "\n".join(choices)
+    verdict = guard_lines(tune_doc)
+    if verdict:
+        table += "\n\n" + "\n".join(verdict)
+    per_group = groups_md(eval_doc)
+    if per_group:
+        table += "\n\n" + per_group
     if note:
         table = f"{note.strip()}\n\n{table}"
     if oracle:
@@ -293,6 +375,13 @@ def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
         "drop_on_reevaluation": eval_doc.get("drop"),
         "within_limit_on_reevaluation": eval_doc.get("within_limit"),
         "guard": tune_doc.get("guard"),
+        "guard_verdict": tune_doc.get("guard_verdict"),
+        "plain_vit": eval_doc.get("plain_vit") and {
+            k: eval_doc["plain_vit"].get(k) for k, _ in COLUMNS},
+        "drop_vs_plain_vit": (eval_doc.get("vs_plain_vit") or {}).get("drop"),
+        "within_limit_vs_plain_vit": (eval_doc.get("vs_plain_vit") or {}).get("within_limit"),
+        "worst_group": {k: (eval_doc.get("vs_unshared") or {}).get(k)
+                        for k in ("worst_group", "worst_group_drop")},
         "plain": tune_doc.get("plain"),
         "guarded": tune_doc.get("guarded"),
         "holdout": eval_doc.get("holdout"),

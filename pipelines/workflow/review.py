@@ -207,6 +207,23 @@ class Review:
             facts.append(("mIoU drop on re-evaluation",
                           f"{s['drop_on_reevaluation']:.2f} {unit}, within the limit: "
                           f"{s.get('within_limit_on_reevaluation')}"))
+        if isinstance(s.get("drop_vs_plain_vit"), (int, float)):
+            facts.append(("mIoU drop against the plain ViT trained on its own",
+                          f"{s['drop_vs_plain_vit']:.2f} {unit}, within the limit: "
+                          f"{s.get('within_limit_vs_plain_vit')}"))
+        worst = s.get("worst_group") or {}
+        if worst.get("worst_group") is not None:
+            facts.append(("worst group (validation)", f"{worst['worst_group']}: drop "
+                          f"{worst['worst_group_drop']:.2f} {unit}"))
+        held = s.get("holdout") or {}
+        if held.get("worst_group") is not None:
+            facts.append(("worst group (held-out images)", f"{held['worst_group']}: drop "
+                          f"{held['worst_group_drop']:.2f} {unit}"))
+        verdict = s.get("guard_verdict") or []
+        if verdict:
+            facts.append((f"guard {s.get('guard')}", "; ".join(
+                f"{c['name']} {c['value']:.2f} {'<=' if c['ok'] else '>'} {c['limit']:g}"
+                for c in verdict)))
         best = s.get("best") or {}
         if best.get("inference"):
             facts.append(("chosen thresholds", ", ".join(

@@ -1,5 +1,6 @@
-"""``step run``: prepare data -> train policy -> train STEP -> tune -> evaluate -> report
--> analyze (``step analyze`` on the tuned checkpoint; ``analyze.enabled: false`` drops it).
+"""``step run``: prepare data -> train policy -> train STEP -> (train the plain ViT
+baseline) -> tune -> evaluate -> report -> analyze (``step analyze`` on the tuned
+checkpoint; ``analyze.enabled: false`` drops it).
 
 One MLflow parent run per pipeline, one child run per step; under them the runs the steps
 make themselves (the training runs, the search's trial runs). The same code runs on a
@@ -47,7 +48,8 @@ from pipelines.workflow.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-STEPS = ("prepare", "train_policy", "train_step", "tune", "evaluate", "report", "analyze")
+STEPS = ("prepare", "train_policy", "train_step", "train_baseline", "tune", "evaluate",
+         "report", "analyze")
 STATE_FILE = "pipeline_state.json"
 SUMMARY_KEYS = ("miou", "gflops", "tokens_mean", "halted_fraction", "latency_ms")
 
@@ -240,6 +242,12 @@ class Workflow:
         cfg = self.cfg
         data = self.step("prepare", steps.prepare_payload(cfg),
                          lambda rid: steps.prepare(cfg, rid, self), steps.prepare_done)
+        groups = steps.check_groups(cfg, data)
+        if groups:
+            self.echo(f"groups by {cfg.data.groups.describe()}: "  # type: ignore[union-attr]
+                      + "; ".join(f"{role} {c}" for role, c in groups.items())
+                      + (f"; held out: {cfg.data.holdout.describe()}" if cfg.data.holdout
+                         else ""))
         policy: dict[str, Any] = {}
         if cfg.runs_policy:
             policy = self.step(
@@ -251,19 +259,23 @@ class Workflow:
             "train_step", steps.train_payload(cfg, "step", step_fp_inputs),
             lambda rid: steps.train(cfg, "step", rid, self, data, policy.get("checkpoint")),
             steps.train_done)
+        baseline = self._baseline(data)
         tuned = self.step(
             "tune", steps.tune_payload(cfg, [self.fps["train_step"], self.fps["prepare"]]),
             lambda rid: steps.tune(cfg, rid, self, data, trained), steps.json_done)
         evaluated = self.step(
-            "evaluate", steps.evaluate_payload(cfg, [self.fps["tune"]]),
-            lambda rid: steps.evaluate(cfg, rid, self, data, trained, tuned), steps.json_done)
+            "evaluate", steps.evaluate_payload(cfg, [self.fps["tune"],
+                                                     *self._baseline_inputs(baseline)]),
+            lambda rid: steps.evaluate(cfg, rid, self, data, trained, tuned, baseline),
+            steps.json_done)
         reported = self.step(
             "report", steps.report_payload(cfg, [self.fps["evaluate"], self.fps["tune"]]),
             lambda rid: steps.report(cfg, rid, self, data, trained, tuned, evaluated),
             steps.json_done)
         summary = read_json(reported["result"]) or {}
         summary["checkpoints"] = {"policy": policy.get("checkpoint"),
-                                  "step": trained["checkpoint"]}
+                                  "step": trained["checkpoint"],
+                                  "baseline": baseline.get("checkpoint")}
         summary["analysis"] = None
         if cfg.analyze.enabled:
             analyzed = self.step(
@@ -274,6 +286,27 @@ class Workflow:
             summary["analysis"] = read_json(analyzed["result"])
         self._log_parent_summary(summary)
         return summary
+
+    def _baseline(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The plain ViT trained on its own (``baseline``): trained here, taken from
+        ``baseline.checkpoint``, or none ({})."""
+        from pipelines.workflow import steps
+
+        cfg = self.cfg
+        if not cfg.has_baseline:
+            return {}
+        if not cfg.trains_baseline:
+            return {"checkpoint": cfg.baseline.checkpoint}  # type: ignore[union-attr]
+        return self.step(
+            "train_baseline", steps.train_payload(cfg, "baseline", [self.fps["prepare"]]),
+            lambda rid: steps.train(cfg, "baseline", rid, self, data, None), steps.train_done)
+
+    def _baseline_inputs(self, baseline: dict[str, Any]) -> list[str]:
+        """What the evaluate step's fingerprint adds for the baseline (nothing without one,
+        so that pipelines without a baseline keep their fingerprints)."""
+        if not baseline:
+            return []
+        return [self.fps.get("train_baseline") or baseline["checkpoint"]]
 
     def _log_parent_summary(self, summary: dict[str, Any]) -> None:
         from pipelines.tracking.runs import RunLogger
@@ -312,9 +345,18 @@ class Workflow:
         fps["train_step"] = fingerprint(steps.train_payload(
             cfg, "step", [fps["prepare"], fps.get("train_policy")]))
         chain.append(("train_step", fps["train_step"], steps.train_done))
+        baseline_inputs: list[str] = []
+        if cfg.trains_baseline:
+            fps["train_baseline"] = fingerprint(
+                steps.train_payload(cfg, "baseline", [fps["prepare"]]))
+            chain.append(("train_baseline", fps["train_baseline"], steps.train_done))
+            baseline_inputs = [fps["train_baseline"]]
+        elif cfg.has_baseline:
+            baseline_inputs = [cfg.baseline.checkpoint]  # type: ignore[union-attr, list-item]
         fps["tune"] = fingerprint(steps.tune_payload(cfg, [fps["train_step"], fps["prepare"]]))
         chain.append(("tune", fps["tune"], steps.json_done))
-        fps["evaluate"] = fingerprint(steps.evaluate_payload(cfg, [fps["tune"]]))
+        fps["evaluate"] = fingerprint(steps.evaluate_payload(cfg, [fps["tune"],
+                                                                   *baseline_inputs]))
         chain.append(("evaluate", fps["evaluate"], steps.json_done))
         fps["report"] = fingerprint(steps.report_payload(cfg, [fps["evaluate"], fps["tune"]]))
         chain.append(("report", fps["report"], steps.json_done))

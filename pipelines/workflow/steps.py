@@ -59,6 +59,7 @@ def prepare_payload(cfg: PipelineConfig) -> dict[str, Any]:
     # a held-out fraction of val is chosen when the data is read, not when it is sharded:
     # setting it must not re-shard (nor, through the fingerprints, retrain) anything
     holdout = data.pop("holdout", None)
+    data.pop("groups", None)  # how keys fall into groups changes no shard either
     if isinstance(holdout, dict) and holdout.get("split"):
         data["holdout_split"] = holdout["split"]
     return {"data": data, "listing": listing, "layout": layout, "format": 1}
@@ -108,6 +109,26 @@ def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
     return outputs
 
 
+def check_groups(cfg: PipelineConfig, data: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """{role: {group: images}} of the prepared train and val splits ({} without
+    ``data.groups``). A held-out group found in neither split is an error naming the
+    groups found: a misspelt name would otherwise hold out nothing."""
+    from pipelines.common.groups import group_counts, split_groups
+    from pipelines.common.settings import ConfigError
+
+    d = cfg.data
+    if d.groups is None:
+        return {}
+    counts = {role: group_counts(split_groups(data[role], split, d.groups).values())
+              for role, split in (("train", d.train_split), ("val", d.val_split))}
+    held = d.holdout.groups if d.holdout is not None else []
+    missing = [g for g in held if not any(g in c for c in counts.values())]
+    if missing:
+        raise ConfigError(f"data.holdout.groups: {missing} in neither split (groups by "
+                          f"{d.groups.describe()}: {counts})")
+    return counts
+
+
 def prepare_done(outputs: dict[str, Any]) -> bool:
     from data_prep import storage as files
 
@@ -119,13 +140,24 @@ def prepare_done(outputs: dict[str, Any]) -> bool:
 # the two trainings
 
 def _train_config(cfg: PipelineConfig, stage: str):
+    """The training config of ``stage``: policy, step, or baseline (the STEP recipe
+    without sharing and exits); every stage skips the groups held out from training."""
     from pipelines.train.config import load_train_config
+    from pipelines.workflow.config import baseline_train_config
 
-    section = cfg.policy if stage == "policy" else cfg.step
-    overrides = list(section.set)
-    if stage == "step" and cfg.runs_policy:
-        overrides.append("policy_checkpoint=<from-policy-step>")
-    return load_train_config(section.config, overrides, stage=stage)
+    if stage == "baseline":
+        tc = baseline_train_config(cfg)
+    else:
+        section = cfg.policy if stage == "policy" else cfg.step
+        overrides = list(section.set)
+        if stage == "step" and cfg.runs_policy:
+            overrides.append("policy_checkpoint=<from-policy-step>")
+        tc = load_train_config(section.config, overrides, stage=stage)
+    h = cfg.data.holdout
+    if h is not None and h.from_training:
+        tc.data = tc.data.model_copy(update={"groups": h.group_by,
+                                             "exclude_groups": list(h.groups)})
+    return tc
 
 
 def train_payload(cfg: PipelineConfig, stage: str, inputs: list[str | None]) -> dict[str, Any]:
@@ -135,6 +167,9 @@ def train_payload(cfg: PipelineConfig, stage: str, inputs: list[str | None]) -> 
         tc.pop(key, None)
     tc["data"].pop("train", None)
     tc["data"].pop("val", None)
+    if not tc["data"].get("exclude_groups"):  # unset: the fingerprints of before groups
+        tc["data"].pop("exclude_groups", None)
+        tc["data"].pop("groups", None)
     tc["model"] = _model_payload(tc["model"], tc.pop("inference"))
     return {"train": tc, "inputs": inputs, "stage": stage}
 
@@ -161,7 +196,7 @@ def train(cfg: PipelineConfig, stage: str, run_id: str, wf: Workflow,
     from pipelines.train.trainer import fit
 
     tc = _train_config(cfg, stage)
-    step_name = "train_policy" if stage == "policy" else "train_step"
+    step_name = f"train_{stage}"
     update: dict[str, Any] = {
         # the fingerprint in the Ray run name: same inputs -> Ray resumes the same run
         "name": f"{cfg.name}-{stage}-{_fp_short(wf, step_name)}",
@@ -173,6 +208,10 @@ def train(cfg: PipelineConfig, stage: str, run_id: str, wf: Workflow,
     if stage == "step":
         update["policy_checkpoint"] = policy_checkpoint
     tc = tc.model_copy(update=update)
+    h = cfg.data.holdout
+    if h is not None and h.from_training:
+        print(f"{step_name}: training without the images of held-out "
+              f"group{'s' if len(h.groups) > 1 else ''} {', '.join(h.groups)}", flush=True)
     result = fit(tc, parent_run_id=run_id)
     metrics = {k: v for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -201,7 +240,8 @@ def _tune_settings(cfg: PipelineConfig, wf: Workflow, checkpoint: str | None,
     values = cfg.tune.model_dump()
     values.update(checkpoint=checkpoint, data=data, tracking_uri=wf.tracking_uri,
                   experiment=cfg.mlflow.experiment, storage_path=wf.path("ray"),
-                  name=f"{cfg.name}-tune", holdout=_holdout(cfg))
+                  name=f"{cfg.name}-tune", holdout=_holdout(cfg),
+                  groups=cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None)
     return TuneSettings.model_validate(values)
 
 
@@ -217,7 +257,7 @@ SPACE_FIELDS_BEFORE = ("name", "description", "exit_thresholds", "merge_threshol
 def tune_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
     from pipelines.tune.space import load_space
 
-    tune = cfg.tune.model_dump(mode="json")
+    tune = cfg.tune.model_dump(mode="json", exclude={"groups"})
     if not tune["inference"]:  # unset: pipelines from before the field keep their fingerprints
         del tune["inference"]
     # so do their spaces: the dimensions added with the generated space count when set
@@ -226,6 +266,8 @@ def tune_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any
     payload = {"tune": tune, "space": space, "inputs": inputs}
     if cfg.data.holdout is not None:  # only then: other pipelines keep their fingerprints
         payload["holdout"] = _holdout(cfg)
+    if cfg.data.groups is not None:
+        payload["groups"] = cfg.data.groups.model_dump(mode="json")
     return payload
 
 
@@ -256,60 +298,71 @@ def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str,
                "max_drop": cfg.tune.max_drop, "drop_mode": cfg.tune.drop_mode}
     if cfg.data.holdout is not None:
         payload["holdout"] = _holdout(cfg)
+    if cfg.data.groups is not None:  # only then: other pipelines keep their fingerprints
+        payload["groups"] = cfg.data.groups.model_dump(mode="json")
     return payload
 
 
-def _evaluate_pair(checkpoint: str, data: str, tuned: dict[str, Any] | None,
-                   max_samples: int | None, device: str,
-                   holdout: dict[str, Any] | None = None) -> dict[str, Any]:
-    from pipelines.tune.trial import evaluate, reference_inference
-
-    # the unpruned model with the tuned settings' others (upsampling ...), as tune measured
-    baseline = evaluate(checkpoint, data, reference_inference(tuned), max_samples=max_samples,
-                        device=device)
-    after = evaluate(checkpoint, data, tuned, max_samples=max_samples, device=device) \
-        if tuned is not None else None
-    out = {"baseline": baseline, "tuned": after}
-    if holdout is not None:
-        from pipelines.workflow.holdout import holdout_check
-
-        out["holdout"] = holdout_check(checkpoint, device=device, tuned=tuned, **holdout)
-    return out
-
-
 def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
-             trained: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+             trained: dict[str, Any], tuned: dict[str, Any],
+             baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The chosen model against the STEP network run unshared and, when the pipeline has
+    one, the plain ViT trained on its own (:mod:`pipelines.workflow.evaluation`)."""
     import ray
 
     from pipelines.common.cluster import init_ray
     from pipelines.tracking.runs import RunLogger
-    from pipelines.tune.pareto import is_feasible, miou_drop
+    from pipelines.workflow.evaluation import evaluate_all
 
     init_ray()
-    e = cfg.evaluate
-    task = ray.remote(num_cpus=e.cpus, num_gpus=e.gpus)(_evaluate_pair)
-    res = ray.get(task.remote(trained["checkpoint"], data["val"], tuned["best_inference"],
-                              e.max_samples, "cuda" if e.gpus > 0 else "cpu",
-                              _holdout_args(cfg, data, tuned)))
+    e, t = cfg.evaluate, cfg.tune
+    guard = t.guard
+    task = ray.remote(num_cpus=e.cpus, num_gpus=e.gpus)(evaluate_all)
+    res = ray.get(task.remote(
+        trained["checkpoint"], data["val"], tuned["best_inference"],
+        max_samples=e.max_samples, device="cuda" if e.gpus > 0 else "cpu",
+        plain_vit=(baseline or {}).get("checkpoint"),
+        groups=cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None,
+        drop_mode=t.drop_mode, max_drop=t.max_drop, samples=t.bootstrap_samples,
+        confidence=t.confidence, seed=t.seed,
+        tail_fraction=guard.tail.fraction if guard.tail else 0.2,
+        min_images=guard.groups.min_images if guard.groups else 10,
+        holdout=_holdout_args(cfg, data, tuned)))
     tracker = RunLogger(run_id, wf.tracking_uri)
-    out: dict[str, Any] = {"baseline": _headline(res["baseline"]),
-                           "tuned": _headline(res["tuned"]) if res["tuned"] else None,
-                           "inference": tuned["best_inference"]}
-    tracker.log_metrics({f"baseline_{k}": v for k, v in out["baseline"].items()})
+    out: dict[str, Any] = {"inference": tuned["best_inference"]}
+    tracker.log_metrics({f"baseline_{k}": v for k, v in _headline(res["baseline"]).items()})
+    if res.get("plain_vit"):
+        tracker.log_metrics({f"plain_vit_{k}": v for k, v in _headline(res["plain_vit"]).items()})
     if res["tuned"] is not None:
-        drop = miou_drop(res["baseline"]["miou"], res["tuned"]["miou"], cfg.tune.drop_mode)
-        out["drop"] = drop
-        out["within_limit"] = is_feasible(drop, cfg.tune.max_drop)
-        tracker.log_metrics({f"tuned_{k}": v for k, v in out["tuned"].items()})
-        tracker.log_metrics({"drop": drop, "within_limit": float(out["within_limit"])})
+        vs = res["vs_unshared"]
+        out.update(drop=vs["drop"], within_limit=vs["within_limit"])
+        tracker.log_metrics({f"tuned_{k}": v for k, v in _headline(res["tuned"]).items()})
+        tracker.log_metrics({"drop": vs["drop"], "within_limit": float(vs["within_limit"])})
+        for name, key in (("unshared", "vs_unshared"), ("plain_vit", "vs_plain_vit")):
+            c = res.get(key)
+            if c:
+                tracker.log_metrics(_comparison_metrics(f"drop_vs_{name}", c))
+        if res.get("vs_plain_vit"):
+            out.update(drop_vs_plain_vit=res["vs_plain_vit"]["drop"],
+                       within_limit_vs_plain_vit=res["vs_plain_vit"]["within_limit"])
     if res.get("holdout"):
         _record_holdout(res["holdout"], tracker)
     tracker.log_dict(res, "evaluation.json")
     tracker.log_datasets({"evaluation": data["val"]})
     result = wf.path("evaluate", _fp_short(wf, "evaluate"), "evaluation.json")
-    write_json(result, {**res, **{k: out.get(k) for k in ("drop", "within_limit",
-                                                            "inference")}})
-    return {"result": result, "drop": out.get("drop"), "within_limit": out.get("within_limit")}
+    write_json(result, {**res, **out})
+    return {"result": result, "drop": out.get("drop"), "within_limit": out.get("within_limit"),
+            "drop_vs_plain_vit": out.get("drop_vs_plain_vit")}
+
+
+def _comparison_metrics(prefix: str, c: dict[str, Any]) -> dict[str, float]:
+    """A comparison (:func:`pipelines.workflow.evaluation.comparison`) as flat metrics."""
+    out = {prefix: c["drop"], f"{prefix}_lo": c["drop_lo"], f"{prefix}_hi": c["drop_hi"]}
+    if (c.get("tail") or {}).get("drop") is not None:
+        out[f"{prefix}_tail"] = c["tail"]["drop"]
+    if c.get("worst_group_drop") is not None:
+        out[f"{prefix}_worst_group"] = c["worst_group_drop"]
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
 def _holdout_args(cfg: PipelineConfig, data: dict[str, Any],
@@ -324,6 +377,7 @@ def _holdout_args(cfg: PipelineConfig, data: dict[str, Any],
     # by trial: the inference dicts differ once JSON has made the level keys strings
     plain = plain.get("inference") if plain.get("trial_id") != best.get("trial_id") else None
     return {"data": data["holdout"] if h.split is not None else data["val"],
+            "train_data": data["train"] if h.from_training else None,
             "holdout": _holdout(cfg), "max_drop": t.max_drop, "drop_mode": t.drop_mode,
             "samples": t.bootstrap_samples, "confidence": t.confidence, "seed": t.seed,
             "plain": plain}
@@ -334,8 +388,10 @@ def _record_holdout(check: dict[str, Any], tracker) -> None:
 
     print(holdout_line(check), flush=True)
     tracker.log_metrics({f"holdout_{k}": float(check[k]) for k in
-                         ("images", "drop", "drop_lo", "drop_hi", "limit_broken")
-                         if check.get(k) is not None})
+                         ("images", "drop", "drop_lo", "drop_hi", "limit_broken",
+                          "worst_group_drop") if check.get(k) is not None})
+    if (check.get("vs_plain_vit") or {}).get("drop") is not None:
+        tracker.log_metrics({"holdout_drop_vs_plain_vit": float(check["vs_plain_vit"]["drop"])})
 
 
 def _headline(m: dict[str, Any]) -> dict[str, float]:
