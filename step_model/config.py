@@ -22,6 +22,9 @@ INIT_FROM_PREFIX = "segmenter:"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PolicyMode = Literal["none", "oracle", "threshold", "budget"]
+# the paper's CNN; a small network on 16-px patch features (step_model.patch_policy); APT's
+# training-free patch entropy, calibrated per level (the baseline)
+PolicyNetwork = Literal["efficientnet_lite0", "patch_features", "patch_entropy"]
 ExitPolicy = Literal["confidence", "random", "uniform"]
 VarlenStrategy = Literal["auto", "per_image", "pad_mask"]
 
@@ -41,6 +44,7 @@ class PolicyConfig(_Strict):
     """
 
     mode: PolicyMode = "threshold"
+    network: PolicyNetwork = "efficientnet_lite0"
     thresholds: dict[int, Probability] = Field(
         default_factory=lambda: {2: 0.5, 4: 0.5, 8: 0.5, 16: 0.5}
     )
@@ -55,6 +59,9 @@ class PolicyConfig(_Strict):
     # The heads also read the stage at 32 image px (see PolicyNet): finer boundaries for a
     # downscaled input, at the cost of one more 1x1 conv input.
     fine_features: bool = False
+    # patch_features: channels of its cell features, ConvNeXt blocks over the cell grid
+    width: Annotated[int, Field(ge=4)] = 64
+    depth: Annotated[int, Field(ge=0)] = 2
 
     @field_validator("thresholds")
     @classmethod
@@ -63,6 +70,19 @@ class PolicyConfig(_Strict):
         if bad:
             raise ValueError(f"levels {bad} are not superpatch sides; use {list(LEVELS)}")
         return v
+
+    @model_validator(mode="after")
+    def _network_fields(self) -> PolicyConfig:
+        # a field of another network would be silently ignored: name it instead
+        own = {"efficientnet_lite0": {"input_scale", "fine_features"},
+               "patch_features": {"width", "depth"}, "patch_entropy": set()}
+        foreign = sorted(f for f in set().union(*own.values()) - own[self.network]
+                         if f in self.model_fields_set
+                         and getattr(self, f) != type(self).model_fields[f].default)
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not a setting of policy.network "
+                             f"{self.network!r}")
+        return self
 
     @model_validator(mode="after")
     def _budget_needs_value(self) -> PolicyConfig:

@@ -169,6 +169,20 @@ class PolicyNet(nn.Module):
         return out
 
 
+def build_policy(pcfg, num_classes: int | None = None) -> nn.Module:
+    """The policy network ``pcfg.network`` names (a :class:`~step_model.config.PolicyConfig`):
+    ``{s: logits (B, gh/s, gw/s)}`` from float images, whichever it is."""
+    from .patch_policy import PatchEntropyPolicy, PatchFeaturePolicy
+
+    levels = tuple(pcfg.levels)
+    if pcfg.network == "patch_features":
+        return PatchFeaturePolicy(levels, width=pcfg.width, depth=pcfg.depth)
+    if pcfg.network == "patch_entropy":
+        return PatchEntropyPolicy(levels)
+    return PolicyNet(levels, pretrained=pcfg.pretrained, input_scale=pcfg.input_scale,
+                     fine_features=pcfg.fine_features)
+
+
 def cell_histogram(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per 16 x 16 cell class pixel counts: labels (B, H, W) -> (B, gh, gw, C) int64."""
     b, h, w = labels.shape

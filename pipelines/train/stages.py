@@ -12,9 +12,11 @@ Choices:
   windows that fit the image: plain accuracy and balanced accuracy (the mean of the
   recalls of homogeneous and mixed windows, since at coarse levels most windows are
   mixed), the BCE, and the token count that threshold selection gives on the val set.
-* Stage 2 always freezes the policy: it comes from ``policy_checkpoint`` (its ``policy.*``
-  tensors; the other tensors of a stage-1 checkpoint are untrained and ignored) or is not
-  used at all (oracle / none).
+* Stage 2 freezes the policy, unless ``policy_finetune.enabled``: then its stage-1 loss
+  (weighted) joins the segmenter's, and the model runs it with gradient in every training
+  forward, whatever the sharing of the step (so DDP sees its parameters used every step).
+  It comes from ``policy_checkpoint`` (its ``policy.*`` tensors; the other tensors of a
+  stage-1 checkpoint are untrained and ignored) or is not used at all (oracle / none).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class StepStage:
     def prepare(self, model, cfg: TrainConfig) -> None:
         if cfg.policy_checkpoint:
             load_policy_weights(model, cfg.policy_checkpoint)
-        model.policy.requires_grad_(False)
+        model.policy.requires_grad_(cfg.policy_finetune.enabled)
 
     def trained_module(self, model):
         return model
@@ -137,9 +139,17 @@ class StepStage:
             model.cfg = saved
 
     def losses(self, ddp, model, images, labels, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-        from step_model import step_loss
+        from step_model import policy_loss, step_loss
 
-        return step_loss(ddp(images, labels), labels, model.cfg)
+        out = ddp(images, labels)
+        losses = step_loss(out, labels, model.cfg)
+        if cfg.policy_finetune.enabled:
+            pcfg = model.cfg.policy
+            term = policy_loss(out.policy_logits, labels, purity=pcfg.purity,
+                               num_classes=model.cfg.num_classes)["total"]
+            losses["policy"] = term
+            losses["total"] = losses["total"] + cfg.policy_finetune.weight * term
+        return losses
 
     def evaluate(self, model, cfg: TrainConfig, device) -> dict[str, Any]:
         from pipelines.evaluate.evaluator import evaluate_model
