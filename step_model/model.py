@@ -180,7 +180,7 @@ class StepSegmenter(nn.Module):
         self.exit_blocks = cfg.exits.resolved_blocks(self.encoder.depth)
         cfg.exits.threshold_per_exit(len(self.exit_blocks))  # validate now, not at inference
         dim = self.encoder.embed_dim
-        self.policy = build_policy(cfg.policy)
+        self.policy = build_policy(cfg.policy, cfg.num_classes)
         if cfg.policy.weights:
             state = torch.load(cfg.policy.weights, map_location="cpu", weights_only=True)
             self.policy.load_state_dict(state)
@@ -263,7 +263,8 @@ class StepSegmenter(nn.Module):
             if pcfg.mode == "oracle":
                 if labels is None:
                     raise ValueError("policy.mode 'oracle' needs labels in forward(images, labels)")
-                scores = policy_targets(labels, tuple(pcfg.levels), pcfg.purity, self.cfg.num_classes)
+                scores = policy_targets(labels, tuple(pcfg.levels), pcfg.purity, self.cfg.num_classes,
+                                        homogeneity=pcfg.homogeneity)
                 accepted = select_by_threshold(scores, dict.fromkeys(scores, 0.5), grid)
             else:
                 scores = {s: v.detach().float().sigmoid() for s, v in logits.items()}

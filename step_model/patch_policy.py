@@ -13,10 +13,12 @@ from torch import nn
 from .config import LEVELS, PATCH
 from .policy import check_float_images
 
+SUB_PATCH = 4  # side of the sub-patches the stem embeds: 16 of them per cell
+
 
 class GridBlock(nn.Module):
-    """A ConvNeXt block on the cell grid: depthwise 3x3 (context of the neighbouring
-    cells), LayerNorm, pointwise MLP, residual."""
+    """A ConvNeXt block on the cell grid: depthwise 3 x 3 (the neighbouring cells), LayerNorm,
+    pointwise MLP, residual."""
 
     def __init__(self, width: int, expand: int = 2) -> None:
         super().__init__()
@@ -39,59 +41,48 @@ def window_stats(f: torch.Tensor, s: int) -> torch.Tensor:
 
 
 class PatchFeaturePolicy(nn.Module):
-    """Cell features from a patch embedding, a few grid blocks, window-statistic heads."""
+    """16-px cell features from a factorised patch embedding, ``depth`` grid blocks, a cell
+    classifier and one window-statistics head per level (see the module docstring)."""
 
     def __init__(self, levels: tuple[int, ...] = LEVELS, width: int = 64, depth: int = 2,
-                 sub_patch: int = 4, stem_width: int = 32, cell_stats: bool = True,
-                 head_hidden: int = 64, num_classes: int = 0, class_stats: bool = False) -> None:
+                 num_classes: int = 0) -> None:
         super().__init__()
-        if PATCH % sub_patch:
-            raise ValueError(f"sub_patch {sub_patch} must divide {PATCH}")
         self.levels = tuple(levels)
-        self.sub_patch = sub_patch
-        self.cell_stats = cell_stats and sub_patch < PATCH
-        if sub_patch == PATCH:
-            self.stem = None
-            self.embed = nn.Conv2d(3, width, PATCH, stride=PATCH)
-        else:
-            self.stem = nn.Sequential(nn.Conv2d(3, stem_width, sub_patch, stride=sub_patch),
-                                      LayerNorm2d(stem_width), nn.GELU())
-            k = PATCH // sub_patch
-            self.embed = nn.Conv2d(stem_width, width, k, stride=k)
-            if self.cell_stats:
-                self.stats_proj = nn.Conv2d(stem_width, width, 1)
+        stem = max(4, width // 2)
+        k = PATCH // SUB_PATCH
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, SUB_PATCH, stride=SUB_PATCH),
+                                  LayerNorm2d(stem), nn.GELU())
+        self.embed = nn.Conv2d(stem, width, k, stride=k)
+        self.edges = nn.Conv2d(stem, width, 1)
         self.norm = LayerNorm2d(width)
         self.blocks = nn.Sequential(*(GridBlock(width) for _ in range(depth)))
         self.classes = nn.Conv2d(width, num_classes, 1) if num_classes else None
-        self.class_stats = class_stats and num_classes > 0
-        head_in = 3 * (width + (num_classes if self.class_stats else 0))
+        self.classifies_cells = num_classes > 0
+        head_in = 3 * (width + num_classes)
         self.heads = nn.ModuleDict({
-            str(s): nn.Sequential(nn.Conv2d(head_in, head_hidden, 1), nn.GELU(),
-                                  nn.Conv2d(head_hidden, 1, 1))
+            str(s): nn.Sequential(nn.Conv2d(head_in, width, 1), nn.GELU(), nn.Conv2d(width, 1, 1))
             for s in self.levels})
+        # its own normalisation (not the ViT's: the two are trained apart)
         self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5), persistent=False)
         self.register_buffer("std", torch.full((1, 3, 1, 1), 0.5), persistent=False)
 
     def cell_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
-        if self.stem is None:
-            f = self.embed(x)
-        else:
-            sub = self.stem(x)
-            f = self.embed(sub)
-            if self.cell_stats:
-                k = PATCH // self.sub_patch
-                m = F.avg_pool2d(sub, k)
-                std = (F.avg_pool2d(sub * sub, k) - m * m).clamp_min(1e-6).sqrt()
-                f = f + self.stats_proj(std)
-        return self.blocks(self.norm(f))
+        """(B, 3, H, W) float [0, 1], H, W multiples of 16 -> (B, width, H/16, W/16)."""
+        sub = self.stem((images - self.mean) / self.std)
+        k = PATCH // SUB_PATCH
+        mean = F.avg_pool2d(sub, k)
+        spread = (F.avg_pool2d(sub * sub, k) - mean * mean).clamp_min(1e-6).sqrt()
+        return self.blocks(self.norm(self.embed(sub) + self.edges(spread)))
 
     def forward(self, images: torch.Tensor, with_cells: bool = False):
+        """images float [0, 1] (B, 3, H, W) -> {s: logits (B, gh/s, gw/s)}; with
+        ``with_cells`` also the cells' class logits (B, num_classes, gh, gw) (stage 1's
+        auxiliary loss)."""
         check_float_images(images)
         gh, gw = images.shape[-2] // PATCH, images.shape[-1] // PATCH
         f = self.cell_features(images[..., : gh * PATCH, : gw * PATCH])
         cells = self.classes(f) if self.classes is not None else None
-        if self.class_stats:
+        if cells is not None:
             f = torch.cat([f, cells.softmax(1)], 1)
         out: dict[int, torch.Tensor] = {}
         for s in self.levels:

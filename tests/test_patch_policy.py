@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from step_model import PolicyConfig, StepConfig, build_step_model, measure_gflops, policy_loss
+from step_model import PolicyConfig, StepConfig, build_step_model, measure_gflops
 from step_model.flops import flop_counter
 from step_model.patch_policy import PatchEntropyPolicy, PatchFeaturePolicy
 from step_model.policy import PolicyNet, build_policy
@@ -87,18 +87,29 @@ def test_flops_of_the_policy_are_counted_and_far_below_efficientnet(network) -> 
 
 
 @pytest.mark.parametrize("network", NETWORKS)
-def test_a_stage1_step_on_real_images_lowers_the_policy_loss(network) -> None:
+def test_stage1_steps_on_real_images_lower_the_policy_loss(network) -> None:
+    """Stage 1's own loss (``PolicyStage.losses``): the level BCEs and, for patch_features,
+    the cells' class cross-entropy."""
+    from pipelines.train.stages import PolicyStage
+
     images, labels = _real_batch()
     torch.manual_seed(0)
-    policy = build_policy(PolicyConfig(network=network, pretrained=False, levels=[2, 4, 8])).train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=0.1 if network == "patch_entropy" else 2e-3)
+    cfg = StepConfig(num_classes=7, policy=PolicyConfig(network=network, pretrained=False,
+                                                        levels=[2, 4, 8]))
+    model = build_step_model(cfg)
+    stage = PolicyStage()
+    stage.prepare(model, None)
+    stage.train_mode(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=0.1 if network == "patch_entropy" else 2e-3)
     losses = []
     for _ in range(15):
-        loss = policy_loss(policy(images), labels, num_classes=7)["total"]
+        terms = stage.losses(model.policy, model, images, labels, None)
         opt.zero_grad()
-        loss.backward()
+        terms["total"].backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(terms["total"].item())
+    assert ("policy_cells" in terms) == (network == "patch_features")
     assert losses[-1] < 0.9 * losses[0], losses
 
 
@@ -212,3 +223,23 @@ def test_policy_finetune_is_refused_in_stage1() -> None:
     with pytest.raises(ConfigError, match="policy_finetune.enabled: only for stage 'step'"):
         load_train_config("configs/tiny/policy.yaml", ["policy_finetune.enabled=true"],
                           stage="policy")
+
+
+def test_cell_homogeneity_counts_the_cells_majority_classes() -> None:
+    """A 2 x 2 window of class 0 crossed by a 2 px pole of class 1: mixed by its pixels,
+    homogeneous by its cells (each cell's majority is 0); a cell of class 2 breaks it."""
+    from step_model.policy import policy_targets
+
+    lab = torch.zeros(1, 32, 96, dtype=torch.long)
+    lab[0, :, 10:12] = 1             # the pole, in the first window
+    lab[0, :16, 48:64] = 255         # second window: one all-ignore cell (no vote)
+    lab[0, :, 64:] = 0
+    lab[0, 16:, 80:] = 2             # third window: a cell of class 2
+    pixels = policy_targets(lab, (2,), num_classes=3)[2]
+    cells = policy_targets(lab, (2,), num_classes=3, homogeneity="cells")[2]
+    assert pixels.tolist() == [[[0.0, 1.0, 0.0]]]
+    assert cells.tolist() == [[[1.0, 1.0, 0.0]]]
+    with pytest.raises(ValueError, match="homogeneity"):
+        policy_targets(lab, (2,), num_classes=3, homogeneity="tokens")
+    with pytest.raises(ValueError, match=r"policy\.homogeneity"):
+        StepConfig(policy={"homogeneity": "tokens"})

@@ -73,8 +73,12 @@ class PolicyStage:
         from step_model import policy_loss
 
         pcfg = model.cfg.policy
-        return policy_loss(ddp(images), labels, purity=pcfg.purity,
-                           num_classes=model.cfg.num_classes)
+        if getattr(model.policy, "classifies_cells", False):  # patch_features
+            logits, cells = ddp(images, with_cells=True)
+        else:
+            logits, cells = ddp(images), None
+        return policy_loss(logits, labels, purity=pcfg.purity, num_classes=model.cfg.num_classes,
+                           cell_logits=cells, homogeneity=pcfg.homogeneity)
 
     def evaluate(self, model, cfg: TrainConfig, device) -> dict[str, Any]:
         return evaluate_policy(model, _val_loader(cfg), device=device)
@@ -146,7 +150,8 @@ class StepStage:
         if cfg.policy_finetune.enabled:
             pcfg = model.cfg.policy
             term = policy_loss(out.policy_logits, labels, purity=pcfg.purity,
-                               num_classes=model.cfg.num_classes)["total"]
+                               num_classes=model.cfg.num_classes,
+                               homogeneity=pcfg.homogeneity)["total"]
             losses["policy"] = term
             losses["total"] = losses["total"] + cfg.policy_finetune.weight * term
         return losses
@@ -222,7 +227,8 @@ def evaluate_policy(model, loader, *, device, max_samples: int | None = None) ->
             break
         images, labels = pad_to_patch(*batch_to_device(images, labels, device))
         logits = policy(images)
-        targets = policy_targets(labels, levels, model.cfg.policy.purity, model.cfg.num_classes)
+        targets = policy_targets(labels, levels, model.cfg.policy.purity, model.cfg.num_classes,
+                                 homogeneity=model.cfg.policy.homogeneity)
         for i, s in enumerate(levels):
             lg = logits[s].float()
             t = targets[s][:, : lg.shape[1], : lg.shape[2]]
