@@ -1,6 +1,59 @@
-"""A dCTS policy on 16-px patch features (``policy.network: patch_features``).
+"""dCTS policies that read 16-px patches: ``policy.network: patch_features | patch_entropy``.
 
-DRAFT: design notes and measurements are written once the experiments are done.
+**patch_features** (:class:`PatchFeaturePolicy`) predicts the layout from one feature
+vector per 16-px cell, the grid the ViT tokenises, in the spirit of its patch embedding:
+
+1. *A factorised patch embedding.* A 4 x 4 / stride 4 convolution embeds 4-px sub-patches
+   (``width / 2`` channels, LayerNorm, GELU), a 4 x 4 / stride 4 convolution turns the 16
+   sub-patches of a cell into its ``width``-channel vector, and the per-channel standard
+   deviation of those 16 sub-patch features is added through a 1 x 1 convolution: an edge
+   or a pole inside a cell shows as spread among its sub-patches, which one 16 x 16 filter
+   bank of ``width`` filters cannot resolve for every position and orientation. On CamVid
+   this stem scored 0.014 higher (``policy_vs_oracle``) than a plain 16 x 16 embedding of
+   the same width, at about the same FLOPs (docs/camvid.md).
+2. *Context over the grid.* ``depth`` ConvNeXt blocks (depthwise 3 x 3, LayerNorm, MLP) on
+   the cell grid: each cell sees its neighbours, so that a boundary is judged with the
+   regions on both sides.
+3. *A cell classifier.* A 1 x 1 convolution gives every cell class logits, trained in stage 1
+   against the class distribution of its pixels (``policy_loss``'s ``policy_cells``). The
+   binary homogeneity targets say little (one bit per window); the class of each cell is
+   what decides whether a window is one region, and it is a dense signal.
+4. *Heads that see the window's similarity.* For a level-s window the head (1 x 1 MLP)
+   reads the mean, the per-channel standard deviation and the per-channel range (max - min,
+   the largest pairwise distance along each channel) of its cells' features and class
+   probabilities, not a pooled vector alone: a window is homogeneous when its cells are
+   alike.
+
+What was taken from the published alternatives:
+
+* ALGM (Norouzi et al., CVPR 2024) merges tokens of a local window after the first
+  transformer layer when their cosine similarity passes a threshold. Taken: homogeneity
+  read from the *similarity of the window's cells* (the window statistics of 4.). Not
+  taken: similarity of the ViT's own tokens with a fixed threshold. A ViT that starts
+  from random init (CamVid) has no meaningful similarity before stage 2, and stage 1 runs
+  first, so the features here are the policy's own and the decision is learned.
+* APT (Choudhury et al., 2025) gives a region a larger patch when the entropy of its
+  grayscale histogram is below a per-scale threshold, coarse to fine over a quadtree.
+  Taken: the training-free baseline, **patch_entropy** (:class:`PatchEntropyPolicy`); the
+  quadtree is STEP's already.
+* CTS (Lu et al., CVPR 2023) and STEP use a separate CNN (EfficientNet-Lite0) trained
+  against label-derived homogeneity before the segmenter. Taken: a separate network with
+  its own weights and heads per level, trained in stage 1; only its input is the patch
+  grid instead of an ImageNet CNN's stride-32 map.
+
+**Its own patch embedding, not the ViT's.** The policy owns its weights and its input
+normalisation. (a) Stage 1 runs before the segmenter trains: on CamVid the ViT is a random
+init, so its patch embedding holds nothing to read yet. (b) Stage 2 trains the ViT's
+patch embedding: a shared embedding would move the input of a frozen policy's heads away
+from what they were trained on (and stage 1 would train the segmenter's first layer for
+another task). (c) The policy embeds 4-px sub-patches (1.), which the ViT's 16 x 16
+filters cannot initialise; with pretrained ViT weights nothing is copied either. The
+price is the embedding's FLOPs, counted as the policy's: 0.136 GFLOPs at 480 x 368 for
+width 64, depth 2 (about 116 k parameters), against 0.71 for the paper's policy at half
+input size.
+
+Measured on CamVid (docs/camvid.md): the cell classifier and ``policy.homogeneity: cells``
+together lift ``policy_vs_oracle`` on val from 0.63 (neither) to 0.74.
 """
 
 from __future__ import annotations

@@ -243,3 +243,61 @@ def test_cell_homogeneity_counts_the_cells_majority_classes() -> None:
         policy_targets(lab, (2,), num_classes=3, homogeneity="tokens")
     with pytest.raises(ValueError, match=r"policy\.homogeneity"):
         StepConfig(policy={"homogeneity": "tokens"})
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_analyze_registry_and_predict_with_the_patch_policy(tiny_shards, mlflow_server, tmp_path):
+    """A patch_features checkpoint through `step analyze --layouts-only` (its policy_vs_oracle),
+    the registry (thresholds registered with it) and `step predict` from the registry."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.analyze.layouts import LayoutSweep
+    from pipelines.cli import main
+    from pipelines.common.checkpoint import load_model, save_checkpoint
+    from pipelines.common.data import batch_to_device, eval_loader
+    from pipelines.common.model import build_model, normalize_model_config
+    from pipelines.tracking.registry import register_tuned_model
+    from pipelines.tracking.runs import create_run
+
+    from helpers import LOVEDA
+
+    torch.manual_seed(0)
+    cfg = normalize_model_config({**PATCH_MODEL, "num_classes": 7,
+                                  "policy": {**PATCH_MODEL["policy"], "levels": [2, 4, 8]}})
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(cfg), cfg)
+
+    out = tmp_path / "layouts.json"
+    assert main(["analyze", "--checkpoint", str(ckpt), "--data", tiny_shards["val"],
+                 "--layouts-only", "--layout-thresholds", "0.3", "0.5", "--budgets", "0.5",
+                 "--no-mlflow", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    model, _ = load_model(ckpt)
+    sweep = LayoutSweep(model, 7, purities=[1.0, 0.98, 0.95, 0.9], thresholds=[0.3, 0.5], budgets=[0.5])
+    for images, labels in eval_loader(tiny_shards["val"], num_workers=0):
+        sweep.update(*batch_to_device(images, labels, "cpu"))
+    assert [r["tokens_fraction"] for r in doc["layouts"]] == pytest.approx(
+        [r["tokens_fraction"] for r in sweep.rows()])
+    assert doc["policy_vs_oracle"]["oracle_cut"] is not None
+
+    tuned = {"exit_thresholds": [0.5, 0.5], "merge_thresholds": {"2": 0.0, "4": 0.0, "8": 0.0}}
+    run_id = create_run(mlflow_server, "patch-policy", run_name="tune")
+    reg = register_tuned_model(mlflow_server, run_id, str(ckpt), tuned,
+                               {"miou": 0.5, "gflops": 1.0, "drop": 0.1}, name="patch-policy",
+                               max_drop=1.0, drop_mode="absolute", baseline_miou=0.6)
+    assert reg is not None
+    images = tmp_path / "images"
+    images.mkdir()
+    scene = sorted((LOVEDA / "img_dir").glob("*.png"))[0]
+    Image.open(scene).convert("RGB").crop((0, 0, 128, 128)).save(images / "a.png")
+    pred = tmp_path / "pred"
+    assert main(["predict", "--model", f"models:/{reg['name']}/{reg['version']}",
+                 "--images", str(images), "--out", str(pred), "--no-ray", "--token-maps",
+                 "--tracking-uri", mlflow_server]) == 0
+    summary = json.loads((pred / "summary.json").read_text())
+    assert summary["images"] == 1
+    levels = np.asarray(Image.open(pred / "levels" / "a.png"))
+    assert levels.shape == (8, 8) and (levels == 8).all()  # merge threshold 0: one 8 x 8 token
