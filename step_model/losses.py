@@ -56,15 +56,30 @@ def step_loss(out: StepOutput, labels: torch.Tensor, cfg: StepConfig) -> dict[st
 def policy_loss(
     policy_logits: dict[int, torch.Tensor], labels: torch.Tensor, purity: float = 1.0,
     ignore_index: int = IGNORE_INDEX, num_classes: int | None = None,
+    cell_logits: torch.Tensor | None = None, homogeneity: str = "pixels",
 ) -> dict[str, torch.Tensor]:
-    """{"policy_<s>" per level, "total" (mean over levels)}: BCE against the ground truth."""
+    """{"policy_<s>" per level, "total" (mean over levels)}: BCE against the ground truth.
+
+    ``cell_logits`` (B, C, gh, gw), from a policy that also classifies its cells
+    (``patch_features``), adds ``policy_cells``: the cross-entropy of each cell's predicted
+    class distribution against its pixels' (cells without a labelled pixel do not count),
+    to the total with weight 1."""
     _, labels = pad_to_patch(labels[:, None].float(), labels)
     levels = tuple(s for s in LEVELS if s in policy_logits)
-    targets = policy_targets(labels, levels, purity, num_classes, ignore_index)
+    targets = policy_targets(labels, levels, purity, num_classes, ignore_index, homogeneity)
     losses: dict[str, torch.Tensor] = {}
     for s in levels:
         logit = policy_logits[s].float()
         target = targets[s][:, : logit.shape[1], : logit.shape[2]]
         losses[f"policy_{s}"] = F.binary_cross_entropy_with_logits(logit, target)
     losses["total"] = torch.stack([losses[f"policy_{s}"] for s in levels]).mean()
+    if cell_logits is not None:
+        hist = cell_histogram(labels, cell_logits.shape[1], ignore_index).float()  # (B, gh, gw, C)
+        pixels = hist.sum(-1)
+        target = (hist / pixels.clamp_min(1)[..., None]).permute(0, 3, 1, 2)
+        gh, gw = target.shape[-2:]
+        ce = -(target * cell_logits[..., :gh, :gw].float().log_softmax(1)).sum(1)
+        labelled = pixels > 0
+        losses["policy_cells"] = (ce * labelled).sum() / labelled.sum().clamp_min(1)
+        losses["total"] = losses["total"] + losses["policy_cells"]
     return losses

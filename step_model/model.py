@@ -50,7 +50,7 @@ from .config import (
 )
 from .decoder import build_decoder
 from .exits import ExitHead, halting_mask, spread_key
-from .policy import PolicyNet, check_float_images, policy_targets
+from .policy import build_policy, check_float_images, policy_targets
 from .segmenter_init import load_segmenter
 from .selection import (
     TokenLayout,
@@ -207,9 +207,7 @@ class StepSegmenter(nn.Module):
         self._inference = InferenceConfig()
         self.set_inference(inference or InferenceConfig())  # validated now, not at inference
         dim = self.encoder.embed_dim
-        self.policy = PolicyNet(tuple(cfg.policy.levels), pretrained=cfg.policy.pretrained,
-                                input_scale=cfg.policy.input_scale,
-                                fine_features=cfg.policy.fine_features)
+        self.policy = build_policy(cfg.policy, cfg.num_classes)
         if cfg.policy.weights:
             state = torch.load(cfg.policy.weights, map_location="cpu", weights_only=True)
             self.policy.load_state_dict(state)
@@ -284,26 +282,36 @@ class StepSegmenter(nn.Module):
         b = images.shape[0]
         grid = (images.shape[-2] // PATCH, images.shape[-1] // PATCH)
         pcfg, inf = self.cfg.policy, self._inference
+        # a policy fine-tuned in stage 2 runs in every training forward, with gradient (its
+        # loss: pipelines.train.stages); selection itself never has one
+        trains = self.training and any(p.requires_grad for p in self.policy.parameters())
+        logits = (self._policy_logits(images, grad=trains)
+                  if trains or inf.policy_mode in ("threshold", "budget") else None)
         if inf.policy_mode == "none":
-            return dense_layout(grid, b, images.device), None
+            return dense_layout(grid, b, images.device), logits
         with torch.no_grad():
             if inf.policy_mode == "oracle":
                 if labels is None:
                     raise ValueError("policy_mode 'oracle' needs labels in forward(images, labels)")
-                scores = policy_targets(labels, tuple(pcfg.levels), pcfg.purity, self.cfg.num_classes)
-                logits = None
+                scores = policy_targets(labels, tuple(pcfg.levels), pcfg.purity, self.cfg.num_classes,
+                                        homogeneity=pcfg.homogeneity)
                 accepted = select_by_threshold(scores, dict.fromkeys(scores, 0.5), grid)
             else:
-                # selection is never trained: BatchNorm uses running stats even in train()
-                was_training = self.policy.training
-                logits = self.policy.eval()(images)
-                self.policy.train(was_training)
-                scores = {s: v.float().sigmoid() for s, v in logits.items()}
+                scores = {s: v.detach().float().sigmoid() for s, v in logits.items()}
                 if inf.policy_mode == "threshold":
                     accepted = select_by_threshold(scores, inf.merge_thresholds, grid)
                 else:
                     accepted = select_by_budget(scores, inf.budget, grid)
         return build_layout(accepted, grid, b, images.device), logits
+
+    def _policy_logits(self, images: torch.Tensor, grad: bool) -> dict[int, torch.Tensor]:
+        """The policy's logits, always in eval mode (BatchNorm running stats: the policy's
+        batches in stage 2 are the segmenter's, too few images for batch statistics)."""
+        was_training = self.policy.training
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            logits = self.policy.eval()(images)
+        self.policy.train(was_training)
+        return logits
 
     def embed(self, images: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """(Super)token embeddings + position embeddings, prefix tokens first: (B, P+N, D)."""

@@ -169,6 +169,21 @@ class PolicyNet(nn.Module):
         return out
 
 
+def build_policy(pcfg, num_classes: int | None = None) -> nn.Module:
+    """The policy network ``pcfg.network`` names (a :class:`~step_model.config.PolicyConfig`):
+    ``{s: logits (B, gh/s, gw/s)}`` from float images, whichever it is."""
+    from .patch_policy import PatchEntropyPolicy, PatchFeaturePolicy
+
+    levels = tuple(pcfg.levels)
+    if pcfg.network == "patch_features":
+        return PatchFeaturePolicy(levels, width=pcfg.width, depth=pcfg.depth,
+                                  num_classes=num_classes or 0)
+    if pcfg.network == "patch_entropy":
+        return PatchEntropyPolicy(levels)
+    return PolicyNet(levels, pretrained=pcfg.pretrained, input_scale=pcfg.input_scale,
+                     fine_features=pcfg.fine_features)
+
+
 def cell_histogram(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per 16 x 16 cell class pixel counts: labels (B, H, W) -> (B, gh, gw, C) int64."""
     b, h, w = labels.shape
@@ -211,10 +226,22 @@ def policy_targets(
     purity: float = 1.0,
     num_classes: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    homogeneity: str = "pixels",
 ) -> dict[int, torch.Tensor]:
-    """Ground truth of the policy heads: {s: float (B, gh/s, gw/s), 1 = homogeneous}."""
+    """Ground truth of the policy heads: {s: float (B, gh/s, gw/s), 1 = homogeneous}.
+
+    ``homogeneity`` "pixels" (the paper's): the window's pixels, by :func:`homogeneous`;
+    "cells": its cells' majority classes, each labelled cell one vote (all-ignore cells
+    none), so that a window whose cells all have one majority class is homogeneous
+    whatever a cell mixes in. Merging such a window leaves the layout ceiling of
+    ``step analyze`` unchanged (every token's majority is its cells' majority)."""
     if num_classes is None:
         valid = labels[labels != ignore_index]
         num_classes = int(valid.max()) + 1 if valid.numel() else 1
     cells = cell_histogram(labels, num_classes, ignore_index)
+    if homogeneity == "cells":
+        votes = F.one_hot(cells.argmax(-1), num_classes) * (cells.sum(-1, keepdim=True) > 0)
+        cells = votes
+    elif homogeneity != "pixels":
+        raise ValueError(f"homogeneity: 'pixels' or 'cells', got {homogeneity!r}")
     return {s: homogeneous(window_histogram(cells, s), purity).float() for s in levels}

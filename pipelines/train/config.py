@@ -41,7 +41,7 @@ from step_model.config import (
 
 # PolicyConfig fields that shape the policy network's tensors or what its heads compute:
 # stage 2 must build the network stage 1 trained
-POLICY_ARCHITECTURE = ("levels", "input_scale", "fine_features")
+POLICY_ARCHITECTURE = ("network", "levels", "input_scale", "fine_features", "width", "depth")
 
 
 def policy_mismatch(stage2: StepConfig, stage1: StepConfig) -> list[str]:
@@ -174,6 +174,16 @@ class SharingMixConfig(StrictModel):
         "1.0 = no sharing; empty = inference.merge_thresholds throughout")
 
 
+class PolicyFinetuneConfig(StrictModel):
+    """Stage 2: keep training the policy (loaded from ``policy_checkpoint``) against its
+    ground truth, ``weight`` x its stage-1 loss added to the segmenter's, instead of
+    freezing it. Selection stays without gradient: the policy learns only from the labels,
+    on stage 2's images and augmentations."""
+
+    enabled: bool = Field(False, description="fine-tune the policy in stage 2 (default: frozen)")
+    weight: float = Field(1.0, gt=0, description="weight of the policy loss in the total")
+
+
 class EvalSection(StrictModel):
     """Validation during training (and the defaults of ``step eval``)."""
 
@@ -211,6 +221,7 @@ class TrainConfig(StrictModel):
     train: TrainLoopConfig = TrainLoopConfig(steps=1000)
     finetune: FinetuneConfig = FinetuneConfig()
     sharing_mix: SharingMixConfig = SharingMixConfig()
+    policy_finetune: PolicyFinetuneConfig = PolicyFinetuneConfig()
     eval: EvalSection = EvalSection()
     scaling: ScalingSection = ScalingSection()
     storage: StorageSection = StorageSection()
@@ -249,6 +260,9 @@ class TrainConfig(StrictModel):
                 raise ValueError("finetune.steps: only for stage 'step'")
             if self.sharing_mix.thresholds:
                 raise ValueError("sharing_mix.thresholds: only for stage 'step'")
+            if self.policy_finetune.enabled:
+                raise ValueError("policy_finetune.enabled: only for stage 'step' (stage 1 "
+                                 "trains the policy anyway)")
         try:
             finetune = self.inference.apply(self.finetune.inference)
         except ValidationError as err:

@@ -184,8 +184,10 @@ class Worker:
             # With halting active in training (fine-tuning phase) an exit head can see no
             # token in a step: DDP must then tolerate parameters without gradients.
             # Otherwise every trainable parameter is used, and the extra graph traversal
-            # is skipped.
-            parallel_strategy_kwargs={"find_unused_parameters": self.ft_steps > 0},
+            # is skipped. A policy fine-tuned in stage 2 may have a level head without a
+            # window in the crop.
+            parallel_strategy_kwargs={"find_unused_parameters": self.ft_steps > 0
+                                      or cfg.policy_finetune.enabled},
         )
         if self.state.step >= self.base_steps and self.ft_steps:
             self.stage.start_finetune(self.model, cfg)

@@ -12,9 +12,11 @@ Choices:
   windows that fit the image: plain accuracy and balanced accuracy (the mean of the
   recalls of homogeneous and mixed windows, since at coarse levels most windows are
   mixed), the BCE, and the token count that threshold selection gives on the val set.
-* Stage 2 always freezes the policy: it comes from ``policy_checkpoint`` (its ``policy.*``
-  tensors; the other tensors of a stage-1 checkpoint are untrained and ignored) or is not
-  used at all (oracle / none).
+* Stage 2 freezes the policy, unless ``policy_finetune.enabled``: then its stage-1 loss
+  (weighted) joins the segmenter's, and the model runs it with gradient in every training
+  forward, whatever the sharing of the step (so DDP sees its parameters used every step).
+  It comes from ``policy_checkpoint`` (its ``policy.*`` tensors; the other tensors of a
+  stage-1 checkpoint are untrained and ignored) or is not used at all (oracle / none).
 """
 
 from __future__ import annotations
@@ -71,8 +73,12 @@ class PolicyStage:
         from step_model import policy_loss
 
         pcfg = model.cfg.policy
-        return policy_loss(ddp(images), labels, purity=pcfg.purity,
-                           num_classes=model.cfg.num_classes)
+        if getattr(model.policy, "classifies_cells", False):  # patch_features
+            logits, cells = ddp(images, with_cells=True)
+        else:
+            logits, cells = ddp(images), None
+        return policy_loss(logits, labels, purity=pcfg.purity, num_classes=model.cfg.num_classes,
+                           cell_logits=cells, homogeneity=pcfg.homogeneity)
 
     def evaluate(self, model, cfg: TrainConfig, device) -> dict[str, Any]:
         return evaluate_policy(model, _val_loader(cfg), device=device)
@@ -90,7 +96,7 @@ class StepStage:
     def prepare(self, model, cfg: TrainConfig) -> None:
         if cfg.policy_checkpoint:
             load_policy_weights(model, cfg.policy_checkpoint)
-        model.policy.requires_grad_(False)
+        model.policy.requires_grad_(cfg.policy_finetune.enabled)
 
     def trained_module(self, model):
         return model
@@ -129,9 +135,18 @@ class StepStage:
             yield
 
     def losses(self, ddp, model, images, labels, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-        from step_model import step_loss
+        from step_model import policy_loss, step_loss
 
-        return step_loss(ddp(images, labels), labels, model.cfg)
+        out = ddp(images, labels)
+        losses = step_loss(out, labels, model.cfg)
+        if cfg.policy_finetune.enabled:
+            pcfg = model.cfg.policy
+            term = policy_loss(out.policy_logits, labels, purity=pcfg.purity,
+                               num_classes=model.cfg.num_classes,
+                               homogeneity=pcfg.homogeneity)["total"]
+            losses["policy"] = term
+            losses["total"] = losses["total"] + cfg.policy_finetune.weight * term
+        return losses
 
     def evaluate(self, model, cfg: TrainConfig, device) -> dict[str, Any]:
         from pipelines.evaluate.evaluator import evaluate_model
@@ -204,7 +219,8 @@ def evaluate_policy(model, loader, *, device, max_samples: int | None = None) ->
             break
         images, labels = pad_to_patch(*batch_to_device(images, labels, device))
         logits = policy(images)
-        targets = policy_targets(labels, levels, model.cfg.policy.purity, model.cfg.num_classes)
+        targets = policy_targets(labels, levels, model.cfg.policy.purity, model.cfg.num_classes,
+                                 homogeneity=model.cfg.policy.homogeneity)
         for i, s in enumerate(levels):
             lg = logits[s].float()
             t = targets[s][:, : lg.shape[1], : lg.shape[2]]
