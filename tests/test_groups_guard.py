@@ -256,15 +256,14 @@ def models(tmp_path_factory):
     import torch
 
     from pipelines.common.checkpoint import save_checkpoint
-    from pipelines.common.model import build_model, normalize_model_config
+    from pipelines.common.model import build_model
 
     root = tmp_path_factory.mktemp("groups")
     out = {}
     for name, cfg in (("step", MODEL), ("vit", {**MODEL, "policy": {"mode": "none"},
                                                  "exits": {"blocks": []}})):
         torch.manual_seed(0)
-        cfg = normalize_model_config(cfg)
-        out[name] = str(save_checkpoint(root / name, build_model(cfg), cfg))
+        out[name] = str(save_checkpoint(root / name, build_model(cfg)))
     return out
 
 

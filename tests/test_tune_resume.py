@@ -58,12 +58,11 @@ def searches(tmp_path_factory, ray_local) -> dict:
 
     from data_prep.prep import prepare
     from pipelines.common.checkpoint import save_checkpoint
-    from pipelines.common.model import build_model, normalize_model_config
+    from pipelines.common.model import build_model
 
     root = tmp_path_factory.mktemp("resume")
     torch.manual_seed(0)
-    cfg = normalize_model_config(MODEL)
-    case = {"root": root, "ckpt": str(save_checkpoint(root / "ckpt", build_model(cfg), cfg)),
+    case = {"root": root, "ckpt": str(save_checkpoint(root / "ckpt", build_model(MODEL))),
             "val": str(root / "val"), "space": str(root / "space.yaml"),
             "uri": f"sqlite:///{root / 'mlflow.db'}"}
     prepare("loveda", str(LOVEDA), case["val"], split="val", samples_per_shard=4,

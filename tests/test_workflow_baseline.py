@@ -45,13 +45,13 @@ def test_a_plain_vit_is_trained_with_the_step_recipe_and_reported(tiny_pipeline,
     assert not steps["train_baseline"]["skipped"]
     ckpt = doc["checkpoints"]["baseline"]
     assert ckpt == steps["train_baseline"]["outputs"]["checkpoint"]
-    from pipelines.common.checkpoint import read_model_config
+    from pipelines.common.checkpoint import read_configs
 
-    model_cfg = read_model_config(ckpt)
+    model_cfg, inference = read_configs(ckpt)
     # the STEP recipe without sharing and exits
-    assert model_cfg["policy"]["mode"] == "none" and model_cfg["exits"]["blocks"] == []
-    step_cfg = read_model_config(doc["checkpoints"]["step"])
-    assert model_cfg["backbone"] == step_cfg["backbone"]
+    assert inference.policy_mode == "none" and model_cfg.exits.blocks == []
+    step_cfg, _ = read_configs(doc["checkpoints"]["step"])
+    assert model_cfg.backbone == step_cfg.backbone
     state = torch.load(Path(ckpt) / "model.pt", weights_only=True)
     assert not any(k.startswith("exit_heads.") for k in state)
 
