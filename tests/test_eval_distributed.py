@@ -23,7 +23,7 @@ import torch
 from data_prep.loader import build_loader
 from pipelines.common.data import eval_loader
 from pipelines.common.model import build_model
-from pipelines.evaluate.evaluator import evaluate_model
+from pipelines.evaluate.evaluator import EvalOptions, evaluate_model
 
 from helpers import LOVEDA, REPO
 
@@ -37,7 +37,7 @@ RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from data_prep.loader import build_loader
 from pipelines.common.data import eval_loader
-from pipelines.evaluate.evaluator import evaluate_model
+from pipelines.evaluate.evaluator import EvalOptions, evaluate_model
 from pipelines.common.model import build_model
 
 rank, world, workers = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -57,8 +57,8 @@ for name, cap in (("all", None), ("cap2", 2)):
     keys = []
     loader = build_loader(uri, batch_size=1, crop_size=None, train=False, num_workers=workers,
                           with_keys=True, to_float=False, max_samples=cap)
-    result = evaluate_model(model, recorded(loader, keys), num_classes=7, max_samples=cap,
-                            count_flops=True, latency_samples=1, progress=False)
+    result = evaluate_model(model, recorded(loader, keys), num_classes=7, options=EvalOptions(
+        max_samples=cap, count_flops=True, latency_samples=1, progress=False))
     shares = eval_loader(uri, num_workers=workers, max_samples=cap)
     results[name] = {"result": result.to_dict(), "keys": keys,
                      "num_samples": shares.num_samples, "total_samples": shares.total_samples}
@@ -97,8 +97,8 @@ def _single_process(uri: str, model_file: str, max_samples: int | None) -> dict:
     torch.set_num_threads(1)  # the ranks' setting: the same kernels, the same sums
     try:
         loader = eval_loader(uri, rank=0, world_size=1, max_samples=max_samples)
-        return evaluate_model(model, loader, num_classes=7, max_samples=max_samples,
-                              count_flops=True, progress=False).to_dict()
+        return evaluate_model(model, loader, num_classes=7, options=EvalOptions(
+            max_samples=max_samples, count_flops=True, progress=False)).to_dict()
     finally:
         torch.set_num_threads(threads)
 

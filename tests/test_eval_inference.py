@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipelines.common.model import build_model
-from pipelines.evaluate.evaluator import evaluate_model, predict
+from pipelines.evaluate.evaluator import EvalOptions, evaluate_model
+from pipelines.evaluate.inference import predict
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def test_slide_covers_every_pixel_at_any_resolution(model) -> None:
 
 def test_compute_figures_add_up(model) -> None:
     loader = [_batch(i) for i in range(3)]
-    result = evaluate_model(model, loader, num_classes=4, count_flops=True, latency_samples=1)
+    result = evaluate_model(model, loader, num_classes=4,
+                            options=EvalOptions(count_flops=True, latency_samples=1))
     d = result.to_dict()
     assert d["num_images"] == 3
     assert 0 < d["tokens_mean"] < d["tokens_in"] == 24  # 4 x 6 grid, oracle sharing
@@ -70,31 +72,32 @@ def test_compute_figures_add_up(model) -> None:
 
 def test_max_samples_caps_the_evaluation(model) -> None:
     loader = [_batch(i) for i in range(4)]
-    result = evaluate_model(model, loader, num_classes=4, max_samples=2, count_flops=False)
+    result = evaluate_model(model, loader, num_classes=4,
+                            options=EvalOptions(max_samples=2, count_flops=False))
     assert result.num_images == 2 and result.gflops is None
 
 
 def test_no_data_gives_empty_figures_of_the_model_shapes(model) -> None:
     """A rank without images (more ranks than images) still reduces fixed-shape tensors;
     alone, it reports nothing rather than failing."""
-    result = evaluate_model(model, [], num_classes=4, count_flops=True, latency_samples=1,
-                            progress=False)
+    result = evaluate_model(model, [], num_classes=4, options=EvalOptions(
+        count_flops=True, latency_samples=1, progress=False))
     assert result.num_images == 0 and result.gflops is None and result.latency_ms is None
     assert result.tokens_per_block == [] and result.supertokens_per_level == {}
     assert result.per_class_halting == {} and math.isnan(result.miou)
 
 
 def test_levels_and_exits_come_from_the_model(model) -> None:
-    result = evaluate_model(model, [_batch(0)], num_classes=4, count_flops=False,
-                            progress=False)
+    result = evaluate_model(model, [_batch(0)], num_classes=4,
+                            options=EvalOptions(count_flops=False, progress=False))
     assert set(result.supertokens_per_level) == {"1", "2", "4"}  # 1 + policy.levels [2, 4]
     assert set(result.halted_per_exit) == {"exit_2", "exit_4"}
 
 
 def test_progress_is_plain_lines_on_stderr_when_not_a_tty(model, capsys) -> None:
     loader = [_batch(i) for i in range(3)]
-    evaluate_model(model, loader, num_classes=4, max_samples=2, count_flops=False,
-                   progress=True, progress_every_s=0)
+    evaluate_model(model, loader, num_classes=4, options=EvalOptions(
+        max_samples=2, count_flops=False, progress=True, progress_every_s=0))
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
@@ -103,7 +106,9 @@ def test_progress_is_plain_lines_on_stderr_when_not_a_tty(model, capsys) -> None
     assert lines[1].startswith("eval: 1/2 images (50%), ") and "images/s" in lines[1]
     assert lines[2].startswith("eval: 2/2 images (100%), ")
     assert lines[-1].startswith("eval: done, 2 images in ")
-    evaluate_model(model, loader[:1], num_classes=4, count_flops=False)  # default: rank 0
+    evaluate_model(model, loader[:1], num_classes=4,
+                   options=EvalOptions(count_flops=False))  # default: rank 0
     assert capsys.readouterr().err.startswith("eval: images until the data ends")
-    evaluate_model(model, loader[:1], num_classes=4, count_flops=False, progress=False)
+    evaluate_model(model, loader[:1], num_classes=4,
+                   options=EvalOptions(count_flops=False, progress=False))
     assert capsys.readouterr().err == ""

@@ -198,12 +198,12 @@ def test_config_modules_import_without_torch():
 def test_each_constant_is_defined_once():
     import data_prep.conventions
     import pipelines.common.settings as settings
-    import pipelines.evaluate.evaluator as evaluator
+    import pipelines.evaluate.compute as compute
     import step_model.config as config
 
     # two packages that may not import each other: the data contract and the model agree
     assert data_prep.conventions.IGNORE_INDEX == config.IGNORE_INDEX
-    assert (1, *config.LEVELS) == evaluator.ALL_LEVELS
+    assert (1, *config.LEVELS) == compute.ALL_LEVELS
     for name in ("StrictModel", "parse_thresholds", "ExitThresholds", "MergeThresholds",
                  "EXIT_THRESHOLDS_SYNTAX", "MERGE_THRESHOLDS_SYNTAX"):
         assert getattr(settings, name) is getattr(config, name), name

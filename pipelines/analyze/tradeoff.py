@@ -30,15 +30,16 @@ def variant_inference(variant: str, op: InferenceConfig) -> InferenceConfig:
 def run_tradeoff(model, loader_fn: Callable[[], Iterable], *, num_classes: int,
                  op: InferenceConfig, device: str, max_samples: int | None,
                  class_names: list[str] | None = None) -> list[dict[str, Any]]:
-    from pipelines.evaluate.evaluator import evaluate_model
+    from pipelines.evaluate.evaluator import EvalOptions, evaluate_model
 
     rows = []
     for variant in VARIANTS:
         kw = variant_inference(variant, op)
         model.set_inference(kw)
         r = evaluate_model(model, loader_fn(), num_classes=num_classes, device=device,
-                           max_samples=max_samples, count_flops=True, latency_samples=0,
-                           class_names=class_names, progress=False)
+                           class_names=class_names,
+                           options=EvalOptions(max_samples=max_samples, count_flops=True,
+                                               latency_samples=0, progress=False))
         rows.append({"variant": variant, "miou": r.miou, "gflops": r.gflops,
                      "gflops_policy": r.gflops_split.get("policy"),
                      "tokens_mean": r.tokens_mean, "tokens_in": r.tokens_in,

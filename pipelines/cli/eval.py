@@ -28,7 +28,7 @@ ALIASES = (*INFERENCE_ALIASES, *MLFLOW_ALIASES)
 def evaluate(inv: Invocation) -> Result:
     from pipelines.common.checkpoint import resolve_checkpoint_dir
     from pipelines.common.oracle import ORACLE_NOTE, refuse_oracle, uses_oracle
-    from pipelines.evaluate.evaluator import evaluate_checkpoint
+    from pipelines.evaluate.evaluator import EvalOptions, evaluate_checkpoint
 
     s: EvalSettings = inv.settings
     inference = s.inference.given()
@@ -37,11 +37,11 @@ def evaluate(inv: Invocation) -> Result:
     if oracle and not s.allow_oracle:
         refuse_oracle("step eval")
     per_image = s.groups is not None or s.reference
-    result = evaluate_checkpoint(
-        checkpoint, s.data, inference=inference, max_samples=s.max_samples,
-        device=s.device, mode=s.mode, crop_size=s.crop_size, stride=s.stride,
-        latency_samples=s.latency_samples, per_image=per_image,
-    )
+    options = EvalOptions(mode=s.mode, crop_size=s.crop_size, stride=s.stride,
+                          max_samples=s.max_samples, latency_samples=s.latency_samples,
+                          per_image=per_image)
+    result = evaluate_checkpoint(checkpoint, s.data, inference=inference, options=options,
+                                 device=s.device)
     full = result.to_dict()
     if per_image:
         full.update(_slices(s, checkpoint, result.images))

@@ -1,7 +1,7 @@
 """mIoU and drop per group (recording, city: ``data.groups``), and the worst group.
 
 Built on the per-image confusion matrices an evaluation keeps (:class:`ImageConfusions`,
-``evaluate_checkpoint(per_image=True)``): a group's figure is the mIoU of its images'
+``EvalOptions(per_image=True)``): a group's figure is the mIoU of its images'
 summed matrices, so no image is evaluated twice and every group's figure is an honest
 mIoU of its own images. Groups come out sorted by name, so reports and JSON never depend
 on the order images were read in.

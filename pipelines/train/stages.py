@@ -149,14 +149,15 @@ class StepStage:
         return losses
 
     def evaluate(self, model, cfg: TrainConfig, device) -> dict[str, Any]:
-        from pipelines.evaluate.evaluator import evaluate_model
+        from pipelines.evaluate.evaluator import EvalOptions, evaluate_model
 
-        result = evaluate_model(
-            model, _val_loader(cfg), num_classes=model.cfg.num_classes, device=device,
+        options = EvalOptions(
             mode=cfg.eval.mode, crop_size=cfg.eval.crop_size or cfg.data.crop_size,
             stride=cfg.eval.stride, max_samples=cfg.eval.max_samples, count_flops=True,
             precision=cfg.train.precision,  # the training's autocast rule
         )
+        result = evaluate_model(model, _val_loader(cfg), num_classes=model.cfg.num_classes,
+                                device=device, options=options)
         return {k: v for k, v in result.headline().items() if v is not None}
 
     def extra_files(self, model, directory: str | Path) -> None:

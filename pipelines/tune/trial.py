@@ -57,11 +57,12 @@ def evaluate_images(checkpoint: str, data: str, inference: Any, *,
     ``inference`` (an InferenceConfig, or changes to the checkpoint's own settings): the
     images of ``data`` the search may see (``holdout`` left out), or with
     ``part="holdout"`` only the held-out ones."""
-    from pipelines.evaluate.evaluator import evaluate_checkpoint
+    from pipelines.evaluate.evaluator import EvalOptions, evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, data, inference=inference,
-                                 max_samples=max_samples, device=device, progress=progress,
-                                 per_image=True, holdout=holdout, part=part)
+    options = EvalOptions(max_samples=max_samples, latency_samples=3, progress=progress,
+                          per_image=True)
+    result = evaluate_checkpoint(checkpoint, data, inference=inference, options=options,
+                                 device=device, holdout=holdout, part=part)
     return result.to_dict(), result.images
 
 
