@@ -33,7 +33,7 @@ __all__ = [
 
 _WHERE = {
     "AugmentConfig": "data_prep.augment",
-    "DatasetError": "data_prep.readers",
+    "DatasetError": "data_prep.errors",
     "IGNORE_INDEX": "data_prep.conventions",
     "READERS": "data_prep.readers",
     "DatasetInfo": "data_prep.info",

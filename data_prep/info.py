@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 from data_prep import storage
+from data_prep.errors import DatasetError, DatasetNotFound
 from data_prep.shards import SHARD_RE
 
 
@@ -34,9 +35,9 @@ class DatasetInfo:
         if split is None:
             split = self.splits[0] if len(self.splits) == 1 else ("train" if train else "val")
         if split not in self.num_samples:
-            raise ValueError(f"{self.uri}: no split {split!r} (has {self.splits})")
+            raise DatasetError(f"{self.uri}: no split {split!r} (has {self.splits})")
         if not self.shards(split):
-            raise ValueError(f"{self.uri}: split {split!r} has no shards")
+            raise DatasetError(f"{self.uri}: split {split!r} has no shards")
         return split
 
 
@@ -47,7 +48,7 @@ def read_dataset_info(uri: str) -> DatasetInfo:
         meta = json.loads(storage.read_bytes(storage.join(uri, "dataset.json")))
         sizes = json.loads(storage.read_bytes(storage.join(uri, "sizes.json")))
     except FileNotFoundError as err:
-        raise FileNotFoundError(
+        raise DatasetNotFound(
             f"{uri}: not a step prep output ({err.args[0] if err.args else err} missing); run `step prep` first"
         ) from None
     num_samples: dict[str, int] = {}

@@ -35,10 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from data_prep import classes, storage
 from data_prep.conventions import IGNORE_INDEX, IMAGE_SUFFIXES, JPEG_OR_PNG_SUFFIXES
-
-
-class DatasetError(ValueError):
-    """The source does not hold the requested split (missing or empty folder, bad layout)."""
+from data_prep.errors import DatasetError
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,11 @@ from pydantic import Field
 
 from .config import InferenceConfig, InferenceOverrides, StrictModel
 
+
+class BenchInputError(ValueError):
+    """Settings that cannot run here (no images, no CUDA device): the user's to fix."""
+
+
 # the demo's LoveDA scenes, shipped in the repository (relative to its root, like configs/)
 DEFAULT_IMAGES = Path("demo_data/loveda")
 
@@ -70,12 +75,12 @@ def load_pairs(folder: Path, size: int, reduce_zero_label: bool):
 
     img_dir, ann_dir = folder / "img_dir", folder / "ann_dir"
     if not img_dir.is_dir() or not ann_dir.is_dir():
-        raise FileNotFoundError(f"--images {folder}: expected img_dir/ and ann_dir/ inside")
+        raise BenchInputError(f"images {folder}: expected img_dir/ and ann_dir/ inside")
     pairs = []
     for img_path in sorted(img_dir.iterdir()):
         ann_path = ann_dir / (img_path.stem + ".png")
         if not ann_path.is_file():
-            raise FileNotFoundError(f"{img_path}: no label {ann_path}")
+            raise BenchInputError(f"{img_path}: no label {ann_path}")
         img = torch.from_numpy(np.asarray(Image.open(img_path).convert("RGB")).copy())
         lab = torch.from_numpy(np.asarray(Image.open(ann_path)).astype(np.int64))
         if reduce_zero_label:
@@ -87,7 +92,7 @@ def load_pairs(folder: Path, size: int, reduce_zero_label: bool):
             lab = F.interpolate(lab[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
         pairs.append((img_path.name, img, lab))
     if not pairs:
-        raise FileNotFoundError(f"--images {folder}: no images in img_dir/")
+        raise BenchInputError(f"images {folder}: no images in img_dir/")
     return pairs
 
 
@@ -100,7 +105,7 @@ def measure(settings: BenchModelSettings) -> dict:
 
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda: no CUDA device available")
+        raise BenchInputError("device cuda: no CUDA device available")
     inference = settings.step_inference()
     cfg = StepConfig(backbone=settings.backbone, num_classes=settings.num_classes,
                      decoder=settings.decoder, policy=PolicyConfig(),

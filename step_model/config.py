@@ -42,6 +42,12 @@ from pydantic import (
     model_validator,
 )
 
+
+class SettingsMismatch(ValueError):
+    """Inference settings that do not fit a built model (thresholds for another number of
+    exits or levels): the user's input, reported as such by the command line."""
+
+
 PATCH = 16  # ViT patch side in pixels: one grid cell
 LEVELS = (2, 4, 8, 16)  # superpatch sides, in grid cells
 # The ignore label. data_prep.conventions holds the data contract's copy: the layering
@@ -265,18 +271,18 @@ class InferenceConfig(FrozenModel):
         return self.apply(changes)
 
     def check_exits(self, n_exits: int) -> None:
-        """Raise ValueError unless the exit thresholds fit a model with ``n_exits`` exits."""
+        """Raise :class:`SettingsMismatch` unless the exit thresholds fit a model with ``n_exits`` exits."""
         n = len(self.exit_thresholds)
         if n != 1 and n != n_exits:
-            raise ValueError(f"exit_thresholds has {n} values for {n_exits} exits; give one "
+            raise SettingsMismatch(f"exit_thresholds has {n} values for {n_exits} exits; give one "
                              f"value (every exit) or {n_exits}")
 
     def check_levels(self, levels: tuple[int, ...] | list[int]) -> None:
-        """Raise ValueError unless there is a merge threshold for each of the policy's
+        """Raise :class:`SettingsMismatch` unless there is a merge threshold for each of the policy's
         ``levels`` (a mapping may leave out levels the policy does not have)."""
         missing = [s for s in levels if s not in self.merge_thresholds]
         if missing:
-            raise ValueError(f"merge_thresholds has no threshold for level(s) {missing} of "
+            raise SettingsMismatch(f"merge_thresholds has no threshold for level(s) {missing} of "
                              f"the policy (levels {list(levels)}); expected "
                              f"{MERGE_THRESHOLDS_SYNTAX}")
 

@@ -24,6 +24,7 @@ from pipelines.analyze.settings import (
     DEFAULT_SEEDS,
     DEFAULT_THRESHOLDS,
 )
+from pipelines.common.errors import InvalidInput
 from pipelines.common.storage import json_safe
 from step_model.config import InferenceConfig, overrides_given
 
@@ -44,7 +45,7 @@ def operating_point(own: InferenceConfig, inference: Any = None
     note = None
     if op.policy_mode not in LEARNED:
         if "policy_mode" in given:
-            raise ValueError(f"inference.policy_mode={op.policy_mode!r}: the analysis measures "
+            raise InvalidInput(f"inference.policy_mode={op.policy_mode!r}: the analysis measures "
                              f"the learned policy at its operating point; use one of "
                              f"{list(LEARNED)}")
         note = (f"the checkpoint's policy mode is {op.policy_mode!r}; the operating point "
@@ -76,7 +77,7 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
     num_classes = model.cfg.num_classes
     info = dataset_info(data)
     if info.num_classes != num_classes:
-        raise ValueError(f"{data} has {info.num_classes} classes but the checkpoint "
+        raise InvalidInput(f"{data} has {info.num_classes} classes but the checkpoint "
                          f"{checkpoint} predicts {num_classes}")
     names = list(info.class_names)
     op, note = operating_point(model.inference, inference)

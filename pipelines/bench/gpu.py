@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pipelines.common.errors import ExpectedFailure
 from pipelines.common.settings import StrictModel
 
 Part = Literal["train", "varlen", "model"]
@@ -146,7 +147,7 @@ def bench(args: BenchGpuSettings) -> tuple[dict[str, Any], bool]:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("no CUDA device (use --device cpu only to smoke-test)")
+        raise ExpectedFailure("no CUDA device (use --device cpu only to smoke-test)")
     device = torch.device(args.device)
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda"
                               else "cpu", "torch": torch.__version__}

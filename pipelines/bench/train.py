@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from pipelines.common.errors import InputNotFound
 from pipelines.common.settings import EXIT_THRESHOLDS_SYNTAX, ExitThresholds, StrictModel
 from pipelines.train.config import TrainConfig
 from step_model.config import InferenceConfig, StepConfig
@@ -61,7 +62,7 @@ def _fixture_batches(crop: int, batch: int, n: int, seed: int = 0):
 
     names = sorted(p.name for p in (FIXTURES / "img_dir").glob("*.png"))
     if not names:
-        raise FileNotFoundError(f"no LoveDA scenes in {FIXTURES} (run from the repository root); pass --data")
+        raise InputNotFound(f"no LoveDA scenes in {FIXTURES} (run from the repository root); pass --data")
     side = max(crop, min(1024, 2 * crop))
     pairs = []
     for name in names:

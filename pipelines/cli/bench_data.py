@@ -10,7 +10,8 @@ import json
 
 from pydantic import Field
 
-from pipelines.cli.command import Command, CommandError, Invocation, Result
+from pipelines.cli.command import Command, Invocation, Result
+from pipelines.common.errors import ExpectedFailure
 from pipelines.common.settings import StrictModel
 
 
@@ -38,13 +39,13 @@ def bench_data(inv: Invocation) -> Result:
 
     s: BenchDataSettings = inv.settings
     if not s.images:
-        raise CommandError("images: required (a flat dataset with img_dir/ and ann_dir/)", 2)
+        raise ExpectedFailure("images: required (a flat dataset with img_dir/ and ann_dir/)", 2)
     if s.s3 and s.s3_moto:
-        raise CommandError("s3 and s3_moto: choose one", 2)
+        raise ExpectedFailure("s3 and s3_moto: choose one", 2)
     try:
         result = bench.measure(argparse.Namespace(**s.model_dump(), json=None))
     except bench.BenchInputError as err:
-        raise CommandError(str(err), 2) from None
+        raise ExpectedFailure(str(err), 2) from None
     print(json.dumps(result, indent=1))
     return Result(result)
 

@@ -18,9 +18,11 @@ builds the subcommand's argparse parser from the model and, once for every comma
   (:func:`write_json`);
 * **errors**: a bad setting (``ConfigError``, pydantic ``ValidationError``) prints
   ``step <cmd>: error: <message naming the dotted field and the allowed values>`` on
-  stderr and exits 2; an expected runtime failure (``FileNotFoundError``, ``ValueError``,
-  :class:`CommandError`) prints the same line and exits 1 (or the ``CommandError``'s
-  code). Anything else is a bug and keeps its traceback.
+  stderr and exits 2; an expected failure (:class:`pipelines.common.errors.ExpectedFailure`,
+  raised where the user's input or environment is at fault, and the lower layers' own,
+  :func:`pipelines.common.errors.library_failures`) prints the same line and exits with
+  its code (1 by default). Anything else, a ``ValueError`` included, is a bug and keeps
+  its traceback.
 
 A command module exposes ``COMMAND = Command(...)`` plus ``configure = COMMAND.configure``
 and ``run = COMMAND.run``, the interface :mod:`pipelines.cli.app` calls. The settings model
@@ -43,6 +45,7 @@ from pydantic import BaseModel, BeforeValidator, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from pipelines.common.errors import ExpectedFailure, library_failures
 from pipelines.common.settings import (
     ConfigError,
     apply_overrides,
@@ -52,15 +55,6 @@ from pipelines.common.settings import (
     parse_override,
     validate,
 )
-
-
-class CommandError(Exception):
-    """An expected failure a handler reports as one line: ``step <cmd>: error: <message>``,
-    exit ``code`` (1: a runtime failure; 2: the input is wrong)."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -441,9 +435,9 @@ class Command:
             return _fail(prog, str(err), 2)
         except ValidationError as err:
             return _fail(prog, format_validation_error(err, err.title), 2)
-        except CommandError as err:
+        except ExpectedFailure as err:
             return _fail(prog, str(err), err.code)
-        except (FileNotFoundError, ValueError) as err:
+        except library_failures() as err:
             return _fail(prog, str(err), 1)
         if not isinstance(outcome, Result):
             return int(outcome or 0)

@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipelines.cli.command import Command, CommandError, Invocation, Result
+from pipelines.cli.command import Command, Invocation, Result
+from pipelines.common.errors import ExpectedFailure
 from pipelines.common.settings import StrictModel
 
 Dataset = Literal["ade20k", "cityscapes", "coco_stuff", "loveda", "folder"]  # data_prep.READERS
@@ -89,7 +90,7 @@ def prep(inv: Invocation) -> Result:
             max_side=s.max_side, strict=s.strict, layout=s.layout, progress=s.progress,
         )
     except (DatasetError, PrepError) as err:  # the input is wrong: exit 2, as always
-        raise CommandError(str(err), 2) from None
+        raise ExpectedFailure(str(err), 2) from None
     skipped = str(report.skipped_total)
     if report.skipped_total:
         reasons = ", ".join(f"{k}={v}" for k, v in report.skipped.items())
@@ -113,7 +114,7 @@ def _verify(s: PrepSettings) -> dict:
     try:
         checked = check_source(s.src, s.verify)
     except DatasetError as err:  # the data is not what the manifest says: exit 2
-        raise CommandError(str(err), 2) from None
+        raise ExpectedFailure(str(err), 2) from None
     print(f"step prep: {checked.message()}", flush=True)
     return asdict(checked)
 
@@ -126,7 +127,7 @@ def _write_manifest(s: PrepSettings) -> Result:
         doc = build_manifest(s.src, name=s.dataset or "dataset",
                              source=f"the files of {s.src} (name them here)")
     except DatasetError as err:
-        raise CommandError(str(err), 2) from None
+        raise ExpectedFailure(str(err), 2) from None
     write_manifest(s.write_manifest, doc)
     print(f"step prep: wrote the manifest of {len(doc['files'])} files under {s.src} to "
           f"{s.write_manifest} (edit its name and source: they are shown when a copy "

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pipelines.cli.command import Command, CommandError, Invocation, Result
+from pipelines.cli.command import Command, Invocation, Result
+from pipelines.common.errors import ExpectedFailure
 from pipelines.common.settings import StrictModel
 from pipelines.workflow.config import PipelineConfig, load_pipeline_config
 
@@ -30,7 +31,7 @@ def run_command(inv: Invocation) -> Result:
     try:
         return _run(inv)
     except SourceMismatch as err:  # the data is not the one the config names: exit 2
-        raise CommandError(str(err), 2) from None
+        raise ExpectedFailure(str(err), 2) from None
 
 
 def _run(inv: Invocation) -> Result:

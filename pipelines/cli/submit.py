@@ -32,8 +32,9 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from pipelines.cli.command import Command, CommandError, Invocation, Result
+from pipelines.cli.command import Command, Invocation, Result
 from pipelines.cli.run import load
+from pipelines.common.errors import ExpectedFailure, InputNotFound, InvalidInput
 from pipelines.common.settings import ConfigError, StrictModel
 from pipelines.workflow.config import PipelineConfig
 
@@ -85,14 +86,14 @@ def resolve_token(token_file: str | None = None) -> str | None:
     if token_file:
         path = Path(token_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--token-file {token_file}: no such file")
+            raise InputNotFound(f"--token-file {token_file}: no such file")
         return path.read_text().strip() or None
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
     if os.environ.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"RAY_AUTH_TOKEN_PATH={path}: no such file")
+            raise InputNotFound(f"RAY_AUTH_TOKEN_PATH={path}: no such file")
         return path.read_text().strip() or None
     default = Path.home() / ".ray" / "auth_token"
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and default.is_file():
@@ -114,7 +115,7 @@ def build_runtime_env(working_dir: str, pip: list[str], env: list[str]) -> dict:
     env_vars = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
     for item in env:
         if "=" not in item:
-            raise ValueError(f"--env expects KEY=VALUE, got {item!r}")
+            raise InvalidInput(f"--env expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         env_vars[k] = v
     runtime_env: dict = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env_vars}
@@ -147,7 +148,7 @@ def submit(inv: Invocation) -> Result:
                                     submission_id=opts.submission_id,
                                     metadata={"step.config": inv.config})
     except Exception as err:  # noqa: BLE001 - one readable line, never the token
-        raise CommandError(f"submitting to {opts.address} failed: "
+        raise ExpectedFailure(f"submitting to {opts.address} failed: "
                            f"{_auth_hint(err, token)}", 1) from None
     print(f"submitted job {job_id} to {opts.address}: {entrypoint}")
     doc = {"job_id": job_id, "address": opts.address, "entrypoint": entrypoint,

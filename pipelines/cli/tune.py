@@ -16,7 +16,6 @@ from pipelines.cli.command import (
     INFERENCE_ALIASES,
     Alias,
     Command,
-    CommandError,
     Invocation,
     Result,
 )
@@ -33,7 +32,7 @@ ALIASES = (
 def tune(inv: Invocation) -> Result:
     from pipelines.common.checkpoint import resolve_checkpoint_dir
     from pipelines.tracking.runs import resolve_tracking_uri
-    from pipelines.tune.search import TrialsFailed, search
+    from pipelines.tune.search import search
 
     settings: TuneSettings = inv.settings
     missing = [k for k in ("checkpoint", "data") if not getattr(settings, k)]
@@ -46,10 +45,8 @@ def tune(inv: Invocation) -> Result:
         raise ConfigError(f"invalid settings:\n  checkpoint: {err}") from None
     settings = settings.model_copy(update={
         "checkpoint": checkpoint, "tracking_uri": resolve_tracking_uri(settings.tracking_uri)})
-    try:
-        outcome = search(settings)  # owns its MLflow run: FINISHED, or FAILED on any error
-    except TrialsFailed as err:  # nothing to choose from; the parent run is FAILED
-        raise CommandError(str(err), 1) from None
+    # owns its MLflow run: FINISHED, or FAILED on any error (TrialsFailed: one line, exit 1)
+    outcome = search(settings)
     doc = outcome.to_json()
     _print_summary(doc)
     return Result(doc)

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from pydantic import Field
 
 from pipelines.cli.command import Command, Invocation
+from pipelines.common.errors import InputNotFound
 from pipelines.common.settings import ConfigError, StrictModel
 from pipelines.tracking.links import UI_PORT
 
@@ -72,7 +73,7 @@ def command(settings: UiSettings) -> list[str]:
                           "browser directly")
     db = Path(store[len("sqlite:///"):])
     if not db.is_file():
-        raise FileNotFoundError(f"no MLflow store at {db} yet: run `step run "
+        raise InputNotFound(f"no MLflow store at {db} yet: run `step run "
                                 "configs/demo.yaml` first (or pass --backend-store-uri)")
     artifacts = settings.artifacts or str(db.parent / DEFAULT_ARTIFACTS
                                       if db.parent.name == DEFAULT_DIR else db.parent / "mlartifacts")

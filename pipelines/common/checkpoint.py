@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from pipelines.common import storage
+from pipelines.common.errors import InputNotFound, InvalidInput
 from pipelines.common.model import build_model
 from step_model.config import InferenceConfig, StepConfig, split_model_config
 
@@ -80,7 +81,7 @@ def local_dir(uri: str | Path) -> Path:
     """A local directory with the checkpoint's files (downloads ``s3://`` ones)."""
     path = storage.download_dir(str(uri))
     if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{uri}: not a checkpoint (needs {MODEL_FILE} and {CONFIG_FILE})")
+        raise InputNotFound(f"{uri}: not a checkpoint (needs {MODEL_FILE} and {CONFIG_FILE})")
     return path
 
 
@@ -96,7 +97,7 @@ def read_configs(uri: str | Path) -> tuple[StepConfig, InferenceConfig]:
     try:
         return split_model_config(model_config, inference)
     except ValueError as err:
-        raise ValueError(f"{uri}/{CONFIG_FILE}: {err}") from None
+        raise InvalidInput(f"{uri}/{CONFIG_FILE}: {err}") from None
 
 
 def _read_mapping(uri: str, name: str) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def _read_mapping(uri: str, name: str) -> dict[str, Any]:
 
     data = yaml.safe_load(files.read_bytes(storage.join(uri, name)))
     if not isinstance(data, dict):
-        raise ValueError(f"{uri}/{name}: expected a mapping")
+        raise InvalidInput(f"{uri}/{name}: expected a mapping")
     return data
 
 
@@ -134,7 +135,7 @@ def resolve_checkpoint_dir(uri: str) -> str:
     names = sorted({rel.split("/", 1)[0] for rel in storage.list_files(uri)
                     if rel.startswith("checkpoint_") and rel.endswith("/" + MODEL_FILE)})
     if not names:
-        raise FileNotFoundError(f"{uri}: neither a checkpoint ({MODEL_FILE}) nor a run "
+        raise InputNotFound(f"{uri}: neither a checkpoint ({MODEL_FILE}) nor a run "
                                 "directory with checkpoint_* folders")
     return storage.join(uri, names[-1])
 

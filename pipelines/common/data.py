@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from pipelines.common.errors import InvalidInput
 from pipelines.common.groups import key_grouper
 from pipelines.common.holdout import is_held_out
 
@@ -94,7 +95,7 @@ def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
         else:
             if part == "search" and holdout.split is not None \
                     and _picked_split(uri, split) == holdout.split:
-                raise ValueError(f"{uri}: split {holdout.split!r} is held out from the search")
+                raise InvalidInput(f"{uri}: split {holdout.split!r} is held out from the search")
             keep = key_filter(uri, holdout, part)
     if keep is None:
         return build_loader(uri, split=split, batch_size=batch_size, crop_size=None,
@@ -102,7 +103,7 @@ def eval_loader(uri: str, *, batch_size: int = 1, num_workers: int = 1,
                             world_size=world_size, to_float=False, max_samples=max_samples,
                             with_keys=with_keys)
     if max_samples is not None and (world_size or 1) > 1:
-        raise ValueError("max_samples with held-out keys needs a single-process "
+        raise InvalidInput("max_samples with held-out keys needs a single-process "
                          "evaluation (world_size=1)")
     inner = build_loader(uri, split=split, batch_size=batch_size, crop_size=None, train=False,
                          num_workers=num_workers, rank=rank, world_size=world_size,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines.common.errors import InvalidInput
 from pipelines.common.settings import StrictModel
 
 UNMATCHED = "(unmatched)"
@@ -85,7 +86,7 @@ def key_grouper(uri: str, groups) -> Callable[[str], str]:
     A pattern needs no I/O; a column reads the manifest once."""
     g = as_groups(groups)
     if g is None:
-        raise ValueError("no groups defined (data.groups)")
+        raise InvalidInput("no groups defined (data.groups)")
     if g.pattern is not None:
         pattern = g.pattern
         return lambda key: group_of_key(pattern, key)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep import storage as files
+from pipelines.common.errors import InputNotFound
 
 is_s3 = files.is_s3
 join = files.join
@@ -67,12 +68,12 @@ def download_dir(uri: str, local: str | Path | None = None) -> Path:
     if not is_s3(uri):
         path = Path(uri)
         if not path.is_dir():
-            raise FileNotFoundError(f"{uri}: no such directory")
+            raise InputNotFound(f"{uri}: no such directory")
         return path
     out = Path(local or tempfile.mkdtemp(prefix="step-ckpt-"))
     listing = files.list_files(uri)
     if not listing:
-        raise FileNotFoundError(f"{uri}: no such directory (or empty)")
+        raise InputNotFound(f"{uri}: no such directory (or empty)")
     for rel in listing:
         if not rel or rel.endswith("/"):
             continue  # directory markers that pyarrow's S3 filesystem writes

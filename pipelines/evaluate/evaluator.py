@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pipelines.common.data import batch_to_device
+from pipelines.common.errors import InvalidInput
 from pipelines.common.precision import Precision, autocast
 from pipelines.common.storage import json_safe
 from pipelines.evaluate.bootstrap import ImageConfusions
@@ -253,7 +254,7 @@ def evaluate_checkpoint(
     info = dataset_info(data_uri)
     num_classes = model.cfg.num_classes
     if info.num_classes != num_classes:
-        raise ValueError(f"{data_uri} has {info.num_classes} classes but the checkpoint "
+        raise InvalidInput(f"{data_uri} has {info.num_classes} classes but the checkpoint "
                          f"{checkpoint_uri} predicts {num_classes}")
     loader = eval_loader(data_uri, batch_size=batch_size, num_workers=num_workers,
                          rank=0, world_size=1, max_samples=options.max_samples,

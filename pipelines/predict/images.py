@@ -18,6 +18,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from data_prep import storage
 from data_prep.conventions import IMAGE_SUFFIXES
+from pipelines.common.errors import InputNotFound, InvalidInput
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 Image.MAX_IMAGE_PIXELS = 1 << 30  # remote-sensing tiles are legitimately huge (as step prep)
@@ -73,18 +74,18 @@ def list_images(src: str, out: str | None = None) -> tuple[list[dict[str, str]],
     if (Path(src).is_file() if not storage.is_s3(src)
             else _is_image(src) and storage.exists(src)):
         if not _is_image(src):
-            raise ValueError(f"--images {src}: not an image file (suffixes {IMAGE_SUFFIXES})")
+            raise InvalidInput(f"--images {src}: not an image file (suffixes {IMAGE_SUFFIXES})")
         return [{"uri": src, "name": _strip_suffix(posixpath.basename(src))}], []
     files = storage.list_files(src)
     if not files:
-        raise FileNotFoundError(f"--images {src}: no such folder, or it holds no files")
+        raise InputNotFound(f"--images {src}: no such folder, or it holds no files")
     skip_prefix = _inside(out, src) if out else None
     rels = sorted(r for r in files if not (skip_prefix and r.startswith(skip_prefix))
                   and not r.endswith("/"))
     images = [r for r in rels if _is_image(r)]
     ignored = [r for r in rels if not _is_image(r)]
     if not images:
-        raise FileNotFoundError(f"--images {src}: no image files (suffixes "
+        raise InputNotFound(f"--images {src}: no image files (suffixes "
                                 f"{', '.join(IMAGE_SUFFIXES)}) among {len(rels)} files")
     stems = [_strip_suffix(r) for r in images]
     clash = {s for s in stems if stems.count(s) > 1}

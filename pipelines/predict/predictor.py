@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.common.errors import ExpectedFailure, InvalidInput
 from pipelines.predict.images import BadImage, read_image
 from pipelines.predict.writer import write_outputs
 
@@ -33,11 +34,11 @@ class Predictor:
         self.plan = plan
         self.device = torch.device(plan["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {plan['device']}: no CUDA device on this machine")
+            raise ExpectedFailure(f"--device {plan['device']}: no CUDA device on this machine")
         self.model, _ = load_model(plan["checkpoint"], device=self.device)
         self.model.set_inference(InferenceConfig.model_validate(plan["inference"]))
         if self.model.inference.policy_mode == "oracle":
-            raise ValueError("policy mode 'oracle' needs labels (see --policy-mode)")
+            raise InvalidInput("policy mode 'oracle' needs labels (see --policy-mode)")
         self.depth = int(self.model.encoder.depth)
         self.palette = np.asarray(plan["palette"], dtype=np.uint8)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from data_prep import storage
 from pipelines.common.checkpoint import META_FILE, read_configs, resolve_checkpoint_dir
+from pipelines.common.errors import InputNotFound, InvalidInput
 from pipelines.predict.settings import PredictSettings
 
 
@@ -53,7 +54,7 @@ def resolve_source(s: PredictSettings) -> ModelSource:
         try:
             checkpoint = resolve_checkpoint_dir(reg["checkpoint"])
         except FileNotFoundError:
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"{s.model}: its checkpoint {reg['checkpoint']} is not reachable from "
                 "here; copy it and pass the copy as --model") from None
         if s.thresholds_from_registry:
@@ -104,7 +105,7 @@ def check_inference(source: ModelSource) -> None:
         build_model(without_weight_sources(StepConfig.model_validate(source.model_config)),
                     inference)
     if inference.policy_mode == "oracle":
-        raise ValueError(
+        raise InvalidInput(
             f"{source.checkpoint}: policy mode 'oracle' needs ground-truth labels; choose "
             "the policy for unlabelled images with --merge-thresholds, --budget or "
             "--policy-mode (threshold | budget | none)")

@@ -17,6 +17,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from pipelines.common.errors import InputNotFound
+
 # MLflow keeps at most 36 characters of a digest; 16 hex digits (64 bits) identify a split.
 DIGEST_CHARS = 16
 # contexts (the ``mlflow.data.context`` input tag) that read the training split
@@ -33,7 +35,7 @@ def manifest_digest(uri: str, split: str) -> str:
     try:
         data = storage.read_bytes(storage.join(uri, "manifest.parquet"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{uri}: no manifest.parquet (not a `step prep` output, "
+        raise InputNotFound(f"{uri}: no manifest.parquet (not a `step prep` output, "
                                 "or an unfinished one)") from None
     cols = ["key", "image_sha256", "label_sha256"]
     table = pq.read_table(io.BytesIO(data), columns=["split", *cols])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipelines.common.errors import InputNotFound, InvalidInput
 from pipelines.tracking.runs import RunLogger, global_tracking_uri
 from step_model.config import InferenceConfig, InferenceOverrides
 
@@ -106,7 +107,7 @@ def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[
         name, version = body.rsplit("/", 1)
     if not name or not (alias or version) or (version and version != "latest"
                                                and not version.isdigit()):
-        raise ValueError(f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or "
+        raise InvalidInput(f"{uri}: expected models:/NAME/VERSION, models:/NAME/latest or "
                          "models:/NAME@ALIAS")
     tracking_uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -117,7 +118,7 @@ def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[
             elif version == "latest":
                 found = client.search_model_versions(f"name = '{name}'")
                 if not found:
-                    raise FileNotFoundError(f"{uri}: no versions of {name!r} on {tracking_uri}")
+                    raise InputNotFound(f"{uri}: no versions of {name!r} on {tracking_uri}")
                 mv = max(found, key=lambda v: int(v.version))
             else:
                 mv = client.get_model_version(name, version)
@@ -130,16 +131,16 @@ def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[
                     data = None  # the run was deleted: only the palette falls back
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
-            raise FileNotFoundError(f"{uri}: no such registered model version on "
+            raise InputNotFound(f"{uri}: no such registered model version on "
                                     f"{tracking_uri}") from None
         raise
     if not tags.get("checkpoint"):
-        raise ValueError(f"{uri}: version {mv.version} of {name!r} has no 'checkpoint' tag "
+        raise InvalidInput(f"{uri}: version {mv.version} of {name!r} has no 'checkpoint' tag "
                          "(not registered by `step tune`); pass its checkpoint as --model")
     try:
         inference = inference_from_tags(tags)
     except ValueError as err:  # a JSON or validation error: say which version
-        raise ValueError(f"{uri}: version {mv.version}'s inference settings are not valid: "
+        raise InvalidInput(f"{uri}: version {mv.version}'s inference settings are not valid: "
                          f"{err}") from None
     return {"name": name, "version": str(mv.version), "checkpoint": tags["checkpoint"],
             "inference": inference, "data": data, "tags": tags, "tracking_uri": tracking_uri}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 from pipelines.common.data import resolve_data_uri
+from pipelines.common.errors import InvalidInput
 from pipelines.train.config import TrainConfig
 
 
@@ -37,7 +38,7 @@ def excluded_keys(cfg: TrainConfig) -> frozenset[str]:
     groups = split_groups(uri, split, d.groups)
     missing = sorted(set(d.exclude_groups) - set(groups.values()))
     if missing:
-        raise ValueError(f"data.exclude_groups: {missing} not in the training split "
+        raise InvalidInput(f"data.exclude_groups: {missing} not in the training split "
                          f"{split!r} of {uri} (its groups by {d.groups.describe()}: "
                          f"{group_counts(groups.values())})")
     return frozenset(k for k, g in groups.items() if g in set(d.exclude_groups))

@@ -42,6 +42,7 @@ import torch
 
 from pipelines.common import checkpoint as ckpt_io
 from pipelines.common.data import batch_to_device
+from pipelines.common.errors import ExpectedFailure
 from pipelines.common.model import build_model
 from pipelines.common.precision import autocast
 from pipelines.common.progress import duration
@@ -100,7 +101,7 @@ def train_batches(cfg: TrainConfig, state: LoopState) -> Iterator[tuple[torch.Te
             state.batches_in_epoch = i + 1
             yield batch
         if seen == 0:
-            raise RuntimeError(f"data.train={cfg.data.train}: the loader yielded no batch "
+            raise ExpectedFailure(f"data.train={cfg.data.train}: the loader yielded no batch "
                                f"for this worker")
         state.epoch += 1
         state.batches_in_epoch = 0
@@ -207,7 +208,7 @@ class Worker:
             self.model.load_state_dict(ckpt_io.load_state_dict(d), strict=True)
             train_state = ckpt_io.load_train_state(d)
         if train_state is None:
-            raise RuntimeError(f"checkpoint {checkpoint.path} has no train_state.pt")
+            raise ExpectedFailure(f"checkpoint {checkpoint.path} has no train_state.pt")
         self.optimizer.load_state_dict(train_state["optimizer"])
         self.scheduler.load_state_dict(train_state["scheduler"])
         self.state = LoopState(**train_state["loop"])

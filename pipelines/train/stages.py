@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pipelines.common.data import batch_to_device
+from pipelines.common.errors import InvalidInput
 from pipelines.train.config import TrainConfig, policy_mismatch
 
 
@@ -190,12 +191,12 @@ def load_policy_weights(model, uri: str) -> None:
     # a shape mismatch deep in load_state_dict would not say which setting to change
     differ = policy_mismatch(model.cfg, read_configs(path)[0])
     if differ:
-        raise ValueError(f"policy_checkpoint {uri} was trained with another policy network; "
+        raise InvalidInput(f"policy_checkpoint {uri} was trained with another policy network; "
                          "set these as in stage 1: " + "; ".join(differ))
     state = load_state_dict(path)
     policy = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
     if not policy:
-        raise ValueError(f"policy_checkpoint {uri}: no policy.* tensors in model.pt")
+        raise InvalidInput(f"policy_checkpoint {uri}: no policy.* tensors in model.pt")
     model.policy.load_state_dict(policy, strict=True)
 
 

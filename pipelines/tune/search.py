@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.common.errors import ExpectedFailure
 from pipelines.common.groups import Groups
 from pipelines.common.holdout import Holdout, fill_group_by
 from pipelines.common.settings import StrictModel
@@ -85,7 +86,7 @@ from step_model.config import InferenceConfig, InferenceOverrides
 log = logging.getLogger(__name__)
 
 
-class TrialsFailed(RuntimeError):
+class TrialsFailed(ExpectedFailure):
     """Every trial of a search failed: there is nothing to choose from (``step tune``
     exits 1 naming the first trial's error; the search's MLflow run ends FAILED)."""
 

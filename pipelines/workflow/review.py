@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from pipelines.common.errors import InputNotFound
 from pipelines.tracking.links import local_ui_base, run_link, server_base
 from pipelines.tracking.notes import describe
 from pipelines.tracking.pipeline import PipelineRuns, RunView
@@ -119,7 +120,7 @@ class Review:
         self.summary = summary or {}
         self.parent = runs.get(parent_run_id)
         if self.parent is None:
-            raise ValueError(f"parent run {parent_run_id} not found at {runs.tracking_uri}")
+            raise InputNotFound(f"parent run {parent_run_id} not found at {runs.tracking_uri}")
         self.tree = runs.tree(parent_run_id)
         self.base = server_base(runs.tracking_uri)
         self._views: dict[str, RunView | None] = {r.run_id: r for r in self.tree}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from pipelines.common.errors import ExpectedFailure, InputNotFound
 from pipelines.common.storage import exists, read_json, write_json
 from pipelines.workflow.config import PipelineConfig
 
@@ -42,13 +43,13 @@ def _source_listing(cfg: PipelineConfig) -> dict[str, int]:
     try:
         return files.list_files(cfg.data.src)
     except Exception as err:  # noqa: BLE001 - reported with the field named
-        raise FileNotFoundError(f"data.src {cfg.data.src}: cannot list it ({err})") from None
+        raise InputNotFound(f"data.src {cfg.data.src}: cannot list it ({err})") from None
 
 
 def prepare_payload(cfg: PipelineConfig) -> dict[str, Any]:
     listing = _source_listing(cfg)
     if not listing:
-        raise FileNotFoundError(f"data.src {cfg.data.src}: no files there")
+        raise InputNotFound(f"data.src {cfg.data.src}: no files there")
     layout = None
     if cfg.data.layout:
         from data_prep import storage as files
@@ -97,7 +98,7 @@ def prepare(cfg: PipelineConfig, run_id: str, wf: Workflow) -> dict[str, Any]:
                       shard_size=d.shard_size, max_side=d.max_side, layout=d.layout,
                       progress=False)
         if report.written == 0:
-            raise RuntimeError(f"prepare: split {split!r} of {src} produced no samples "
+            raise ExpectedFailure(f"prepare: split {split!r} of {src} produced no samples "
                                f"(skipped: {report.skipped})")
         tracker.log_metrics({f"{role}_written": report.written,
                              f"{role}_skipped": sum(report.skipped.values()),
@@ -467,5 +468,5 @@ def analyze(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any]
 def _read_json(uri: str) -> dict[str, Any]:
     doc = read_json(uri)
     if doc is None:
-        raise FileNotFoundError(f"{uri}: missing (an earlier step's output was removed?)")
+        raise InputNotFound(f"{uri}: missing (an earlier step's output was removed?)")
     return doc

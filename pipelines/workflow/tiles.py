@@ -16,6 +16,7 @@ and must be able to read them.
 from __future__ import annotations
 
 from data_prep import storage as files
+from pipelines.common.errors import InvalidInput
 
 
 def _pairs(dataset: str, src: str, split: str, layout: str | None) -> list[tuple[str, str, str]]:
@@ -26,7 +27,7 @@ def _pairs(dataset: str, src: str, split: str, layout: str | None) -> list[tuple
     _, pairs = read_pairs(dataset, src, split, layout)
     incomplete = [p.image or p.label for p in pairs if not (p.image and p.label)]
     if incomplete:  # a tile needs both; `step prep` without tiling skips and counts them
-        raise ValueError(f"tiling {src}: {len(incomplete)} image(s) or label(s) without "
+        raise InvalidInput(f"tiling {src}: {len(incomplete)} image(s) or label(s) without "
                          f"their other half, e.g. {incomplete[0]}")
     return [(p.key.replace("/", "_"), p.image, p.label) for p in pairs]
 
@@ -60,7 +61,7 @@ def tile_dataset(src: str, out: str, size: int, val_images: int = 1,
 
     pairs = _pairs(dataset, src, train_split, layout)
     if val == "images" and val_images >= len(pairs):
-        raise ValueError(f"tile.val_images={val_images} leaves no training image "
+        raise InvalidInput(f"tile.val_images={val_images} leaves no training image "
                          f"({len(pairs)} source images in {src})")
     out = str(out)
     present = set(files.list_files(out))
@@ -70,7 +71,7 @@ def tile_dataset(src: str, out: str, size: int, val_images: int = 1,
         image = Image.open(io.BytesIO(files.read_bytes(img_uri)))
         label = Image.open(io.BytesIO(files.read_bytes(ann_uri)))
         if image.size != label.size:
-            raise ValueError(f"{img_uri}: image {image.size} and label {label.size} differ")
+            raise InvalidInput(f"{img_uri}: image {image.size} and label {label.size} differ")
         lab = np.array(label)  # palette / L / I;16 keep their raw values
         rgb = np.asarray(image.convert("RGB"))
         w, h = image.size
