@@ -29,55 +29,61 @@ least disturbed one). Targets: local loader >= 0.9 x decode, S3 loader >= 0.8 x 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 # where the S3 figure comes from, and why it may be missing (the JSON's "s3" entry)
 S3_SKIPPED = ("not measured: pass --s3 s3://bucket/prefix (an endpoint from AWS_ENDPOINT_URL "
               "and AWS credentials) or --s3-moto (needs moto, a test extra)")
-MOTO_MISSING = ("step bench data: --s3-moto needs moto, which is a test extra "
+MOTO_MISSING = ("--s3-moto needs moto, which is a test extra "
                 "(pip install 'moto[server]' or the project's [test] extra); "
                 "or measure a real endpoint with --s3 s3://bucket/prefix")
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", required=True, metavar="DIR",
-                        help="flat dataset with img_dir/ and ann_dir/ (e.g. the LoveDA fixtures)")
-    parser.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
-    parser.add_argument("--samples", type=int, default=64, help="replicate to this many pairs (>= 64)")
-    parser.add_argument("--samples-per-shard", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--num-workers", type=int, default=0,
-                        help="dataloader workers for the loader figures (0: main process, as decode)")
-    parser.add_argument("--train-workers", type=int, default=2)
-    parser.add_argument("--crop", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", default=None, help="keep the replicated data and shards here")
-    s3 = parser.add_mutually_exclusive_group()
-    s3.add_argument("--s3", default=None, metavar="URI",
-                    help="also load from S3: upload the shards under this empty s3://bucket/prefix "
-                    "(endpoint from AWS_ENDPOINT_URL / STEP_S3_ENDPOINT_URL, AWS credentials "
-                    "from the environment) and delete them afterwards")
-    s3.add_argument("--s3-moto", action="store_true",
-                    help="also load from S3 served by a moto server in this process on 127.0.0.1 "
-                    "(needs moto, a test extra)")
+class BenchDataSettings(BaseModel):
+    """What :func:`measure` benchmarks (the ``step bench data`` command is generated from it)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    images: str = Field(description="flat dataset with img_dir/ and ann_dir/ (e.g. "
+                        "demo_data/loveda)", json_schema_extra={"metavar": "DIR"})
+    samples: int = Field(64, ge=64, description="replicate to this many pairs")
+    samples_per_shard: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
+    num_workers: int = Field(0, ge=0, description="dataloader workers for the loader figures "
+                             "(0: main process, as decode)")
+    train_workers: int = Field(2, ge=1)
+    crop: int = Field(512, ge=16)
+    repeats: int = Field(3, ge=1)
+    workdir: str | None = Field(None, description="keep the replicated data and shards here")
+    s3: str | None = Field(None, description="also load from S3: upload the shards under this "
+                           "empty s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL / "
+                           "STEP_S3_ENDPOINT_URL, AWS credentials from the environment) and "
+                           "delete them afterwards", json_schema_extra={"metavar": "URI"})
+    s3_moto: bool = Field(False, description="also load from S3 served by a moto server in "
+                          "this process on 127.0.0.1 (needs moto, a test extra)")
+
+    @model_validator(mode="after")
+    def _one_s3(self) -> BenchDataSettings:
+        if self.s3 and self.s3_moto:
+            raise ValueError("s3 and s3_moto: choose one")
+        return self
 
 
 class BenchInputError(ValueError):
     """Options that cannot run (the message says which)."""
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """The benchmark (``args`` as :func:`configure` defines them); returns the result.
-    Raises :class:`BenchInputError` for options that cannot run."""
+def measure(settings: BenchDataSettings) -> dict:
+    """The benchmark; returns the result (without S3 figures, ``s3`` says why). Raises
+    :class:`BenchInputError` for settings that cannot run here."""
     # Before torch allocates anything: back big CPU tensors with transparent huge pages.
     # A fresh 48 MB float batch otherwise costs ~12k page faults; measured here (loaded
     # 2-core machine, noisy): uint8 -> float batch of 4 x 1024^2, 10-25 ms/image without,
@@ -85,9 +91,7 @@ def measure(args: argparse.Namespace) -> dict:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     import torch
 
-    if args.samples < 64:
-        raise BenchInputError("step bench data: --samples must be >= 64")
-    error = check_s3_options(args)
+    error = check_s3_options(settings)
     if error:
         raise BenchInputError(error)
     # One process, one thread for both decode and loader figures (dataloader workers run
@@ -95,27 +99,12 @@ def measure(args: argparse.Namespace) -> dict:
     # machine, the uint8 -> float copy of a 1024^2 image took 3-13 ms instead of 0.9 ms.
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="step-bench-data-") as tmp:
-        work = Path(args.workdir or tmp)
-        shards, report, write_rate = write_shards(Path(args.images), work, args.samples,
-                                                  args.samples_per_shard)
-        with s3_copy(args, shards) as s3_uri:
-            rate = time_passes(build_passes(args, shards, report.shards, s3_uri), args.repeats)
-    result = summarize(args, len(report.shards), write_rate, rate)
-    if "s3" not in rate:
-        print(f"step bench data: S3 {S3_SKIPPED}", file=sys.stderr)
-    return result
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        result = measure(args)
-    except BenchInputError as err:
-        print(err, file=sys.stderr)
-        return 2
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    return 0
+        work = Path(settings.workdir or tmp)
+        shards, report, write_rate = write_shards(Path(settings.images), work, settings.samples,
+                                                  settings.samples_per_shard)
+        with s3_copy(settings, shards) as s3_uri:
+            rate = time_passes(build_passes(settings, shards, report.shards, s3_uri), settings.repeats)
+    return summarize(settings, len(report.shards), write_rate, rate)
 
 
 def _moto_importable() -> bool:
@@ -126,18 +115,18 @@ def _moto_importable() -> bool:
     return True
 
 
-def check_s3_options(args: argparse.Namespace) -> str | None:
+def check_s3_options(settings: BenchDataSettings) -> str | None:
     """Why the S3 options cannot work (a one-line message), checked before the long work;
     None when they can (or when S3 is not asked for)."""
-    if args.s3_moto and not _moto_importable():
+    if settings.s3_moto and not _moto_importable():
         return MOTO_MISSING
-    if args.s3:
+    if settings.s3:
         from data_prep import storage
 
-        if not storage.is_s3(args.s3):
-            return f"step bench data: --s3 {args.s3}: expected s3://bucket/prefix"
-        if storage.list_files(args.s3):
-            return (f"step bench data: --s3 {args.s3} is not empty; the bench writes its shards "
+        if not storage.is_s3(settings.s3):
+            return f"--s3 {settings.s3}: expected s3://bucket/prefix"
+        if storage.list_files(settings.s3):
+            return (f"--s3 {settings.s3} is not empty; the bench writes its shards "
                     "there and deletes them afterwards, so it needs a prefix of its own")
     return None
 
@@ -163,7 +152,7 @@ def write_shards(images: Path, work: Path, n: int, samples_per_shard: int):
     return shards, report, n / report.seconds
 
 
-def build_passes(args: argparse.Namespace, shards: Path, shard_files: list[str],
+def build_passes(settings: BenchDataSettings, shards: Path, shard_files: list[str],
                  s3_uri: str | None) -> dict[str, tuple[Callable[[], int], int | None]]:
     """The timed passes, in the order they interleave: {name: (function returning the images
     it read, the count it must return or None)}. ``s3`` only with an ``s3_uri``."""
@@ -182,19 +171,19 @@ def build_passes(args: argparse.Namespace, shards: Path, shard_files: list[str],
             decode_label(files[SHARD_LABEL_EXT])
         return len(blobs)
 
-    def loader_pass(uri: str, train: bool = False, workers: int = args.num_workers,
+    def loader_pass(uri: str, train: bool = False, workers: int = settings.num_workers,
                     to_float: bool = False) -> Callable[[], int]:
         def go() -> int:
-            return _count(build_loader(uri, batch_size=args.batch_size, crop_size=args.crop,
+            return _count(build_loader(uri, batch_size=settings.batch_size, crop_size=settings.crop,
                                        train=train, num_workers=workers, to_float=to_float))
         return go
 
-    n = args.samples
+    n = settings.samples
     passes = {"decode": (decode_all, n), "local": (loader_pass(str(shards)), n)}
     if s3_uri is not None:
         passes["s3"] = (loader_pass(s3_uri), n)
     passes["local_float"] = (loader_pass(str(shards), to_float=True), n)
-    passes["train"] = (loader_pass(str(shards), True, args.train_workers), None)
+    passes["train"] = (loader_pass(str(shards), True, settings.train_workers), None)
     return passes
 
 
@@ -219,27 +208,27 @@ def _ratio(a: float | None, b: float) -> float | None:
     return None if a is None else round(a / b, 3)
 
 
-def summarize(args: argparse.Namespace, num_shards: int, write_rate: float,
+def summarize(settings: BenchDataSettings, num_shards: int, write_rate: float,
               rate: dict[str, float]) -> dict:
     """The result JSON (S3 figures None, with the reason under ``s3``, when not measured)."""
     s3 = rate.get("s3")
     return {
-        "samples": args.samples,
-        "image_size": list(_image_size(Path(args.images))),
+        "samples": settings.samples,
+        "image_size": list(_image_size(Path(settings.images))),
         "shards": num_shards,
-        "batch_size": args.batch_size,
-        "loader_workers": args.num_workers,
+        "batch_size": settings.batch_size,
+        "loader_workers": settings.num_workers,
         "torch_threads": 1,
-        "repeats": args.repeats,
+        "repeats": settings.repeats,
         "write_images_per_s": round(write_rate, 2),
         "decode_images_per_s": round(rate["decode"], 2),
         "load_local_images_per_s": round(rate["local"], 2),
         "load_s3_images_per_s": None if s3 is None else round(s3, 2),
-        "s3": ("moto on 127.0.0.1" if args.s3_moto else args.s3) if s3 is not None else S3_SKIPPED,
+        "s3": ("moto on 127.0.0.1" if settings.s3_moto else settings.s3) if s3 is not None else S3_SKIPPED,
         "load_local_float_images_per_s": round(rate["local_float"], 2),
         "load_local_train_images_per_s": round(rate["train"], 2),
-        "train_workers": args.train_workers,
-        "crop": args.crop,
+        "train_workers": settings.train_workers,
+        "crop": settings.crop,
         "local_vs_decode": round(rate["local"] / rate["decode"], 3),
         "local_float_vs_decode": round(rate["local_float"] / rate["decode"], 3),
         "s3_vs_local": _ratio(s3, rate["local"]),
@@ -271,13 +260,13 @@ def _image_size(images: Path) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def s3_copy(args: argparse.Namespace, shards: Path) -> Iterator[str | None]:
+def s3_copy(settings: BenchDataSettings, shards: Path) -> Iterator[str | None]:
     """The shards' S3 URI while it is in use: uploaded to ``--s3`` (deleted on exit), or
     served by moto (``--s3-moto``); None when S3 is not measured."""
-    if args.s3:
-        with _uploaded(shards, args.s3) as uri:
+    if settings.s3:
+        with _uploaded(shards, settings.s3) as uri:
             yield uri
-    elif args.s3_moto:
+    elif settings.s3_moto:
         with _moto_shards(shards) as uri:
             yield uri
     else:

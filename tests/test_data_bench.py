@@ -25,21 +25,18 @@ def _python(code: str, timeout: float) -> subprocess.CompletedProcess:
 
 def test_bench_data_helps_and_refuses_s3_moto_without_moto() -> None:
     proc = _python("""
-        import argparse
-        from data_prep import bench
+        from pipelines.cli.app import main
 
-        parser = argparse.ArgumentParser(prog="step bench data")
-        bench.configure(parser)
-        args = parser.parse_args(["--images", "x", "--json", "y.json", "--s3-moto"])
         # asked for moto without moto: a clear one-line error, exit 2, before any work
-        assert bench.run(args) == 2
-        parser.parse_args(["--help"])
+        assert main(["bench", "data", "--images", "x", "--s3-moto"]) == 2
+        main(["bench", "data", "--help"])
     """, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--s3 URI" in proc.stdout and "--s3-moto" in proc.stdout
     assert proc.stderr.strip() == textwrap.dedent("""
-        step bench data: --s3-moto needs moto, which is a test extra (pip install 'moto[server]' \
-or the project's [test] extra); or measure a real endpoint with --s3 s3://bucket/prefix
+        step bench data: error: --s3-moto needs moto, which is a test extra (pip install \
+'moto[server]' or the project's [test] extra); or measure a real endpoint with --s3 \
+s3://bucket/prefix
     """).strip()
 
 
@@ -58,12 +55,9 @@ def _bench(tmp_path: Path, *extra: str, timeout: float = 300) -> subprocess.Comp
     argv = ["--images", str(images), "--json", str(tmp_path / "bench.json"), "--repeats", "1",
             "--crop", "32", "--train-workers", "1", "--workdir", str(tmp_path / "work"), *extra]
     return _python(f"""
-        import argparse
-        from data_prep import bench
+        from pipelines.cli.app import main
 
-        parser = argparse.ArgumentParser()
-        bench.configure(parser)
-        sys.exit(bench.run(parser.parse_args({argv!r})))
+        sys.exit(main(["bench", "data", *{argv!r}]))
     """, timeout=timeout)
 
 

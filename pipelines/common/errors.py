@@ -35,9 +35,8 @@ class InvalidInput(ExpectedFailure, ValueError):
 
 def library_failures() -> tuple[type[Exception], ...]:
     """The expected failures of the lower layers (exit 1, as any runtime failure)."""
-    from data_prep.bench import BenchInputError as DataBenchInputError
     from data_prep.errors import DatasetError
-    from step_model.bench import BenchInputError as ModelBenchInputError
+    from step_model.bench import BenchInputError
     from step_model.config import SettingsMismatch
 
-    return (DatasetError, DataBenchInputError, ModelBenchInputError, SettingsMismatch)
+    return (DatasetError, BenchInputError, SettingsMismatch)
