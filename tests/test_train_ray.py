@@ -25,6 +25,7 @@ import yaml
 from pipelines.cli import main
 from pipelines.common.checkpoint import load_model, load_state_dict, state_digest
 from pipelines.train.config import load_train_config
+from pipelines.train.loop import FAIL_AT_STEP_ENV
 from pipelines.train.trainer import fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -45,8 +46,10 @@ def crashed_step_run(tiny_shards, mlflow_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("step_run")
     cfg = _cfg("step", tiny_shards, tmp, f"mlflow.tracking_uri={mlflow_server}",
                "mlflow.experiment=test-train-ray",
-               "train.inject_failure_at_step=8", "train.max_failures=1", "train.keep_last=3")
-    return cfg, fit(cfg)
+               "train.max_failures=1", "train.keep_last=3")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAIL_AT_STEP_ENV, "8")
+        return cfg, fit(cfg)
 
 
 def test_step_training_resumes_after_a_worker_crash(crashed_step_run) -> None:
@@ -111,14 +114,14 @@ def test_step_training_is_tracked_in_mlflow_server(crashed_step_run, tiny_shards
     torch.testing.assert_close(got, want)
 
 
-def test_policy_run_stopped_then_resumed_and_learns(tiny_shards, tmp_path) -> None:
+def test_policy_run_stopped_then_resumed_and_learns(tiny_shards, tmp_path, monkeypatch) -> None:
     from pipelines.common.checkpoint import local_dir
     from pipelines.common.data import eval_loader
     from pipelines.common.model import build_model
     from pipelines.train.stages import evaluate_policy
 
-    overrides = _overrides(tiny_shards, tmp_path, "train.inject_failure_at_step=8",
-                           "train.max_failures=0", "mlflow.log_model=false",
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "8")
+    overrides = _overrides(tiny_shards, tmp_path, "train.max_failures=0", "mlflow.log_model=false",
                            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = load_train_config("configs/tiny/policy.yaml", overrides, stage="policy")
     with pytest.raises(Exception, match="injected failure"):

@@ -117,9 +117,6 @@ class TrainLoopConfig(StrictModel):
     precision: Precision = Field(
         "auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts (-1 = forever)")
-    inject_failure_at_step: int | None = Field(
-        None, ge=1, description="testing only: rank 0 raises once at this step in a "
-        "worker group that did not restore from a checkpoint")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainLoopConfig:

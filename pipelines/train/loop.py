@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import tempfile
 import time
@@ -129,22 +130,37 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+# For tests only, never a user's setting: rank 0 raises once at this optimizer step, in a
+# worker group that did not restore from a checkpoint (the resilience tests crash a run on
+# purpose). The driver reads it (:func:`injected_failure_step`) and hands it to the workers
+# in the loop config: Ray's workers may predate the variable.
+FAIL_AT_STEP_ENV = "STEP_TEST_FAIL_AT_STEP"
+
+
+def injected_failure_step() -> int | None:
+    """The step of :data:`FAIL_AT_STEP_ENV`, or None when unset."""
+    value = os.environ.get(FAIL_AT_STEP_ENV, "").strip()
+    return int(value) if value else None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train entry point: ``config`` = {"cfg", "run_id", "tracking_uri", "s3_env"}."""
+    """The Ray Train entry point: ``config`` = {"cfg", "run_id", "tracking_uri", "s3_env",
+    "fail_at_step"}."""
     from data_prep.storage import apply_s3_env
 
     # Workers keep the environment they were started with, which may predate the driver's
     # AWS_* variables (data, policy checkpoints on s3://).
     apply_s3_env(config.get("s3_env"))
     Worker(TrainConfig.model_validate(config["cfg"]), config["run_id"],
-           config["tracking_uri"]).run()
+           config["tracking_uri"], fail_at_step=config.get("fail_at_step")).run()
 
 
 class Worker:
     """One training worker: set-up and restore, then optimizer steps, each followed by the
     logging, evaluation and checkpoint that fall due (:meth:`run`)."""
 
-    def __init__(self, cfg: TrainConfig, run_id: str, tracking_uri: str):
+    def __init__(self, cfg: TrainConfig, run_id: str, tracking_uri: str,
+                 fail_at_step: int | None = None):
         import ray.train
         import ray.train.torch
 
@@ -175,6 +191,7 @@ class Worker:
             finetune_steps=self.ft_steps, finetune_scale=cfg.finetune.lr_scale)
         self.state = LoopState()
         self.restored: dict[str, Any] = {}
+        self.fail_at_step = fail_at_step
         self.may_crash = not self._restore()  # the injected failure fires once, never after
         # Per-rank random stream (drop path...), a function of the step: a resumed run draws
         # the same numbers as the uninterrupted one would have from here on.
@@ -227,10 +244,9 @@ class Worker:
             if state.step == self.base_steps and self.ft_steps:
                 self.stage.start_finetune(self.model, cfg)
             terms, grad_norm = self.optimizer_step(batches)
-            if cfg.train.inject_failure_at_step == state.step and self.may_crash \
-                    and self.rank == 0:
+            if self.fail_at_step == state.step and self.may_crash and self.rank == 0:
                 raise RuntimeError(f"injected failure at step {state.step} "
-                                   "(train.inject_failure_at_step)")
+                                   f"({FAIL_AT_STEP_ENV})")
             is_last = state.step == self.last_step
             if state.step % cfg.train.log_every == 0 or is_last:
                 self.log(terms, grad_norm)

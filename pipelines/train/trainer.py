@@ -127,12 +127,15 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None) -> TrainResult:
     tracker.log_text(dump_config(cfg), "config.yaml")
     tracker.log_datasets({"training": cfg.data.train, "validation": cfg.data.val})
 
+    from pipelines.train.loop import injected_failure_step
+
     init_ray()
     trainer = build_trainer(cfg, {
         "cfg": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri,
         # Values travel in the task arguments (S3Env hides them in repr), not in a
         # runtime_env that the dashboard shows.
         "s3_env": capture_s3_env(),
+        "fail_at_step": injected_failure_step(),  # tests only
     })
     try:
         result = trainer.fit()
