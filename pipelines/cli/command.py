@@ -5,10 +5,11 @@ builds the subcommand's argparse parser from the model and, once for every comma
 
 * **settings** come from ``--config FILE`` (YAML; ``step run`` and ``step submit`` also
   take it as a positional, an alias), then ``--set key=value`` (repeatable, dotted keys,
-  YAML values), then one flag per top-level scalar field of the model: ``--checkpoint URI``
-  *is* ``--set checkpoint=URI`` (the flag's help is the field's description). That is the
-  precedence: model defaults < ``--config`` < ``--set`` (in order) < flags. Nested fields
-  can get flags too, as :class:`Alias` (``step eval --thresholds`` =
+  YAML values), then one flag per scalar field of the model, sections included:
+  ``--checkpoint URI`` *is* ``--set checkpoint=URI``, ``--inference.top-k 3`` *is*
+  ``--set inference.top_k=3`` (the flag's help is the field's description). That is the
+  precedence: model defaults < ``--config`` < ``--set`` (in order) < flags. A nested field
+  can get a shorter flag, as :class:`Alias` (``step eval --thresholds`` =
   ``--set inference.exit_thresholds=...``): every command that runs a model gets one per
   inference setting (:func:`inference_aliases`), and old spellings are kept that way;
 * **options**: an optional second model for what the command does rather than what it
@@ -192,7 +193,8 @@ def _kind(info: FieldInfo) -> tuple[str | None, bool, tuple[Any, ...]]:
             return "str", nullable, choices
         return "yaml", nullable, choices
     if len(members) == 1 and typing.get_origin(members[0]) in (list, tuple):
-        inner = [a for a in typing.get_args(members[0]) if a is not Ellipsis]
+        inner = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
+                 for a in typing.get_args(members[0]) if a is not Ellipsis]
         if inner and all(_scalar(a) for a in inner):
             choices = tuple(v for a in inner if typing.get_origin(a) is Literal
                             for v in typing.get_args(a))
@@ -264,7 +266,22 @@ def _make_flag(model: type[BaseModel], dotted: str, flags: tuple[str, ...], dest
 
 
 def _option_string(name: str) -> str:
+    """``--max-samples``; a nested field keeps its dots: ``--inference.exit-thresholds``."""
     return "--" + name.replace("_", "-")
+
+
+def _scalar_fields(model: type[BaseModel], prefix: str, exclude: Collection[str] = ()):
+    """Every field's dotted name, sections walked into (``inference.exit_thresholds``):
+    each gets a flag when its type has one (:func:`_kind`)."""
+    for name, info in model.model_fields.items():
+        if name in exclude:
+            continue
+        members, _ = _members(info.annotation)
+        sections = [m for m in members if _is_model(m)]
+        if len(sections) == 1 and len(members) == 1:
+            yield from _scalar_fields(sections[0], f"{prefix}{name}.")
+        else:
+            yield prefix + name
 
 
 def _add(parser: argparse._ActionsContainer, flag: _Flag) -> None:
@@ -324,10 +341,9 @@ class Command:
     # -- parser ------------------------------------------------------------------------
     def setting_flags(self) -> list[_Flag]:
         flags = []
-        for name in self.settings.model_fields:
-            if name in self.exclude:
-                continue
-            flag = _make_flag(self.settings, name, (_option_string(name),), f"setting:{name}")
+        for dotted in _scalar_fields(self.settings, "", self.exclude):
+            flag = _make_flag(self.settings, dotted, (_option_string(dotted),),
+                              f"setting:{dotted}")
             if flag is not None:
                 flags.append(flag)
         for i, alias in enumerate(self.aliases):
