@@ -61,6 +61,7 @@ class EvalOptions:
         """The inference mode and window, as :func:`predict` takes them."""
         return {"mode": self.mode, "crop_size": self.crop_size, "stride": self.stride}
 
+
 @dataclass
 class EvalResult:
     miou: float
