@@ -25,6 +25,7 @@ from collections import Counter
 from typing import Any
 
 from data_prep import storage
+from pipelines.common.errors import InvalidInput
 from pipelines.predict.palette import palette_for
 from pipelines.predict.predictor import Predictor
 from pipelines.predict.settings import PredictSettings
@@ -33,7 +34,7 @@ from pipelines.predict.writer import write_summary
 MAX_LISTED_IGNORED = 50
 
 
-class PredictError(ValueError):
+class PredictError(InvalidInput):
     """An expected failure: ``step predict: error: <message>``, exit 1."""
 
 
