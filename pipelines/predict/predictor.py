@@ -4,10 +4,14 @@ per-image records out.
 A call gets a batch of inputs (``{"uri", "name"}``), decodes them (a bad one becomes a
 ``skipped`` record), groups them by size (a forward needs one size; the model pads each
 size to a multiple of 16 itself and crops the logits back) and runs one forward per
-group. With ``flops`` the forward runs under ``step_model.flop_counter``, the counter
+group, under the project's autocast rule (:func:`pipelines.common.precision.autocast`:
+bf16 on CUDA), with the policy network's batch norms folded (:mod:`step_model.fuse`).
+With ``flops`` the forward runs under ``step_model.flop_counter``, the counter
 ``measure_gflops`` uses, so the GFLOPs are those of the forward that produced the masks,
 policy and halting included; each image of a group gets the group's mean, which is its
-own exact count at batch size 1.
+own exact count at batch size 1. The counter intercepts every operator in Python, which
+costs more than the tuned model's small operators themselves: ``forward_ms`` of a
+counted forward is not the model's time (``flops`` is off by default).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ class Predictor:
             raise ValueError(f"--device {plan['device']}: no CUDA device on this machine")
         self.model, _ = load_model(plan["checkpoint"], device=self.device)
         self.model.set_inference(InferenceConfig.model_validate(plan["inference"]))
+        # the policy network's batch norms folded into its convolutions (eval-only rewrite)
+        from step_model.fuse import prepare_for_inference
+
+        prepare_for_inference(self.model, fold_batchnorm=plan.get("fold_batchnorm", True),
+                              channels_last=plan.get("channels_last", False))
         if self.model.inference.policy_mode == "oracle":
             raise ValueError("policy mode 'oracle' needs labels (see --policy-mode)")
         self.depth = int(self.model.encoder.depth)
@@ -65,9 +74,11 @@ class Predictor:
         x = torch.from_numpy(np.stack(images)).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255)
         b = x.shape[0]
+        from pipelines.common.precision import autocast
+
         split: dict[str, float] | None = None
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode(), autocast(self.device, self.plan.get("precision", "auto")):
             if self.plan["flops"]:
                 from step_model.flops import flop_counter, flops_by_part
 

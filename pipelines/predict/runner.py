@@ -11,7 +11,7 @@ must be ``s3://`` (or a shared file system).
 Throughput is images per second of wall time from the first batch to the last record:
 decoding and writing included; model loading excluded locally, the actors' start-up
 included on Ray. ``forward_ms_mean`` is the mean forward time per image alone; FLOP
-counting slows the forward down (``--no-flops`` for clean timings).
+counting (``--flops``) slows the forward down: ``flops_counted`` says so.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def predict(s: PredictSettings) -> dict[str, Any]:
                             f"{source.num_classes} classes here; the fixed palette is used")
     plan = {"checkpoint": source.checkpoint, "inference": source.inference,
             "device": s.device, "out": s.out, "palette": palette.tolist(),
-            "token_maps": s.token_maps, "flops": s.flops}
+            "token_maps": s.token_maps, "flops": s.flops,
+            "precision": s.precision, "fold_batchnorm": s.fold_batchnorm}
     use_ray = s.ray if s.ray is not None else bool(os.environ.get("RAY_ADDRESS"))
     if use_ray:
         records, seconds, workers = _run_ray(plan, items, s)
@@ -188,5 +189,6 @@ def _summary(s: PredictSettings, source, items, ignored, records, seconds, use_r
         "seconds": seconds,
         "throughput_images_per_s": len(done) / seconds if seconds > 0 else None,
         "forward_ms_mean": _mean([r["forward_ms"] for r in done]),
+        "flops_counted": s.flops,
         "per_image": [{k: v for k, v in r.items() if k != "status"} for r in done],
     }
