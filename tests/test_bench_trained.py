@@ -119,3 +119,33 @@ def test_registered_model_settings_and_mlflow_logging(case, mlflow_server):
     run = MlflowClient(mlflow_server).get_run(doc["mlflow_run_id"])
     assert run.data.metrics["bench.gflops_cut"] == pytest.approx(doc["headline"]["gflops_cut"])
     assert run.data.params["bench.model"].startswith("models:/bench-tiny/")
+
+
+def test_predict_loop_with_io_threads_writes_what_the_serial_loop_writes(case):
+    """The loop the benchmark times: decoding the next batch and writing files on threads
+    gives the same files and records as one step after the other; a bad image is still
+    skipped and counted."""
+    from pipelines.cli import main
+
+    images = case["root"] / "io_images"
+    images.mkdir()
+    for f in sorted((case["root"] / "images").glob("*.png")):
+        (images / f.name).write_bytes(f.read_bytes())
+    (images / "z_corrupt.png").write_bytes((images / "0.png").read_bytes()[:200])
+    docs = {}
+    for threads in ("0", "2"):
+        out = case["root"] / f"io_{threads}"
+        assert main(["predict", "--model", case["ckpt"], "--images", str(images), "--out",
+                     str(out), "--no-ray", "--batch-size", "2", "--io-threads",
+                     threads]) == 0
+        docs[threads] = json.loads((out / "summary.json").read_text())
+    assert docs["0"]["images"] == docs["2"]["images"] == 3
+    assert docs["0"]["skipped"] == docs["2"]["skipped"] == 1
+    for kind in ("masks", "color"):
+        assert len(list((case["root"] / "io_2" / kind).glob("*.png"))) == 3
+        for f in sorted((case["root"] / "io_0" / kind).glob("*.png")):
+            assert f.read_bytes() == (case["root"] / "io_2" / kind / f.name).read_bytes()
+    strip = ("forward_ms",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in docs["0"]["per_image"]] \
+        == [{k: v for k, v in r.items() if k not in strip} for r in docs["2"]["per_image"]]
+    assert docs["2"]["flops_counted"] is False and docs["2"]["gflops_mean"] is None

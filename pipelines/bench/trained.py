@@ -128,7 +128,7 @@ def measure_trained(s: TrainedBenchSettings) -> dict[str, Any]:
             "registered_model": source.registered, "device": _device_name(device),
             "threads": torch.get_num_threads(), "precision": s.precision,
             "fold_batchnorm": s.fold_batchnorm, "channels_last": s.channels_last,
-            "images_dir": s.images, "images": len(names), "image_size": list(images.shape[-2:]),
+            "io_threads": s.io_threads, "images_dir": s.images, "images": len(names), "image_size": list(images.shape[-2:]),
             "inference": {"plain": model.inference.apply(BASELINE).to_dict(),
                           "tuned": model.inference.to_dict()},
             "repeats": s.repeats, "warmup": s.warmup, "batch_sizes": list(s.batch_sizes),
@@ -249,6 +249,7 @@ def _time_predict(source, s: TrainedBenchSettings, bs: int, tmp: str) -> dict[st
     from pipelines.predict.images import list_images
     from pipelines.predict.palette import palette_for
     from pipelines.predict.predictor import Predictor
+    from pipelines.predict.runner import run_batches
     from step_model.bench_parts import stats
 
     items, _ = list_images(s.images)
@@ -257,7 +258,8 @@ def _time_predict(source, s: TrainedBenchSettings, bs: int, tmp: str) -> dict[st
     plan = {"checkpoint": source.checkpoint, "inference": source.inference,
             "device": s.device, "out": f"{tmp}/predict", "palette": palette.tolist(),
             "token_maps": False, "flops": False, "precision": s.precision,
-            "fold_batchnorm": s.fold_batchnorm, "channels_last": s.channels_last}
+            "fold_batchnorm": s.fold_batchnorm, "channels_last": s.channels_last,
+            "io_threads": s.io_threads}
     predictor = Predictor(plan)
     predictor(items[:bs])  # warm-up
     runs: dict[str, list[float]] = {m: [] for m in MODES}
@@ -266,9 +268,8 @@ def _time_predict(source, s: TrainedBenchSettings, bs: int, tmp: str) -> dict[st
         for mode, changes in zip(MODES, (BASELINE, None), strict=True):
             with predictor.model.inference_scope(changes):
                 t0 = time.perf_counter()
-                records = []
-                for i in range(0, len(items), bs):
-                    records += predictor(items[i:i + bs])
+                records: list[dict[str, Any]] = []
+                run_batches(predictor, items, bs, records.extend)
                 seconds = time.perf_counter() - t0
             done = [r for r in records if r["status"] == "ok"]
             runs[mode].append(len(done) / seconds)
@@ -276,6 +277,8 @@ def _time_predict(source, s: TrainedBenchSettings, bs: int, tmp: str) -> dict[st
     out: dict[str, Any] = {f"images_per_s_{m}": stats(v) for m, v in runs.items()}
     out.update({f"forward_ms_{m}": stats(v) for m, v in forward_ms.items()})
     out["speedup"] = out["images_per_s_tuned"]["median"] / out["images_per_s_plain"]["median"]
+    out["io_threads"] = s.io_threads
+    predictor.close()
     return out
 
 

@@ -9,7 +9,12 @@ bf16 on CUDA), with the policy network's batch norms folded (:mod:`step_model.fu
 With ``flops`` the forward runs under ``step_model.flop_counter``, the counter
 ``measure_gflops`` uses, so the GFLOPs are those of the forward that produced the masks,
 policy and halting included; each image of a group gets the group's mean, which is its
-own exact count at batch size 1. The counter intercepts every operator in Python, which
+own exact count at batch size 1.
+
+With ``io_threads`` the images are decoded and the files written on a thread pool, so
+that the runner can decode the next batch (:func:`pipelines.predict.runner.
+run_batches`) and the files of this one are written while the next forward runs. The
+counter intercepts every operator in Python, which
 costs more than the tuned model's small operators themselves: ``forward_ms`` of a
 counted forward is not the model's time (``flops`` is off by default).
 """
@@ -17,12 +22,20 @@ counted forward is not the model's time (``flops`` is off by default).
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from pipelines.predict.images import BadImage, read_image
-from pipelines.predict.writer import write_outputs
+from pipelines.predict.writer import output_paths, write_outputs
+
+
+def _read(item: dict[str, str]) -> np.ndarray | BadImage:
+    try:
+        return read_image(item["uri"])
+    except BadImage as err:
+        return err
 
 
 class Predictor:
@@ -49,16 +62,40 @@ class Predictor:
             raise ValueError("policy mode 'oracle' needs labels (see --policy-mode)")
         self.depth = int(self.model.encoder.depth)
         self.palette = np.asarray(plan["palette"], dtype=np.uint8)
+        # decoding and writing on threads, overlapping the forward (0: in line)
+        threads = int(plan.get("io_threads", 0))
+        self._pool = ThreadPoolExecutor(threads, "predict-io") if threads else None
+        self._writes: list[Future] = []
 
     def __call__(self, items: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """Decode, forward and write one batch; its files are written when this returns."""
+        records = self.run(items, self.decode(items))
+        self.flush()
+        return records
+
+    @property
+    def io_pool(self) -> ThreadPoolExecutor | None:
+        return self._pool
+
+    def decode(self, items: list[dict[str, str]], parallel: bool = True
+               ) -> list[np.ndarray | BadImage]:
+        """The batch's images (a bad one as its :class:`BadImage`), decoded on the I/O
+        threads (PNG/JPEG decoding releases the GIL) unless ``parallel`` is False (a
+        task already on them)."""
+        if self._pool is None or not parallel:
+            return [_read(item) for item in items]
+        return list(self._pool.map(_read, items))
+
+    def run(self, items: list[dict[str, str]], decoded: list[np.ndarray | BadImage]
+            ) -> list[dict[str, Any]]:
+        """Forward and write decoded images; with I/O threads the files are written in the
+        background (:meth:`flush` waits for them and raises their errors)."""
         records: list[dict[str, Any] | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
-        for i, item in enumerate(items):
-            try:
-                image = read_image(item["uri"])
-            except BadImage as err:
+        for i, (item, image) in enumerate(zip(items, decoded, strict=True)):
+            if isinstance(image, BadImage):
                 records[i] = {"image": item["uri"], "name": item["name"], "status": "skipped",
-                              "reason": err.reason, "detail": err.detail}
+                              "reason": image.reason, "detail": image.detail}
                 continue
             groups.setdefault(image.shape[:2], []).append((i, image))
         for group in groups.values():
@@ -66,6 +103,17 @@ class Predictor:
                     [items[i] for i, _ in group], [im for _, im in group]), strict=True):
                 records[i] = rec
         return [r for r in records if r is not None]
+
+    def flush(self) -> None:
+        """Wait for the files being written; the first write error is raised."""
+        pending, self._writes = self._writes, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        self.flush()
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def _forward(self, items: list[dict[str, str]], images: list[np.ndarray]
                  ) -> list[dict[str, Any]]:
@@ -100,8 +148,12 @@ class Predictor:
         for j, (item, image) in enumerate(zip(items, images, strict=True)):
             cells = None if levels is None else {
                 "level": levels[j], "depth": depths[j], "max_depth": self.depth}
-            paths = write_outputs(self.plan["out"], item["name"], image, masks[j],
-                                  self.palette, cells)
+            args = (self.plan["out"], item["name"], image, masks[j], self.palette, cells)
+            if self._pool is None:
+                paths = write_outputs(*args)
+            else:
+                self._writes.append(self._pool.submit(write_outputs, *args))
+                paths = output_paths(item["name"], cells is not None)
             records.append({
                 "image": item["uri"], "name": item["name"], "status": "ok",
                 "height": int(image.shape[0]), "width": int(image.shape[1]),
