@@ -22,6 +22,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -159,6 +160,33 @@ def time_parts(model, batches: list[torch.Tensor], repeats: int,
 def _tokens_encoded(model, images):
     tokens = model.forward_tokens(images)
     return tokens, model.forward_encoder(tokens)
+
+
+def time_modes(model, batches: list[torch.Tensor], modes: dict[str, Any], *, warmup: int,
+               repeats: int, autocast: Callable[[], contextlib.AbstractContextManager]
+               ) -> dict[str, list[float]]:
+    """ms per image of the forward + argmax over ``batches``, per mode ({name: inference
+    changes for ``model.inference_scope``}): ``warmup`` untimed batches per mode, then
+    ``repeats`` rounds, each running every mode once over all batches, one after the
+    other, so that a burst of load from other processes hits the modes alike."""
+    sync = synchronizer(batches[0].device)
+    n = sum(b.shape[0] for b in batches)
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    with torch.inference_mode(), autocast():
+        for changes in modes.values():
+            with model.inference_scope(changes):
+                for b in batches[:warmup]:
+                    forward_masks(model, b)
+        for _ in range(repeats):
+            for mode, changes in modes.items():
+                with model.inference_scope(changes):
+                    sync()
+                    t0 = time.perf_counter()
+                    for b in batches:
+                        forward_masks(model, b)
+                    sync()
+                runs[mode].append((time.perf_counter() - t0) * 1e3 / n)
+    return runs
 
 
 def forward_masks(model, images: torch.Tensor) -> torch.Tensor:

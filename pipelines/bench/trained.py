@@ -205,28 +205,12 @@ def _flops(model, images) -> dict[str, Any]:
 
 def _time_forward(model, images, bs: int, s: TrainedBenchSettings, amp) -> dict[str, Any]:
     """ms per image of the forward + argmax, both modes interleaved per repeat."""
-    import torch
+    from step_model.bench_parts import stats, time_modes
 
-    from step_model.bench_parts import forward_masks, stats, synchronizer
-
-    sync = synchronizer(images.device)
-    batches = _batches(images, bs)
-    runs: dict[str, list[float]] = {m: [] for m in MODES}
-    with torch.inference_mode(), amp():
-        for changes in (BASELINE, None):
-            with model.inference_scope(changes):
-                for b in batches[:s.warmup]:
-                    forward_masks(model, b)
-        for _ in range(s.repeats):
-            for mode, changes in zip(MODES, (BASELINE, None), strict=True):
-                with model.inference_scope(changes):
-                    sync()
-                    t0 = time.perf_counter()
-                    for b in batches:
-                        forward_masks(model, b)
-                    sync()
-                runs[mode].append((time.perf_counter() - t0) * 1e3 / len(images))
-    out = {f"ms_per_image_{m}": stats(v) for m, v in runs.items()}
+    runs = time_modes(model, _batches(images, bs), dict(zip(MODES, (BASELINE, None),
+                                                             strict=True)),
+                      warmup=s.warmup, repeats=s.repeats, autocast=amp)
+    out: dict[str, Any] = {f"ms_per_image_{m}": stats(v) for m, v in runs.items()}
     for m in MODES:
         out[f"images_per_s_{m}"] = 1e3 / out[f"ms_per_image_{m}"]["median"]
     out["speedup"] = out["ms_per_image_plain"]["median"] / out["ms_per_image_tuned"]["median"]
