@@ -59,7 +59,7 @@ class PredictSettings(ForwardSettings):
                                 "cluster CPUs, at most one per batch)")
     flops: bool = Field(False, description="count the GFLOPs of every forward (exact, but "
                         "the counter's per-operator overhead slows the forward down, "
-                        "up to 2x for a tuned model: forward_ms and images/s are then not "
+                        "a tuned model's most: forward_ms and images/s are then not "
                         "the model's)")
 
     palette: Palette = Field(
