@@ -81,6 +81,11 @@ def test_checkpoint_plain_and_tuned_by_part_and_predict(case, capsys):
     assert h["gflops_cut"] == pytest.approx(plain["total"] / tuned["total"])
     assert h["speedup_per_gflops_cut"] == pytest.approx(h["wall_speedup"] / h["gflops_cut"])
     assert 0 < h["policy_flop_share"] < 1 and 0 < h["policy_time_share"] < 1
+    assert h["images_per_s_tuned_b2_vs_b1"] == pytest.approx(
+        doc["by_batch"]["2"]["forward"]["images_per_s_tuned"]
+        / doc["by_batch"]["1"]["forward"]["images_per_s_tuned"])
+    assert h["predict_per_forward_speedup_b2"] == pytest.approx(
+        doc["by_batch"]["2"]["predict"]["speedup"] / doc["by_batch"]["2"]["forward"]["speedup"])
     printed = capsys.readouterr().out
     assert "wall speedup" in printed and "speedup / GFLOPs cut" in printed
 

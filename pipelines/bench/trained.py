@@ -294,8 +294,9 @@ def headline(doc: dict[str, Any]) -> dict[str, Any]:
             p = entry["predict"]["speedup"]
             out[f"predict_speedup_b{bs}"] = p
             out[f"predict_per_forward_speedup_b{bs}"] = p / entry["forward"]["speedup"]
-        out[f"images_per_s_tuned_b{bs}_vs_b{first}"] = (
-            entry["forward"]["images_per_s_tuned"] / fwd["images_per_s_tuned"])
+        if bs != first:
+            out[f"images_per_s_tuned_b{bs}_vs_b{first}"] = (
+                entry["forward"]["images_per_s_tuned"] / fwd["images_per_s_tuned"])
     return out
 
 
