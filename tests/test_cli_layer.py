@@ -63,8 +63,8 @@ def test_the_models_behind_the_commands():
     from pipelines.analyze.settings import AnalyzeSettings
     from pipelines.bench.gpu import BenchGpuSettings
     from pipelines.bench.train import BenchTrainOptions
-    from pipelines.cli.bench_data import BenchDataSettings
     from pipelines.bench.trained import TrainedBenchSettings
+    from pipelines.cli.bench_data import BenchDataSettings
     from pipelines.cli.prep import PrepSettings
     from pipelines.cli.run import RunOptions
     from pipelines.cli.submit import SubmitOptions
