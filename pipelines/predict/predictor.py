@@ -111,9 +111,11 @@ class Predictor:
             f.result()
 
     def close(self) -> None:
-        self.flush()
+        """Stop the I/O threads after the pending writes (their errors are :meth:`flush`'s
+        to raise: closing after a failure must not hide the first error)."""
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(wait=True)
+        self._writes = []
 
     def _forward(self, items: list[dict[str, str]], images: list[np.ndarray]
                  ) -> list[dict[str, Any]]:
