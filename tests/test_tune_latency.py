@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from helpers import LOVEDA
+from helpers import LOVEDA, REPO
 
 
 def _t(tid, gflops, miou, cost=None, **kw):
@@ -95,3 +95,18 @@ def test_tiny_search_with_cost_latency(tmp_path, ray_local, mlflow_server):
         doc["registered_model"]["name"], doc["registered_model"]["version"])
     assert float(version.tags["latency_ratio"]) == pytest.approx(doc["best"]["latency_ratio"])
     assert float(version.tags["gflops"]) == pytest.approx(doc["best"]["gflops"])
+
+
+def test_pipeline_fingerprint_changes_only_when_the_cost_is_latency():
+    """A pipeline with the default cost keeps its tune fingerprint (finished searches are
+    not re-run after this field appeared); cost latency is a different search."""
+    from pipelines.workflow.config import load_pipeline_config
+    from pipelines.workflow.steps import tune_payload
+
+    plain = tune_payload(load_pipeline_config(REPO / "configs/camvid.yaml"), ["a", "b"])
+    assert "cost" not in plain["tune"] and "latency" not in plain["tune"]
+    timed = tune_payload(load_pipeline_config(REPO / "configs/camvid.yaml",
+                                              ["tune.cost=latency"]), ["a", "b"])
+    assert timed["tune"]["cost"] == "latency" and timed["tune"]["latency"]["repeats"] == 5
+    assert {k: v for k, v in timed["tune"].items() if k not in ("cost", "latency")} \
+        == plain["tune"]
