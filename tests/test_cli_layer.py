@@ -63,8 +63,8 @@ def test_the_models_behind_the_commands():
     from pipelines.analyze.settings import AnalyzeSettings
     from pipelines.bench.gpu import BenchGpuSettings
     from pipelines.bench.train import BenchTrainOptions
+    from pipelines.bench.trained import TrainedBenchSettings
     from pipelines.cli.bench_data import BenchDataSettings
-    from pipelines.cli.bench_model import BenchModelSettings
     from pipelines.cli.prep import PrepSettings
     from pipelines.cli.run import RunOptions
     from pipelines.cli.submit import SubmitOptions
@@ -85,7 +85,7 @@ def test_the_models_behind_the_commands():
         ("submit",): (PipelineConfig, SubmitOptions), ("ui",): (UiSettings, None),
         ("bench", "train"): (TrainConfig, BenchTrainOptions),
         ("bench", "gpu"): (BenchGpuSettings, None),
-        ("bench", "model"): (BenchModelSettings, None),
+        ("bench", "model"): (TrainedBenchSettings, None),
         ("bench", "data"): (BenchDataSettings, None),
     }
     assert set(expected) == set(GENERATED)

@@ -58,7 +58,7 @@ PIPELINE_LAYERS = {
     "tune": {"common", "tracking", "evaluate"},
     "analyze": {"common", "tracking", "evaluate"},
     "predict": {"common", "tracking", "evaluate"},
-    "bench": {"common", "tracking", "evaluate", "train"},
+    "bench": {"common", "tracking", "evaluate", "train", "predict"},
     "workflow": {"common", "tracking", "evaluate", "train", "tune", "analyze"},
     "cli": {"common", "tracking", "evaluate", "train", "tune", "workflow", "bench", "analyze",
             "predict"},

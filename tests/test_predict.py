@@ -83,7 +83,7 @@ def test_registered_model_locally_with_its_thresholds(case, registered, mlflow_s
     out = case["root"] / "out_local"
     rc = main(["predict", "--model", registered, "--images", case["images"],
                "--out", str(out), "--tracking-uri", mlflow_server, "--batch-size", "2",
-               "--no-ray"])
+               "--no-ray", "--flops"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     doc = _summary(out)
@@ -128,7 +128,7 @@ def test_ray_data_path_token_maps_and_flops(case, registered, ray_local):
 
     out = case["root"] / "out_ray"
     rc = main(["predict", "--model", case["ckpt"], "--images", case["images"],
-               "--out", str(out), "--ray", "--batch-size", "4", "--token-maps",
+               "--out", str(out), "--ray", "--batch-size", "4", "--token-maps", "--flops",
                "--thresholds", "0.2", "--merge-thresholds", "2=0,4=0,8=0"])
     assert rc == 0
     doc = _summary(out)

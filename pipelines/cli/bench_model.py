@@ -8,14 +8,17 @@ Settings: :class:`step_model.bench.BenchModelSettings` (the measurement,
 :func:`step_model.bench.measure`, takes it); the STEP model's inference settings have the
 flags of every command (``--policy-mode``, also ``--policy``; ``--merge-thresholds 0.8`` or
 ``2=0.8,4=0.7,8=0.6,16=0.5``; ``--thresholds 0.9`` or ``0.9,0.8``; ...).
+
+With ``--model models:/NAME/VERSION`` or ``--checkpoint CKPT`` it benchmarks that trained
+model instead, plain against tuned (:mod:`pipelines.bench.trained`).
 """
 
 from __future__ import annotations
 
 import json
 
+from pipelines.bench.trained import TrainedBenchSettings
 from pipelines.cli.command import INFERENCE_ALIASES, Alias, Command, Invocation, Result
-from step_model.bench import BenchModelSettings
 
 ALIASES = (*INFERENCE_ALIASES, Alias(("--policy",), "inference.policy_mode"))
 
@@ -23,7 +26,13 @@ ALIASES = (*INFERENCE_ALIASES, Alias(("--policy",), "inference.policy_mode"))
 def bench_model(inv: Invocation) -> Result:
     from step_model import bench
 
-    s: BenchModelSettings = inv.settings
+    s: TrainedBenchSettings = inv.settings
+    if s.trained:
+        from pipelines.bench.trained import measure_trained, summary_lines
+
+        result = measure_trained(s)
+        print("\n".join(summary_lines(result)))
+        return Result(result)
     result = bench.measure(s)
     if result["uses_labels"]:
         print("step bench model: policy oracle: tokens chosen from the labels; an upper "
@@ -32,7 +41,7 @@ def bench_model(inv: Invocation) -> Result:
     return Result(result)
 
 
-COMMAND = Command(BenchModelSettings, bench_model, aliases=ALIASES,
+COMMAND = Command(TrainedBenchSettings, bench_model, aliases=ALIASES,
                   config_help="bench settings (YAML)",
                   json="write the results as JSON (a local path or s3://bucket/key)")
 configure = COMMAND.configure

@@ -11,7 +11,7 @@ must be ``s3://`` (or a shared file system).
 Throughput is images per second of wall time from the first batch to the last record:
 decoding and writing included; model loading excluded locally, the actors' start-up
 included on Ray. ``forward_ms_mean`` is the mean forward time per image alone; FLOP
-counting slows the forward down (``--no-flops`` for clean timings).
+counting (``--flops``) slows the forward down: ``flops_counted`` says so.
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ def predict(s: PredictSettings) -> dict[str, Any]:
     if s.palette not in ("auto", "fixed") and palette_name != s.palette:
         source.notes.append(f"--palette {s.palette}: no colours of it for the model's "
                             f"{source.num_classes} classes here; the fixed palette is used")
+    use_ray = s.ray if s.ray is not None else bool(os.environ.get("RAY_ADDRESS"))
     plan = {"checkpoint": source.checkpoint, "inference": source.inference,
             "device": s.device, "out": s.out, "palette": palette.tolist(),
-            "token_maps": s.token_maps, "flops": s.flops}
-    use_ray = s.ray if s.ray is not None else bool(os.environ.get("RAY_ADDRESS"))
+            "token_maps": s.token_maps, "flops": s.flops,
+            "precision": s.precision, "fold_batchnorm": s.fold_batchnorm,
+            "io_threads": 0 if use_ray else s.io_threads}
     if use_ray:
         records, seconds, workers = _run_ray(plan, items, s)
     else:
@@ -78,15 +80,41 @@ def _run_local(plan: dict[str, Any], items: list[dict[str, str]], s: PredictSett
     predictor = Predictor(plan)
     records: list[dict[str, Any]] = []
     t0 = last = time.perf_counter()
-    for start in range(0, len(items), s.batch_size):
-        batch = predictor(items[start:start + s.batch_size])
+
+    def progress(batch: list[dict[str, Any]]) -> None:
+        nonlocal last
         _check_strict(batch, s.strict)
-        records += batch
+        records.extend(batch)
         now = time.perf_counter()
         if now - last > 30:  # a line now and then on long runs, none on short ones
             last = now
             print(f"step predict: {len(records)}/{len(items)} images", file=sys.stderr)
+
+    try:
+        run_batches(predictor, items, s.batch_size, progress)
+    finally:
+        predictor.close()
     return records, time.perf_counter() - t0, 1
+
+
+def run_batches(predictor: Predictor, items: list[dict[str, str]], batch_size: int,
+                on_batch) -> None:
+    """The local loop: batches of ``batch_size``; with the predictor's I/O threads the
+    next batch is decoded while this one runs, and files are written in the background
+    (all written when this returns). ``on_batch(records)`` after each batch."""
+    starts = list(range(0, len(items), batch_size))
+    if not starts:
+        return
+    pool = predictor.io_pool
+    nxt = None if pool is None else pool.submit(predictor.decode, items[:batch_size], False)
+    for k, start in enumerate(starts):
+        batch = items[start:start + batch_size]
+        decoded = predictor.decode(batch) if nxt is None else nxt.result()
+        if pool is not None and k + 1 < len(starts):
+            following = items[starts[k + 1]:starts[k + 1] + batch_size]
+            nxt = pool.submit(predictor.decode, following, False)
+        on_batch(predictor.run(batch, decoded))
+    predictor.flush()
 
 
 class RayPredictor:
@@ -189,5 +217,6 @@ def _summary(s: PredictSettings, source, items, ignored, records, seconds, use_r
         "seconds": seconds,
         "throughput_images_per_s": len(done) / seconds if seconds > 0 else None,
         "forward_ms_mean": _mean([r["forward_ms"] for r in done]),
+        "flops_counted": s.flops,
         "per_image": [{k: v for k, v in r.items() if k != "status"} for r in done],
     }

@@ -10,13 +10,27 @@ from typing import Literal
 
 from pydantic import Field
 
+from pipelines.common.precision import Precision
 from pipelines.common.settings import StrictModel
 from step_model.config import InferenceOverrides
 
 Palette = Literal["auto", "fixed", "loveda", "cityscapes", "ade20k", "coco_stuff"]
 
 
-class PredictSettings(StrictModel):
+class ForwardSettings(StrictModel):
+    """How a trained model's forward runs when serving (``step predict``, the benchmark)."""
+
+    precision: Precision = Field("auto", description="auto: bf16 autocast on CUDA, fp32 "
+                                 "on the CPU")
+    fold_batchnorm: bool = Field(True, description="fold the policy network's batch norms "
+                                 "into its convolutions (eval-only; same masks within "
+                                 "float rounding)")
+    io_threads: int = Field(2, ge=0, description="threads that decode the next batch and "
+                            "write the files while the forward runs (0: one after the "
+                            "other; the Ray path decodes in line)")
+
+
+class PredictSettings(ForwardSettings):
     """Everything ``step predict`` needs."""
 
     model: str = Field(description="models:/NAME/VERSION (or models:/NAME@ALIAS, "
@@ -43,8 +57,11 @@ class PredictSettings(StrictModel):
     workers: int | None = Field(None, ge=1, description="Ray actors that hold a model "
                                 "(default: one per GPU with --device cuda, else one per 2 "
                                 "cluster CPUs, at most one per batch)")
-    flops: bool = Field(True, description="count the GFLOPs of every forward (exact, but "
-                        "slows the forward down; --no-flops for pure throughput)")
+    flops: bool = Field(False, description="count the GFLOPs of every forward (exact, but "
+                        "the counter's per-operator overhead slows the forward down, "
+                        "a tuned model's most: forward_ms and images/s are then not "
+                        "the model's)")
+
     palette: Palette = Field(
         "auto", description="colours of the colour masks: auto = the training dataset's "
         "when recorded, else the fixed palette")

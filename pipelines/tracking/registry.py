@@ -67,9 +67,11 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
         "tune_run_id": run_id,
     }
     # the drop's interval and the images it was measured on (after confirmation: every
-    # searchable image), when the search measured them
+    # searchable image), when the search measured them; under tune.cost latency the
+    # forward's latency against the reference's (same trial) beside the GFLOPs
     for key, tag in (("drop_lo", "miou_drop_lo"), ("drop_hi", "miou_drop_hi"),
-                     ("num_images", "eval_images")):
+                     ("num_images", "eval_images"), ("latency_ratio", "latency_ratio"),
+                     ("latency_spread", "latency_spread")):
         if best.get(key) is not None:
             tags[tag] = repr(float(best[key])) if key != "num_images" else str(best[key])
     tracker = RunLogger(run_id, tracking_uri)

@@ -17,7 +17,9 @@ Conventions (the unit of ``max_drop`` is the same in both modes: percent):
   the point estimate. A trial without an interval falls back to its point estimate. The
   default guard ``robust`` adds the tail, worst-group and cliff checks of
   :mod:`pipelines.tune.guard`.
-* The answer is the feasible trial with the fewest GFLOPs; ties go to the higher mIoU.
+* The answer is the cheapest feasible trial: fewest GFLOPs, or under ``tune.cost:
+  latency`` the lowest latency ratio against the reference (:func:`cost_of`); ties go to
+  the higher mIoU.
   Both rules' answers are kept (``plain``, ``guarded``); ``best`` is the one of the guard
   asked for. With no feasible trial there is no answer; the *closest* trial (smallest
   drop under the rule, then fewest GFLOPs) is reported instead, clearly marked as
@@ -99,16 +101,26 @@ def _valid(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def cost_of(t: dict[str, Any]) -> float:
+    """What "cheapest" means for a trial: its ``cost`` when the search measured one
+    (``tune.cost: latency``: the forward's latency over the reference's, timed in the same
+    trial), else its GFLOPs (``tune.cost: gflops``, the default)."""
+    cost = t.get("cost")
+    return t["gflops"] if cost is None or not math.isfinite(cost) else cost
+
+
 def cost_order(t: dict[str, Any]) -> tuple:
-    """Cheapest first, ties to the higher mIoU, then to the operating point's parameters:
-    the order (and so the answer) never depends on the order trials finished in."""
-    return (t["gflops"], -t["miou"], point_key(t.get("params") or {}))
+    """Cheapest first (:func:`cost_of`), ties to the higher mIoU, then to the operating
+    point's parameters: the order (and so the answer) never depends on the order trials
+    finished in."""
+    return (cost_of(t), -t["miou"], point_key(t.get("params") or {}))
 
 
 def pareto_front(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Trials not dominated in (fewer GFLOPs, higher mIoU), sorted by GFLOPs.
+    """Trials not dominated in (lower cost, higher mIoU), sorted by cost (:func:`cost_of`:
+    GFLOPs, or the measured latency ratio under ``tune.cost: latency``).
 
-    A trial is dominated when another has <= GFLOPs and >= mIoU with one strict; among
+    A trial is dominated when another has <= cost and >= mIoU with one strict; among
     exact duplicates the first one is kept.
     """
     ordered = sorted(_valid(trials), key=cost_order)
@@ -147,14 +159,14 @@ class Selection:
         if self.best is not None:
             b = self.best
             return (f"{self.n_feasible}/{self.n_trials} trials within the {self.max_drop:g} "
-                    f"({self.drop_mode}) drop limit{rule}; cheapest: {b['gflops']:.3f} GFLOPs "
+                    f"({self.drop_mode}) drop limit{rule}; cheapest: {describe_cost(b)} "
                     f"at mIoU {b['miou']:.4f} (drop {describe_drop(b)})")
         if self.closest is None:
             return f"no trial finished ({self.n_trials} evaluated): nothing to choose from"
         c = self.closest
         return (f"NO FEASIBLE CONFIGURATION: none of the {self.n_trials} trials keeps the mIoU "
                 f"drop within {self.max_drop:g} ({self.drop_mode}){rule}; the closest drops "
-                f"{describe_drop(c)} (mIoU {c['miou']:.4f}, {c['gflops']:.3f} GFLOPs)")
+                f"{describe_drop(c)} (mIoU {c['miou']:.4f}, {describe_cost(c)})")
 
     def choices(self) -> str:
         """Both rules' answers, one line each (the search prints them)."""
@@ -164,9 +176,20 @@ class Selection:
         for name, t in (("plain (point drop)", self.plain), (f"guarded ({rule})", self.guarded)):
             mark = " <- chosen" if t is not None and t is self.best else ""
             lines.append(f"  {name}: " + (
-                f"{t['gflops']:.3f} GFLOPs, mIoU {t['miou']:.4f}, drop {describe_drop(t)}{mark}"
+                f"{describe_cost(t)}, mIoU {t['miou']:.4f}, drop {describe_drop(t)}{mark}"
                 if t is not None else "none within the limit"))
         return "\n".join(lines)
+
+
+def describe_cost(t: dict[str, Any]) -> str:
+    """``1.234 GFLOPs`` and, when the trial's latency was measured against the
+    reference's, ``latency 0.52x (spread 0.08)``."""
+    text = f"{t['gflops']:.3f} GFLOPs"
+    if t.get("latency_ratio") is not None:
+        text += f", latency {t['latency_ratio']:.2f}x of the reference"
+        if t.get("latency_spread") is not None:
+            text += f" (spread {t['latency_spread']:.2f})"
+    return text
 
 
 def describe_drop(t: dict[str, Any]) -> str:
@@ -212,7 +235,7 @@ def select(trials: Sequence[dict[str, Any]], baseline_miou: float, max_drop: flo
     best = plain if g.is_plain() else guarded
     closest = None
     if best is None and done:
-        closest = min(done, key=lambda t: (rule_drop(t, g, max_drop), t["gflops"]))
+        closest = min(done, key=lambda t: (rule_drop(t, g, max_drop), cost_of(t)))
     return Selection(
         baseline_miou=baseline_miou, max_drop=max_drop, drop_mode=mode, best=best,
         closest=closest, front=pareto_front(done), n_trials=len(done), n_feasible=len(feasible),
@@ -237,8 +260,8 @@ def mark_choices(selection: Selection, trials: Sequence[dict[str, Any]],
 # artifacts: the trials table and the plot
 
 CSV_FIELDS = ("trial_id", "on_front", "feasible", "miou", "drop", "gflops", "tokens_mean",
-              "halted_fraction", "latency_ms", "drop_lo", "drop_hi", "tail_drop",
-              "worst_group_drop", "cliff_step")
+              "halted_fraction", "latency_ms", "latency_ratio", "latency_spread",
+              "drop_lo", "drop_hi", "tail_drop", "worst_group_drop", "cliff_step")
 
 
 def trials_csv(trials: list[dict[str, Any]], selection: Selection) -> str:
@@ -249,14 +272,14 @@ def trials_csv(trials: list[dict[str, Any]], selection: Selection) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow([*CSV_FIELDS, *names])
-    for t in sorted(trials, key=lambda t: t["gflops"]):
+    for t in sorted(trials, key=cost_of):
         on_front = id(t) in front or t.get("trial_id") in front_ids
         drop = t.get("drop", miou_drop(selection.baseline_miou, t["miou"], selection.drop_mode))
         feasible = is_feasible(rule_drop({**t, "drop": drop}, selection.guard,
                                          selection.max_drop), selection.max_drop)
         row = [t.get("trial_id"), int(on_front), int(feasible), t["miou"], drop, t["gflops"],
                t.get("tokens_mean"), t.get("halted_fraction"), t.get("latency_ms"),
-               t.get("drop_lo"), t.get("drop_hi"), t.get("tail_drop"),
+               t.get("latency_ratio"), t.get("latency_spread"), t.get("drop_lo"), t.get("drop_hi"), t.get("tail_drop"),
                t.get("worst_group_drop"), t.get("cliff_step")]
         w.writerow(row + [t["params"].get(n) for n in names])
     return buf.getvalue()
@@ -272,7 +295,12 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], selection: Selec
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    timed = [t for t in trials if t.get("latency_ratio") is not None]
+    if timed:  # tune.cost: latency: the measured latency beside the GFLOPs
+        fig, (ax, lat_ax) = plt.subplots(1, 2, figsize=(11.5, 4.2), dpi=120)
+        latency_panel(lat_ax, timed, selection, baseline)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     ann = [{**t, "feasible": is_feasible(rule_drop({"drop": 0.0, **t}, selection.guard,
                                                    selection.max_drop), selection.max_drop)}
            for t in trials]
@@ -324,3 +352,23 @@ def pareto_plot(path: str | Path, trials: list[dict[str, Any]], selection: Selec
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def latency_panel(ax, trials: list[dict[str, Any]], selection: Selection,
+                  baseline: dict[str, Any]) -> None:
+    """Latency ratio (trial / reference, measured in the same trial; bars: the spread of
+    the repeats) against mIoU, the chosen trial marked."""
+    ax.errorbar([t["latency_ratio"] for t in trials], [100 * t["miou"] for t in trials],
+                xerr=[[t["latency_ratio"] * t.get("latency_spread", 0.0) / 2 for t in trials]] * 2,
+                fmt="o", ms=4, c="tab:blue", alpha=0.7, elinewidth=0.8, label="trial")
+    ax.scatter([1.0], [100 * baseline["miou"]], marker="*", s=140, c="k",
+               label="unpruned reference", zorder=5)
+    if selection.best is not None and selection.best.get("latency_ratio") is not None:
+        ax.scatter([selection.best["latency_ratio"]], [100 * selection.best["miou"]],
+                   marker="D", s=60, facecolors="none", edgecolors="tab:green",
+                   linewidths=2, label="chosen", zorder=6)
+    ax.set_xlabel("forward latency / reference's (same trial)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("latency vs mIoU (bars: spread over repeats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")

@@ -68,6 +68,7 @@ from pipelines.tune.confirm import (
 )
 from pipelines.tune.credentials import keys_out_of_env, tune_storage, upload_results
 from pipelines.tune.guard import GuardConfig, GuardSetting, as_guard, checks
+from pipelines.tune.latency import LatencySettings
 from pipelines.tune.pareto import Selection, mark_choices, pareto_plot, select, trials_csv
 from pipelines.tune.progress import error_summary, progress_callback, trial_error
 from pipelines.tune.resume import experiment_name, open_tuner, snapshots_every_step
@@ -114,6 +115,12 @@ class TuneSettings(StrictModel):
         "for the reference and every trial (the space's dimensions override them)")
     max_drop: float = Field(2.0, ge=0, description="largest acceptable mIoU drop (percent)")
     drop_mode: Literal["points", "relative"] = "points"
+    cost: Literal["gflops", "latency"] = Field(
+        "gflops", description="what the cheapest feasible trial minimises: gflops, or "
+        "latency (each trial times its forward against the reference's in the same "
+        "trial and reports the ratio and its spread)")
+    latency: LatencySettings = Field(LatencySettings(), description="how a trial times "
+                                     "latency under cost latency")
     search: Search = "optuna"
     num_samples: int = Field(24, ge=1, description="trials (grid: ignored, the grid decides)")
     max_concurrent: int = Field(2, ge=1)
@@ -183,7 +190,8 @@ class TuneOutcome:
                    "drop_lo": t.get("drop_lo"), "drop_hi": t.get("drop_hi"),
                    "tokens_mean": t.get("tokens_mean"),
                    "halted_fraction": t.get("halted_fraction"),
-                   "latency_ms": t.get("latency_ms"), "params": t["params"],
+                   "latency_ms": t.get("latency_ms"), "latency_ratio": t.get("latency_ratio"),
+                   "latency_spread": t.get("latency_spread"), "params": t["params"],
                    "trial_id": t.get("trial_id"), "run_id": t.get("run_id")}
             out["num_images"] = t.get("num_images")
             out.update({k: t.get(k) for k in GUARD_FIGURES if k in t})
@@ -208,6 +216,7 @@ class TuneOutcome:
             # each check of the guard on the chosen trial (or the closest one)
             "guard_verdict": verdict,
             "search": self.settings.search,
+            "cost": self.settings.cost,
             "space": self.settings.space,
             "baseline": {k: self.baseline.get(k) for k in
                          ("miou", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
@@ -427,7 +436,8 @@ def _reference(settings: TuneSettings, space: SearchSpace, num_exits: int, check
         cpus=settings.resources_per_trial.cpu, s3_env=s3_env, reference=images,
         guard=settings.guard, bootstrap_samples=settings.bootstrap_samples,
         confidence=settings.confidence, seed=settings.seed, holdout=holdout,
-        groups=settings.groups.model_dump(mode="json") if settings.groups else None)
+        groups=settings.groups.model_dump(mode="json") if settings.groups else None,
+        cost=settings.cost, latency=settings.latency.model_dump())
 
 
 def _run_trials(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
@@ -574,7 +584,8 @@ def _log_choices(tracker, final: Selection, baseline: dict[str, Any],
         metrics.update({f"{name}_miou": t["miou"], f"{name}_gflops": t["gflops"],
                         f"{name}_drop": t["drop"]})
         metrics.update({f"{name}_{k}": t[k] for k in ("drop_lo", "drop_hi", "tail_drop",
-                                                      "worst_group_drop", "cliff_step")
+                                                      "worst_group_drop", "cliff_step",
+                                                      "latency_ratio", "latency_spread")
                         if isinstance(t.get(k), (int, float))})
     b = final.best
     if b is not None:

@@ -21,6 +21,7 @@ from step_model.config import InferenceConfig, InferenceOverrides, overrides_giv
 # What a trial reports, and what the Pareto CSV carries per trial (``groups``, a dict, and
 # ``worst_group``, a name, are kept in the trial's record, not logged as metrics).
 TRIAL_METRICS = ("miou", "drop", "gflops", "tokens_mean", "halted_fraction", "latency_ms",
+                 "latency_ratio", "latency_spread", "latency_ms_reference", "cost",
                  "feasible", "objective", "drop_lo", "drop_hi", "tail_drop",
                  "tail_pixel_drop", "tail_images", "worst_group_drop", "worst_group", "groups")
 
@@ -83,12 +84,14 @@ def model_num_exits(checkpoint: str) -> int:
 
 def trial_metrics(m: dict[str, Any], baseline: dict[str, Any], max_drop: float,
                   drop_mode: str, interval=None, guard: Any = "none",
-                  slices: dict[str, Any] | None = None) -> dict[str, Any]:
+                  slices: dict[str, Any] | None = None,
+                  latency: dict[str, float] | None = None) -> dict[str, Any]:
     """The flat metrics a trial reports (and MLflow logs), from an evaluation dict and,
     when given, the drop's bootstrap interval (a ``DropInterval``) and its tail and group
     figures (:func:`slice_figures`). ``feasible`` and the searcher's ``objective`` follow
     the guard, so that the searcher is pulled towards configurations the guarded rule can
-    pick."""
+    pick. ``latency`` (``tune.cost: latency``: :func:`pipelines.tune.latency.
+    latency_figures`) makes the latency ratio the trial's ``cost`` and the objective's."""
     drop = miou_drop(baseline["miou"], m["miou"], drop_mode)
     out = {
         "miou": float(m["miou"]),
@@ -103,7 +106,12 @@ def trial_metrics(m: dict[str, Any], baseline: dict[str, Any], max_drop: float,
     out.update(slices or {})
     ruled = rule_drop(out, guard, max_drop)
     out["feasible"] = float(is_feasible(ruled, max_drop))
-    out["objective"] = penalised_objective(m["gflops"], ruled, max_drop, baseline["gflops"])
+    if latency is not None:
+        out.update(latency)
+        out["cost"] = float(latency["latency_ratio"])
+        out["objective"] = penalised_objective(out["cost"], ruled, max_drop, 1.0)
+    else:
+        out["objective"] = penalised_objective(m["gflops"], ruled, max_drop, baseline["gflops"])
     return out
 
 
@@ -138,6 +146,8 @@ class TrialContext:
     seed: int = 0
     holdout: dict[str, Any] | None = None  # Holdout.model_dump(): images the trials skip
     groups: dict[str, Any] | None = None  # Groups.model_dump(): figures per group
+    cost: str = "gflops"  # gflops | latency: what "cheapest" means (tune.cost)
+    latency: dict[str, Any] | None = None  # LatencySettings.model_dump() under cost latency
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -154,9 +164,16 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     m, images = evaluate_images(ctx.checkpoint, ctx.data, inference,
                                 max_samples=ctx.max_samples, device=ctx.device,
                                 holdout=ctx.holdout)
+    latency = None
+    if ctx.cost == "latency":
+        from pipelines.tune.latency import LatencySettings, latency_figures
+
+        latency = latency_figures(ctx.checkpoint, ctx.data, reference_inference(ctx.base),
+                                  inference, device=ctx.device, holdout=ctx.holdout,
+                                  settings=LatencySettings.model_validate(ctx.latency or {}))
     tune.report(trial_metrics(m, ctx.baseline, ctx.max_drop, ctx.drop_mode,
                               interval=drop_interval(ctx, images), guard=ctx.guard,
-                              slices=slice_figures(ctx, images)))
+                              slices=slice_figures(ctx, images), latency=latency))
 
 
 def slice_figures(ctx: TrialContext, images) -> dict[str, Any]:

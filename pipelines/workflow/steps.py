@@ -261,6 +261,8 @@ def tune_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any
     tune = cfg.tune.model_dump(mode="json", exclude={"groups"})
     if not tune["inference"]:  # unset: pipelines from before the field keep their fingerprints
         del tune["inference"]
+    if tune["cost"] == "gflops":  # the default: likewise (latency settings then unused)
+        del tune["cost"], tune["latency"]
     # so do their spaces: the dimensions added with the generated space count when set
     space = {k: v for k, v in load_space(cfg.tune.space).model_dump(mode="json").items()
              if v is not None or k in SPACE_FIELDS_BEFORE}
