@@ -39,6 +39,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines.common.errors import ExpectedFailure, InputNotFound
 from pipelines.predict.settings import ForwardSettings
 from step_model.bench import BASELINE, BenchModelSettings
 
@@ -109,7 +110,7 @@ def measure_trained(s: TrainedBenchSettings) -> dict[str, Any]:
 
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda: no CUDA device available")
+        raise ExpectedFailure("device cuda: no CUDA device available")
     if s.threads:
         torch.set_num_threads(s.threads)
     with tempfile.TemporaryDirectory(prefix="step-bench-") as tmp:
@@ -180,7 +181,7 @@ def _images(s: TrainedBenchSettings, device):
         except BadImage:
             continue
     if not decoded:
-        raise FileNotFoundError(f"images {s.images}: no readable image")
+        raise InputNotFound(f"images {s.images}: no readable image")
     shape = Counter(im.shape for _, im in decoded).most_common(1)[0][0]
     kept = [(n, im) for n, im in decoded if im.shape == shape]
     x = torch.from_numpy(np.stack([im for _, im in kept])).permute(0, 3, 1, 2)

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
+from pipelines.common.errors import ExpectedFailure
 from pipelines.common.settings import StrictModel
 
 
@@ -53,7 +54,7 @@ def latency_figures(checkpoint: str, data: str, reference: Any, trial: Any, *,
                          max_samples=cfg.images, holdout=holdout, part="search")
     batches = [batch_to_device(b[0], b[1], device)[0] for b in loader][:cfg.images]
     if not batches:
-        raise ValueError(f"{data}: no image to time")
+        raise ExpectedFailure(f"{data}: no image to time")
     dev = torch.device(device)
     runs = time_modes(model, batches, modes, warmup=cfg.warmup, repeats=cfg.repeats,
                       autocast=lambda: autocast(dev, "auto"))
