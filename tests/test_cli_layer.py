@@ -1,4 +1,4 @@
-"""The one command layer (issue 10): every ``step`` subcommand is generated from one typed
+"""The one command layer: every ``step`` subcommand is generated from one typed
 settings model; ``--config``/``--set``/flags, ``--json`` (local or S3), error lines and the
 one threshold syntax are shared. Fast: no Ray, no training."""
 
