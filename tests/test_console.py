@@ -65,6 +65,13 @@ def test_a_workers_traceback_shows_its_first_line_and_its_exception():
         ("(PlacementGroupCleaner pid=6527) ConnectionError", True),
         ("(PlacementGroupCleaner pid=6527) : Found multiple active Ray instances", True),
         ("(PlacementGroupCleaner pid=6527) Checkpoint successfully created", False),
+        # what Python itself calls ignored: a trial's actor ended by Tune during a GC
+        ("(run_trial pid=14) Exception ignored in: <function WeakSet._remove>", False),
+        ("(run_trial pid=14) Traceback (most recent call last):", False),
+        ('(run_trial pid=14)   File "ray/_private/worker.py", line 1063, in sigterm', False),
+        ("(run_trial pid=14) ", False),
+        ("(run_trial pid=14) SystemExit: 1", False),
+        ("(run_trial pid=14) Traceback (most recent call last):", True),  # a real one after
     ]
     assert [rules.shown(line) for line, _ in block] == [shown for _, shown in block]
 

@@ -73,6 +73,7 @@ class LineRules:
     def __init__(self) -> None:
         self.in_traceback: set[str] = set()
         self.after_exception: set[str] = set()
+        self.ignored: set[str] = set()
 
     def shown(self, line: str) -> bool:
         text = _ANSI.sub("", line)
@@ -83,13 +84,19 @@ class LineRules:
         source, message = worker["source"], worker["message"]
         if "pid=" not in source:
             return True  # raylet, autoscaler: a worker killed, memory, resources
+        if message.startswith("Exception ignored in"):
+            self.ignored.add(source)  # Python's own word: e.g. a trial's actor ended by Tune
+            return False
         if message.startswith("Traceback (most recent call last)"):
             self.in_traceback.add(source)
-            return True
+            return source not in self.ignored
         if source in self.in_traceback:
             if message[:1].isspace() or not message:
                 return False  # a frame: the file has it
             self.in_traceback.discard(source)
+            if source in self.ignored:
+                self.ignored.discard(source)
+                return False
             self.after_exception.add(source)
             return True  # the exception
         if source in self.after_exception:
@@ -162,6 +169,8 @@ def open_console(command: str, *, verbose_: bool = False) -> Path:
     Call it before Ray starts: the workers of a local Ray inherit :data:`VERBOSE_ENV`.
     """
     os.environ[VERBOSE_ENV] = "1" if verbose_ else "0"
+    if not verbose_:  # Ray Tune's legacy output engine honours verbose=0; the new one
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # prints its experiment box anyway
     # MLflow's records go through the root logger (below) instead of its own handler
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     folder = Path(os.environ.get(LOG_DIR_ENV) or "runs/logs").absolute()
