@@ -9,7 +9,7 @@ and the summary. :func:`open_console` gives them that:
 * **Everything goes to a log file** (``runs/logs/<command>-<time>-<pid>.log``,
   ``STEP_LOG_DIR`` moves it), whose path is printed first: the process's stdout and
   stderr, Ray's worker lines included (prefix and all), and every Python log record.
-* **The terminal shows** (:func:`shown`): the driver's own lines; workers' lines that are
+* **The terminal shows** (:class:`LineRules`): the driver's own lines; workers' lines that are
   this project's (progress: ``[train ...]``, ``eval: ...``; warnings of its loggers,
   :func:`worker_console`); and every error: Ray's raylet and autoscaler messages (a worker
   killed, out of memory, resources nobody has), a worker's traceback (its first line and
@@ -68,7 +68,8 @@ def verbose() -> bool:
 
 
 class LineRules:
-    """:func:`shown` with the state a traceback needs: which sources are inside one."""
+    """Which lines the terminal shows (the module docstring says which and why), with the
+    state a worker's traceback needs: which sources are inside one."""
 
     def __init__(self) -> None:
         self.in_traceback: set[str] = set()
@@ -155,6 +156,19 @@ class _Tee:
         return True
 
 
+class _Locked:
+    def __init__(self, stream: TextIO, lock: threading.Lock) -> None:
+        self.stream, self.lock = stream, lock
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.stream.write(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.stream.flush()
+
+
 class _TerminalRecords(logging.Filter):
     """Log records for the terminal: errors from anyone, warnings from this project."""
 
@@ -187,7 +201,8 @@ def open_console(command: str, *, verbose_: bool = False) -> Path:
                 handler.setStream(tee)
     sys.stdout, sys.stderr = tees  # type: ignore[assignment]
 
-    to_file = logging.StreamHandler(log)
+    to_file = logging.StreamHandler(_Locked(log, lock))  # one writer at a time: Ray's
+    # log thread prints workers' lines while the main thread logs
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_terminal = logging.StreamHandler(terminal_err)
     to_terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
