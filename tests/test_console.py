@@ -173,7 +173,10 @@ def _plain(text: str) -> str:
 
 # ---- the tiny pipeline --------------------------------------------------------------------
 
-TINY_BUDGET = 60  # lines on the terminal for configs/tiny/pipeline.yaml (resumed in train_step)
+# lines on the terminal of configs/tiny/pipeline.yaml resumed in train_step: 60 measured,
+# 3 of them the error of Ray Train's placement-group cleaner, which fails to find its
+# cluster whenever other Ray instances run on the machine (as in a parallel test session)
+TINY_BUDGET = 70
 
 
 def _worker_lines(text: str) -> set[str]:
@@ -191,6 +194,7 @@ def _log_of(stdout: str) -> str:
 def test_tiny_pipeline_terminal_budget_log_file_and_verbose(tiny_pipeline, tmp_path):
     quiet = tiny_pipeline["stdout2"] + tiny_pipeline["stderr2"]
     lines = quiet.splitlines()
+    print(f"terminal: {len(lines)} lines")  # pytest -rP shows it
     assert len(lines) <= TINY_BUDGET, quiet
     assert "[train step] step 8/8" in quiet  # a long step's progress, the last line always
     assert "| tuned STEP |" in quiet  # the summary
@@ -205,9 +209,11 @@ def test_tiny_pipeline_terminal_budget_log_file_and_verbose(tiny_pipeline, tmp_p
     run = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path / "logs"), capture_output=True,
                          text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    shown = run.stdout + run.stderr
+    shown = _plain(run.stdout + run.stderr)
     assert "[run ] evaluate" in shown and "[skip] train_step" in shown
-    log = _log_of(run.stdout)
-    assert _worker_lines(log) and _worker_lines(log) <= _worker_lines(shown)
     assert "Started a local Ray instance" in shown  # Ray's own lines, hidden without it
     assert "Started a local Ray instance" not in quiet
+    # every line of the log file on the terminal (the file adds a time to log records)
+    ours = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \S+: ")
+    logged = {line for line in _log_of(run.stdout).splitlines() if not ours.match(line)}
+    assert logged <= set(shown.splitlines()), logged - set(shown.splitlines())
