@@ -30,9 +30,11 @@ def reference_inference(settings: Any = None) -> InferenceOverrides:
     run) and halting off (the exit heads do not run), i.e. the plain ViT + decoder the
     STEP papers compare against; the other settings of ``settings`` (changes, or an
     InferenceConfig's dict: upsampling, varlen ...) kept, so that a drop compares like with
-    like. A threshold of 1.0 would not do: fp32 softmax does reach exactly 1.0."""
-    return InferenceOverrides.model_validate(
-        {**overrides_given(settings), "policy_mode": "none", "halting": False})
+    like. A threshold of 1.0 would not do: fp32 softmax does reach exactly 1.0. The exit
+    thresholds are left to the model's own: with halting off they decide nothing, and a
+    model without exits (the plain ViT baseline) refuses one per exit of another."""
+    given = {k: v for k, v in overrides_given(settings).items() if k != "exit_thresholds"}
+    return InferenceOverrides.model_validate({**given, "policy_mode": "none", "halting": False})
 
 
 def trial_inference(base: dict[str, Any], changes: InferenceOverrides | None) -> InferenceConfig:
