@@ -8,7 +8,9 @@ vector per 16-px cell, the grid the ViT tokenises, in the spirit of its patch em
    sub-patches of a cell into its ``width``-channel vector, and the per-channel standard
    deviation of those 16 sub-patch features is added through a 1 x 1 convolution: an edge
    or a pole inside a cell shows as spread among its sub-patches, which one 16 x 16 filter
-   bank of ``width`` filters cannot resolve for every position and orientation.
+   bank of ``width`` filters cannot resolve for every position and orientation (compared
+   with a plain 16 x 16 embedding of the same width, at about the same FLOPs:
+   docs/camvid.md, "Policies on 16-px patches").
 2. *Context over the grid.* ``depth`` ConvNeXt blocks (depthwise 3 x 3, LayerNorm, MLP) on
    the cell grid: each cell sees its neighbours, so that a boundary is judged with the
    regions on both sides.
@@ -49,6 +51,9 @@ filters cannot initialise; with pretrained ViT weights nothing is copied either.
 price is the embedding's FLOPs, counted as the policy's: 0.136 GFLOPs at 480 x 368 for
 width 64, depth 2 (about 116 k parameters), against 0.71 for the paper's policy at half
 input size.
+
+What the cell classifier and ``policy.homogeneity: cells`` add, measured on CamVid:
+docs/camvid.md, "Policies on 16-px patches".
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def tiny_pipeline(tmp_path_factory, mlflow_server) -> dict:
     return killed_resumed_rerun(tmp_path_factory, mlflow_server)
 
 
-# ---- training data (issue 4): real LoveDA fixtures, sharded once per session -------------
+# ---- training data: real LoveDA fixtures, sharded once per session ---------------------
 
 
 @pytest.fixture(scope="session")

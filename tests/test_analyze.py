@@ -1,4 +1,4 @@
-"""``step analyze`` (issue 8): layout ceilings, policy_vs_oracle, the JSON of the command
+"""``step analyze``: layout ceilings, policy_vs_oracle, the JSON of the command
 end to end on tiny real data, and the oracle refusals of eval / tune."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one command layer (issue 10): every ``step`` subcommand is generated from one typed
+"""The one command layer: every ``step`` subcommand is generated from one typed
 settings model; ``--config``/``--set``/flags, ``--json`` (local or S3), error lines and the
 one threshold syntax are shared. Fast: no Ray, no training."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import typing
 from pathlib import Path
 
 import pytest
@@ -59,44 +58,34 @@ def test_every_command_is_generated_from_its_settings_model(path, capsys):
     assert described, "the help of the generated flags comes from the field descriptions"
 
 
-def test_the_models_behind_the_commands():
-    from pipelines.analyze.settings import AnalyzeSettings
-    from pipelines.bench.gpu import BenchGpuSettings
-    from pipelines.bench.train import BenchTrainOptions
-    from pipelines.bench.trained import TrainedBenchSettings
-    from pipelines.cli.bench_data import BenchDataSettings
-    from pipelines.cli.prep import PrepSettings
-    from pipelines.cli.run import RunOptions
-    from pipelines.cli.submit import SubmitOptions
-    from pipelines.cli.train import TrainOptions
-    from pipelines.cli.ui import UiSettings
-    from pipelines.evaluate.settings import EvalSettings
-    from pipelines.predict.settings import PredictSettings
-    from pipelines.train.config import TrainConfig
-    from pipelines.tune.search import TuneSettings
-    from pipelines.workflow.config import PipelineConfig
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
 
-    expected = {
-        ("prep",): (PrepSettings, None), ("train", "policy"): (TrainConfig, TrainOptions),
-        ("train", "step"): (TrainConfig, TrainOptions), ("eval",): (EvalSettings, None),
-        ("tune",): (TuneSettings, None), ("run",): (PipelineConfig, RunOptions),
-        ("analyze",): (AnalyzeSettings, None),
-        ("predict",): (PredictSettings, None),
-        ("submit",): (PipelineConfig, SubmitOptions), ("ui",): (UiSettings, None),
-        ("bench", "train"): (TrainConfig, BenchTrainOptions),
-        ("bench", "gpu"): (BenchGpuSettings, None),
-        ("bench", "model"): (TrainedBenchSettings, None),
-        ("bench", "data"): (BenchDataSettings, None),
-    }
-    assert set(expected) == set(GENERATED)
-    for path, (settings, options) in expected.items():
-        command = importlib.import_module(COMMANDS[path][0]).COMMAND
-        assert command.settings is settings and command.options is options, path
-    # the prep choices are data_prep's readers
+
+@pytest.mark.parametrize("path", GENERATED, ids=" ".join)
+def test_every_command_refuses_an_unknown_flag_or_key_by_name(path, capsys):
+    """A typo on any command: exit 2, and the error line names what was wrong."""
+    config = {("run",): ["configs/demo.yaml"], ("submit",): ["configs/demo.yaml"],
+              ("bench", "train"): ["--config", "configs/tiny/step.yaml"]}.get(path, [])
+    assert _exit_code([*path, *config, "--no-such-flag"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage
+    assert last == f"step {' '.join(path)}: error: unrecognized arguments: --no-such-flag"
+    assert _exit_code([*path, *config, "--set", "no_such_key=1", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"step {' '.join(path)}: error:")
+    assert "no_such_key: unknown key (given: 1)" in err
+
+
+def test_prep_offers_every_reader_of_data_prep(capsys):
     from data_prep.readers import READERS
-    from pipelines.cli.prep import Dataset
 
-    assert set(typing.get_args(Dataset)) == set(READERS)
+    assert _exit_code(["prep", "--dataset", "bogus", "--src", "x", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset: Input should be" in err and "(given: 'bogus')" in err
+    assert all(f"'{name}'" in err for name in READERS)
 
 
 # ---- --config < --set < flags; aliases; positional config ---------------------------------

@@ -179,7 +179,7 @@ def test_decoders_and_eval_mode(shards: str) -> None:
     assert torch.equal(images.float() / 255, float_images)
 
 
-# ---- evaluation splits samples, not shards (issue 9) -------------------------------------
+# ---- evaluation splits samples, not shards ---------------------------------------------
 
 
 @pytest.mark.parametrize("sizes", [[3], [2, 2, 2, 2, 2], [5, 1, 0, 4], [1]])

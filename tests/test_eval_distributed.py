@@ -1,6 +1,6 @@
 """Evaluation under real torch.distributed (gloo, one process per rank, no Ray).
 
-Issue 9, defect 1: a validation split with fewer shards than ranks left a rank without data,
+The defect these tests guard against: a validation split with fewer shards than ranks left a rank without data,
 its reductions had other shapes, and gloo aborted ("Received data size doesn't match
 expected size"). Evaluation now splits samples, not shards: these tests run a one-shard,
 3-image LoveDA split on 2 ranks (2 dataloader workers each) and on 4 ranks (one rank without

@@ -1,4 +1,4 @@
-"""Fidelity of the model to the method (issue 8, section 4): supertoken embedding, frozen
+"""Fidelity of the model to the method: supertoken embedding, frozen
 exit logits, the exit ablation at matched counts, budget selection, probability upsampling,
 the frozen policy in stage 2 and the EfficientNet-Lite0 weight mapping."""
 

@@ -1,4 +1,5 @@
-"""Issue 12: the drop limit must hold beyond the images the search saw.
+"""The guard against noisy searches: the drop limit must hold beyond the images the
+search saw.
 
 Known inputs first (the bootstrap interval against a direct loop, the guarded rule, the
 confirmation's candidates, the hash split), then real evaluations on real shards: the

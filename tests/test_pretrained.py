@@ -1,4 +1,4 @@
-"""Pretrained starting points (issue 11, sections 1-2): backbone weights through timm's
+"""Pretrained starting points: backbone weights through timm's
 loader in every format, their mean/std, the Hugging Face cache offline, s3:// through the
 pipelines' cache, and a STEP model initialised from a Segmenter checkpoint.
 

@@ -1,4 +1,4 @@
-"""The MLflow UI as the review tool (issue 11, section 4).
+"""The MLflow UI as the review tool.
 
 On the tiny pipeline that tests/test_workflow_e2e.py runs (session fixture ``tiny_pipeline``,
 a real ``mlflow server``): the experiment's kind tag, every run's description, the datasets

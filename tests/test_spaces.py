@@ -91,7 +91,7 @@ def test_unknown_space_name_lists_shipped():
 @pytest.mark.parametrize("name", tune_spaces.names())
 def test_shipped_space_survives_json(name):
     """Trials get the space through JSON, where the YAML's integer level keys (``2:``)
-    become strings: the model reads them back as the same levels (issue 9)."""
+    become strings: the model reads them back as the same levels."""
     import json
 
     from pipelines.tune.space import SearchSpace

@@ -95,14 +95,52 @@ def test_finetune_phase_halts_tokens_in_training() -> None:
     from step_model import step_loss
 
     loss = step_loss(out, labels, model.cfg)["total"]
-    loss.backward()
-    opt = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad],
-                          cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, base_steps=12, finetune_steps=2,
-                            finetune_scale=cfg.finetune.lr_scale)
-    opt.step()
-    sched.step()
     assert torch.isfinite(loss)
+    loss.backward()
+
+
+def test_optimizer_step_moves_the_trained_weights_and_the_lr_follows_the_schedule() -> None:
+    """One real optimizer step changes every weight with a gradient and no frozen one; the
+    learning rate of each group is warm-up, peak, poly decay, then the fine-tuning phase's
+    restart at ``finetune.lr_scale``, times the group's multiplier."""
+    from step_model import step_loss
+
+    cfg = load_train_config("configs/tiny/step.yaml", ["finetune.steps=2"])
+    model = build_model(cfg.model, cfg.inference)
+    stage = StepStage()
+    stage.prepare(model, cfg)  # freezes the policy
+    stage.train_mode(model)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and trained
+    opt = build_optimizer(trained, cfg.optim)
+    base, ft = cfg.train.steps, cfg.finetune.steps
+    sched = build_scheduler(opt, cfg.optim, base_steps=base, finetune_steps=ft,
+                            finetune_scale=cfg.finetune.lr_scale)
+    o = cfg.optim
+    assert (base, o.warmup_steps, o.poly_power, o.min_lr) == (12, 2, 1.0, 0.0)  # below
+    expected = {0: o.warmup_ratio, 1: (1 + o.warmup_ratio) / 2, 2: 1.0,  # warm-up, peak
+                7: 0.5,  # halfway through the linear decay from step 2 to step 12
+                12: cfg.finetune.lr_scale, 13: cfg.finetune.lr_scale / 2}  # the restart
+    images = torch.rand(2, 3, 64, 64)
+    labels = torch.randint(0, 7, (2, 64, 64))
+    for step in range(base + ft):
+        for group in opt.param_groups:
+            if step in expected:
+                assert group["lr"] == pytest.approx(o.lr * group["lr_mult"] * expected[step])
+        opt.zero_grad()
+        step_loss(model(images, labels), labels, model.cfg)["total"].backward()
+        before = {n: p.detach().clone() for n, p in trained}
+        opt.step()
+        sched.step()
+        if step == o.warmup_steps:  # at the peak (step 0's lr is too small to show in fp32)
+            moved = {n for n, p in trained if not torch.equal(p, before[n])}
+            with_grad = {n for n, p in trained if p.grad is not None and p.grad.any()}
+            assert "decoder.head.weight" in with_grad and with_grad <= moved
+    assert {o.lr * g["lr_mult"] for g in opt.param_groups} == {o.lr, o.lr * o.head_lr_mult}
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n  # the frozen policy never moves
 
 
 def test_exit_mix_draws_halting_per_finetune_step_and_restores_the_configured_setting() -> None:

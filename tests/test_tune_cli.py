@@ -103,7 +103,7 @@ def test_step_tune_rejects_bad_space(tiny_case, tmp_path, capsys):
     assert "3 thresholds but the model has 2 exit heads" in capsys.readouterr().err
 
 
-# ---- issue 9: every shipped space runs; a search in which every trial failed fails ------
+# ---- every shipped space runs; a search in which every trial failed fails ---------------
 
 
 @pytest.mark.parametrize("space", __import__("tune_spaces").names())
@@ -164,7 +164,7 @@ def test_all_trials_failing_exits_nonzero_naming_the_error(tiny_case, tmp_path, 
     assert all("bogus_key" in k.data.tags["step.error"] for k in kids)
 
 
-# ---- issue 9: AWS keys never reach Ray's logs ---------------------------------------------
+# ---- AWS keys never reach Ray's logs ------------------------------------------------------
 
 
 def test_aws_keys_stay_out_of_ray_logs(tiny_case, s3_bucket, tmp_path):

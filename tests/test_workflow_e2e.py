@@ -36,9 +36,11 @@ def _cmd(storage: Path, tracking_uri: str, json_path: Path) -> list[str]:
             "--json", str(json_path)]
 
 
-def _env() -> dict[str, str]:
+def _env(log_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
+    if log_dir is not None:  # the log files of `step run` (pipelines/common/console.py)
+        env["STEP_LOG_DIR"] = str(log_dir)
     return env
 
 
@@ -59,10 +61,11 @@ def killed_resumed_rerun(tmp_path_factory, mlflow_server) -> dict:
     (conftest.py) runs it once for every module that reads it."""
     root = tmp_path_factory.mktemp("pipeline")
     storage = root / "store"
+    env = _env(root / "logs")
     state_file = storage / "tiny-pipeline" / "pipeline_state.json"
     log1 = open(root / "run1.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(_cmd(storage, mlflow_server, root / "run1.json"), cwd=REPO,
-                            env=_env(), stdout=log1, stderr=subprocess.STDOUT,
+                            env=env, stdout=log1, stderr=subprocess.STDOUT,
                             start_new_session=True)
     killed_in = None
     deadline = time.monotonic() + 240
@@ -83,13 +86,14 @@ def killed_resumed_rerun(tmp_path_factory, mlflow_server) -> dict:
     state1 = _state(state_file)
 
     run2 = subprocess.run(_cmd(storage, mlflow_server, root / "run2.json"), cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=330)
+                          env=env, capture_output=True, text=True, timeout=330)
     assert run2.returncode == 0, run2.stdout[-4000:] + run2.stderr[-4000:]
     run3 = subprocess.run(_cmd(storage, mlflow_server, root / "run3.json"), cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120)
     assert run3.returncode == 0, run3.stdout[-4000:] + run3.stderr[-4000:]
     return {
         "state1": state1, "stdout2": run2.stdout, "stdout3": run3.stdout,
+        "stderr2": run2.stderr, "root": root,
         "doc2": json.loads((root / "run2.json").read_text()),
         "doc3": json.loads((root / "run3.json").read_text()),
         "tracking_uri": mlflow_server,

@@ -19,6 +19,9 @@ from pipelines.workflow.config import PipelineConfig, load_pipeline_config
 class RunOptions(StrictModel):
     dry_run: bool = Field(False, description="print each step's fingerprint and whether it "
                           "would run or be skipped; run nothing")
+    verbose: bool = Field(False, description="show every line of Ray's and the libraries' "
+                          "output on the terminal, not only the pipeline's own, its "
+                          "warnings and errors (the log file always holds all of it)")
 
 
 def load(config: str | None, overrides: list[str], path: tuple[str, ...]) -> PipelineConfig:
@@ -35,6 +38,7 @@ def run_command(inv: Invocation) -> Result:
 
 
 def _run(inv: Invocation) -> Result:
+    from pipelines.common.console import open_console
     from pipelines.workflow.runner import Workflow, run_pipeline, verify_source
 
     if inv.options.dry_run:
@@ -44,6 +48,7 @@ def _run(inv: Invocation) -> Result:
             extra = f" (reuses run {p['reuses_run']})" if p["reuses_run"] else ""
             print(f"{p['step']:<14} {p['action']:<4} fingerprint {p['fingerprint'][:12]}{extra}")
         return Result({"plan": plan})
+    log = open_console("run", verbose_=inv.options.verbose)
     result = run_pipeline(inv.config, inv.overrides)
     doc = result_json(result)
     print()
@@ -65,6 +70,7 @@ def _run(inv: Invocation) -> Result:
     print(f"\nMLflow: pipeline run {result.parent_run_id}: "
           f"{run_location(result.tracking_uri, result.parent_run_id)}")
     print(ui_hint(result.tracking_uri))
+    print(f"log: {log}")
     return Result(doc)
 
 

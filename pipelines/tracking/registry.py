@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipelines.common.console import verbose
 from pipelines.common.errors import InputNotFound, InvalidInput
 from pipelines.tracking.runs import RunLogger, global_tracking_uri
 from step_model.config import InferenceConfig, InferenceOverrides
@@ -78,6 +79,9 @@ def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
     model_uri = tracker.log_model(model, name="tuned_model")
     if model_uri is None:
         return None
+    if not verbose():  # MLflow's own switch for its prints ("Successfully registered
+        from mlflow.utils.logging_utils import disable_logging  # model ..."): the caller
+        disable_logging()  # says which version it registered
     with global_tracking_uri(tracking_uri):
         version = mlflow.register_model(model_uri, name, tags=tags)
     tracker.set_tags({"step.registered_model": f"{name}/{version.version}"})

@@ -130,12 +130,11 @@ class FinetuneConfig(StrictModel):
 
     With halting on at every step, blocks after an exit only ever see the tokens that
     exit leaves: the confident ones get better at leaving, but the plain path (nothing
-    halted) drifts out of the training distribution (CamVid: plain mIoU 34.10 -> 33.50
-    after 300 steps at exit threshold 0.5, docs/camvid.md). ``exit_mix`` draws the exit
+    halted) drifts out of the training distribution. ``exit_mix`` draws the exit
     threshold per step, ``1.0`` meaning no halting, as ``sharing_mix`` does for merging:
-    the fewer steps halt, the less the plain path pays (on CamVid it still pays 1.1-1.8
-    points with 1 step in 2 to 5 in 8 halting). The draw is a function of (seed, step):
-    the same on every rank and after a resume."""
+    the fewer steps halt, the less the plain path pays, though it still pays (measured:
+    docs/camvid.md, "Halting in training"). The draw is a function of (seed, step): the
+    same on every rank and after a resume."""
 
     steps: int = Field(0, ge=0, description="0 = no fine-tuning phase")
     lr_scale: float = Field(0.1, gt=0, description="lr of the phase relative to optim.lr")
@@ -159,9 +158,9 @@ class SharingMixConfig(StrictModel):
 
     A segmenter trained at one threshold only sees that threshold's token layouts: with
     most of the road and sky always merged, the plain (unshared) path and the low
-    thresholds the search visits fall off its training distribution (CamVid: 30.4 mIoU
-    unshared vs 36.1 at its training threshold, docs/camvid.md). Drawing the threshold
-    keeps every operating point in distribution. ``1.0`` means no sharing at all (the plain
+    thresholds the search visits fall off its training distribution (measured:
+    docs/camvid.md, "Recipe (and why)"). Drawing the threshold keeps every operating point
+    in distribution. ``1.0`` means no sharing at all (the plain
     ViT path; not a probability cut-off, which a saturated sigmoid could still pass).
     A value listed twice is drawn twice as often. The draw is a function of (seed, step):
     the same on every rank and after a resume."""

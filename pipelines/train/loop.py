@@ -42,11 +42,12 @@ from typing import Any
 import torch
 
 from pipelines.common import checkpoint as ckpt_io
+from pipelines.common.console import worker_console
 from pipelines.common.data import batch_to_device
 from pipelines.common.errors import ExpectedFailure
 from pipelines.common.model import build_model
 from pipelines.common.precision import autocast
-from pipelines.common.progress import duration
+from pipelines.common.progress import Every, duration
 from pipelines.train.config import TrainConfig
 
 
@@ -145,22 +146,24 @@ def injected_failure_step() -> int | None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train entry point: ``config`` = {"cfg", "run_id", "tracking_uri", "s3_env",
-    "fail_at_step"}."""
+    "fail_at_step", "progress_every_s"}."""
     from data_prep.storage import apply_s3_env
 
+    worker_console()
     # Workers keep the environment they were started with, which may predate the driver's
     # AWS_* variables (data, policy checkpoints on s3://).
     apply_s3_env(config.get("s3_env"))
     Worker(TrainConfig.model_validate(config["cfg"]), config["run_id"],
-           config["tracking_uri"], fail_at_step=config.get("fail_at_step")).run()
+           config["tracking_uri"], fail_at_step=config.get("fail_at_step"),
+           progress_every_s=config.get("progress_every_s", 0.0)).run()
 
 
 class Worker:
     """One training worker: set-up and restore, then optimizer steps, each followed by the
     logging, evaluation and checkpoint that fall due (:meth:`run`)."""
 
-    def __init__(self, cfg: TrainConfig, run_id: str, tracking_uri: str,
-                 fail_at_step: int | None = None):
+    def __init__(self, cfg: TrainConfig, run_id: str, tracking_uri: str, *,
+                 fail_at_step: int | None = None, progress_every_s: float = 0.0):
         import ray.train
         import ray.train.torch
 
@@ -213,6 +216,8 @@ class Worker:
         self._new_window()
         # The ETA is timed from this (re)start: a resumed run does not count restored steps.
         self.started = (self.state.step, time.perf_counter())
+        # every log_every steps to MLflow; on the terminal at the driver's pace
+        self.progress = Every(progress_every_s)
 
     def _restore(self) -> bool:
         """Model, optimizer, scheduler and loop position from Ray Train's latest checkpoint."""
@@ -309,7 +314,8 @@ class Worker:
         self.metrics.update(logged)
         if self.tracker:
             self.tracker.log_metrics(logged, step=step)
-        if self.rank == 0:  # Ray forwards worker stdout to the driver: long runs say where
+        # Ray forwards worker stdout to the driver: long runs say where they are
+        if self.rank == 0 and self.progress.due(final=step == self.last_step):
             first, t0 = self.started
             per_step = (time.perf_counter() - t0) / max(step - first, 1)
             # stream.write, not print: Ray Train patches print to also log each line, which

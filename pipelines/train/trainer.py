@@ -37,6 +37,8 @@ from typing import Any
 from data_prep.storage import capture_s3_env, exists, read_bytes
 from pipelines.common import storage
 from pipelines.common.cluster import init_ray
+from pipelines.common.console import verbose
+from pipelines.common.progress import PROGRESS_EVERY_S
 from pipelines.common.settings import dump_config, flatten
 from pipelines.tracking.runs import (
     RunLogger,
@@ -71,7 +73,7 @@ class TrainResult:
 
 
 def build_trainer(cfg: TrainConfig, train_loop_config: dict[str, Any]):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train.loop import train_loop_per_worker
@@ -88,6 +90,9 @@ def build_trainer(cfg: TrainConfig, train_loop_config: dict[str, Any]):
         storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+        # the controller's and workers' INFO lines stay in Ray's log files, off the
+        # terminal unless --verbose (pipelines/common/console.py)
+        logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -136,6 +141,8 @@ def fit(cfg: TrainConfig, *, parent_run_id: str | None = None) -> TrainResult:
         # runtime_env that the dashboard shows.
         "s3_env": capture_s3_env(),
         "fail_at_step": injected_failure_step(),  # tests only
+        # a progress line every log_every steps under --verbose, else at a readable pace
+        "progress_every_s": 0.0 if verbose() else PROGRESS_EVERY_S,
     })
     try:
         result = trainer.fit()

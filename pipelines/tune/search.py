@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.common.console import verbose
 from pipelines.common.errors import ExpectedFailure
 from pipelines.common.groups import Groups
 from pipelines.common.holdout import Holdout, fill_group_by
@@ -259,6 +260,9 @@ def _searcher(settings: TuneSettings):
         startup = min(10, max(3, settings.num_samples // 3))
         sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup,
                                              multivariate=True)
+        if not verbose():  # Optuna's own switch: its lines to the log file, not the terminal
+            optuna.logging.disable_default_handler()
+            optuna.logging.enable_propagation()
         from ray.tune.search import ConcurrencyLimiter
 
         # batches of max_concurrent trials, each suggested from the same completed history:

@@ -156,7 +156,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     from data_prep.storage import apply_s3_env
+    from pipelines.common.console import worker_console
 
+    worker_console()
     apply_s3_env(ctx.s3_env)
     torch.set_num_threads(max(1, int(ctx.cpus)))
     space = SearchSpace.model_validate(ctx.space)

@@ -306,6 +306,14 @@ def evaluate_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str,
     return payload
 
 
+def _evaluate_task(*args, **kwargs) -> dict[str, Any]:
+    from pipelines.common.console import worker_console
+    from pipelines.workflow.evaluation import evaluate_all
+
+    worker_console()
+    return evaluate_all(*args, **kwargs)
+
+
 def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
              trained: dict[str, Any], tuned: dict[str, Any],
              baseline: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -315,12 +323,11 @@ def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any
 
     from pipelines.common.cluster import init_ray
     from pipelines.tracking.runs import RunLogger
-    from pipelines.workflow.evaluation import evaluate_all
 
     init_ray()
     e, t = cfg.evaluate, cfg.tune
     guard = t.guard
-    task = ray.remote(num_cpus=e.cpus, num_gpus=e.gpus)(evaluate_all)
+    task = ray.remote(num_cpus=e.cpus, num_gpus=e.gpus)(_evaluate_task)
     res = ray.get(task.remote(
         trained["checkpoint"], data["val"], tuned["best_inference"],
         max_samples=e.max_samples, device="cuda" if e.gpus > 0 else "cpu",
@@ -439,7 +446,9 @@ def analyze_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, 
 def _analyze_task(checkpoint: str, data: str, inference: dict[str, Any] | None,
                   sweep: dict[str, Any], device: str) -> dict[str, Any]:
     from pipelines.analyze.runner import analyze as run_analysis
+    from pipelines.common.console import worker_console
 
+    worker_console()
     return run_analysis(checkpoint, data, inference=inference, device=device,
                         max_samples=sweep["max_samples"], batch_size=sweep["batch_size"],
                         purities=sweep["purities"], thresholds=sweep["layout_thresholds"],
