@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.evaluate.metrics import IGNORE_INDEX
-
-PATCH = 16
+from step_model.config import PATCH
 
 
 def pad_labels(labels: torch.Tensor) -> torch.Tensor:
