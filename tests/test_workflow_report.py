@@ -69,3 +69,24 @@ def test_token_map_figure(tmp_path):
     png = token_map_figure(tmp_path / "m.png", img, level, depth, depth=12, title="t")
     im = np.asarray(Image.open(png).convert("RGB"))
     assert im.shape[1] > im.shape[0] > 100  # three panels side by side
+
+
+def test_the_report_selects_with_a_guard_configured_beyond_its_presets():
+    """A guard set field by field (camvid.yaml's cliff budget) is named "custom" in the tune
+    document; the report selects with its checks, as the search did, not by that name."""
+    from pipelines.tune.guard import GuardConfig
+    from pipelines.workflow.report import report_selection
+
+    trials = [{"trial_id": "a", "miou": 0.50, "gflops": 9.0, "params": {"x": 1},
+               "drop": 0.0, "drop_lo": -0.5, "drop_hi": 0.5},
+              {"trial_id": "b", "miou": 0.49, "gflops": 5.0, "params": {"x": 2},
+               "drop": 1.0, "drop_lo": 0.0, "drop_hi": 2.5}]
+    guard = GuardConfig.model_validate({"tail": None, "groups": None, "cliff": None})
+    assert guard.name == "custom"
+    doc = {"trials": trials, "baseline": {"miou": 0.5, "gflops": 10.0}, "max_drop": 2.0,
+           "drop_mode": "points", "guard": guard.name,
+           "guard_config": guard.model_dump(mode="json")}
+    sel = report_selection(doc)
+    # the interval check of the configured guard rules out b (upper end 2.5 > 2)
+    assert sel.best["trial_id"] == "a"
+    assert select(trials, 0.5, 2.0, "points", guard).best["trial_id"] == "a"

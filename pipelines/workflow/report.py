@@ -295,6 +295,21 @@ def token_maps(checkpoint: str, val_data: str, inference: dict[str, Any] | None,
     return paths
 
 
+def report_selection(tune_doc: dict[str, Any]):
+    """The search's trials selected as the search did: by the guard's checks as configured
+    (``guard_config``; its name is ``custom`` for anything but a preset), the answers after
+    confirmation marked where the search saw them."""
+    from pipelines.tune.pareto import mark_choices, select
+
+    trials = tune_doc.get("trials") or []
+    selection = select(trials, tune_doc["baseline"]["miou"], tune_doc["max_drop"],
+                       tune_doc["drop_mode"],
+                       tune_doc.get("guard_config") or tune_doc.get("guard", "none"))
+    if "plain" in tune_doc:
+        selection = mark_choices(selection, trials, tune_doc.get("best"), tune_doc.get("plain"))
+    return selection
+
+
 # ---------------------------------------------------------------------------------------
 
 def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
@@ -307,7 +322,7 @@ def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
     ``allow_oracle``; then the summary and the run say it is an upper bound."""
     from pipelines.common.oracle import ORACLE_NOTE, ORACLE_TAGS, refuse_oracle, uses_oracle
     from pipelines.tracking.runs import RunLogger
-    from pipelines.tune.pareto import mark_choices, pareto_plot, select, trials_csv
+    from pipelines.tune.pareto import pareto_plot, trials_csv
 
     inference = eval_doc.get("inference") or (tune_doc.get("best") or {}).get("inference")
     oracle = uses_oracle(checkpoint, inference)
@@ -336,11 +351,7 @@ def build_report(*, run_id: str, tracking_uri: str, tune_doc: dict[str, Any],
 
     trials = tune_doc.get("trials") or []
     baseline = tune_doc["baseline"]
-    selection = select(trials, baseline["miou"], tune_doc["max_drop"], tune_doc["drop_mode"],
-                       tune_doc.get("guard", "none"))
-    if "plain" in tune_doc:  # the answers after confirmation, marked where the search saw them
-        selection = mark_choices(selection, trials, tune_doc.get("best"),
-                                 tune_doc.get("plain"))
+    selection = report_selection(tune_doc)
     tracker.log_text(trials_csv(trials, selection), "report/pareto.csv")
     tuned_metrics = eval_doc.get("tuned") or {}
     tracker.log_text(per_class_halting_md(tuned_metrics), "report/per_class_halting.md")
