@@ -172,6 +172,9 @@ def train_payload(cfg: PipelineConfig, stage: str, inputs: list[str | None]) -> 
         tc["data"].pop("exclude_groups", None)
         tc["data"].pop("groups", None)
     tc["model"] = _model_payload(tc["model"], tc.pop("inference"))
+    # a test hook that was a training field once (now an environment variable, never set in
+    # a user's run): finished stages keep their fingerprints
+    tc["train"].setdefault("inject_failure_at_step", None)
     return {"train": tc, "inputs": inputs, "stage": stage}
 
 
