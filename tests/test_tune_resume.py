@@ -134,7 +134,9 @@ def test_the_choice_and_the_registered_model_are_an_uninterrupted_run_s(searches
     versions = [client.get_model_version("resume-model", d["registered_model"]["version"])
                 for d in (full, rerun)]
     assert versions[0].version != versions[1].version
-    for tag in ("inference", "miou", "gflops"):
+    from pipelines.tracking.registry import INFERENCE_TAG
+
+    for tag in (INFERENCE_TAG, "miou", "gflops"):
         assert versions[0].tags[tag] == versions[1].tags[tag], tag
 
 

@@ -279,6 +279,8 @@ def _scalar_fields(model: type[BaseModel], prefix: str, exclude: Collection[str]
         members, _ = _members(info.annotation)
         sections = [m for m in members if _is_model(m)]
         if len(sections) == 1 and len(members) == 1:
+            if any(isinstance(m, BeforeValidator) for m in info.metadata):
+                yield prefix + name  # the section also parses its own text (a preset's name)
             yield from _scalar_fields(sections[0], f"{prefix}{name}.")
         else:
             yield prefix + name

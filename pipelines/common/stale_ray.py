@@ -103,15 +103,27 @@ def session_processes(sessions: list[Path]) -> list[int]:
 
 def stop_dead_session(record: dict[str, Any] | None,
                       echo: Callable[[str], None] = print, grace: float = 5.0) -> list[int]:
-    """Stop what the dead driver of ``record`` left of its local Ray; the pids stopped."""
+    """Stop what the dead driver of ``record`` left of its local Ray; the pids stopped.
+    Returns when they are gone: a process may still start from a dying raylet, or take a
+    moment to die after SIGKILL on a loaded machine, so the sessions are scanned again."""
     if not record or record.get("host") != socket.gethostname() or _alive(record):
         return []
     sessions = _sessions(record)
-    pids = session_processes(sessions) if sessions else []
-    if not pids:
-        return []
-    echo(f"stopping {len(pids)} process(es) left by the local Ray of a run that died "
-         f"(pid {record['pid']}; {', '.join(s.name for s in sessions)})")
+    stopped: list[int] = []
+    for _ in range(3):
+        pids = session_processes(sessions) if sessions else []
+        if not pids:
+            break
+        if not stopped:
+            echo(f"stopping {len(pids)} process(es) left by the local Ray of a run that died "
+                 f"(pid {record['pid']}; {', '.join(s.name for s in sessions)})")
+        _stop(pids, grace)
+        stopped += [p for p in pids if p not in stopped]
+    return stopped
+
+
+def _stop(pids: list[int], grace: float) -> None:
+    """SIGTERM, then SIGKILL to what is left after ``grace`` seconds; wait until gone."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -122,7 +134,9 @@ def stop_dead_session(record: dict[str, Any] | None,
         if _running(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    return pids
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
 
 
 def _running(pid: int) -> bool:
