@@ -96,8 +96,13 @@ def load_pairs(folder: Path, size: int, reduce_zero_label: bool):
     return pairs
 
 
-def measure(settings: BenchModelSettings) -> dict:
-    """The benchmark; returns the result document."""
+def measure(settings: BenchModelSettings, prepare: dict | None = None) -> dict:
+    """The benchmark; returns the result document.
+
+    ``prepare``: the inference rewrites timed (:func:`step_model.fuse.prepare_for_inference`'s
+    keywords: ``fold_batchnorm``, ``channels_last``, ``compile_policy``), applied after the
+    FLOPs are counted (they change no FLOP that is counted) and followed by one untimed
+    forward per mode, so that a compilation is not timed."""
     import torch
 
     from .config import ExitConfig, PolicyConfig, StepConfig
@@ -115,9 +120,18 @@ def measure(settings: BenchModelSettings) -> dict:
     pairs = [(n, i.to(device), lab.to(device)) for n, i, lab in
              load_pairs(Path(settings.images), settings.image_size, settings.reduce_zero_label)]
     per_image, flows = count_per_image(model, pairs)
+    rewrites: dict = {}
+    if prepare:
+        from .fuse import prepare_for_inference
+
+        rewrites = prepare_for_inference(model, **prepare)
+        _, img, lab = pairs[0]
+        for changes in (BASELINE, None):
+            with model.inference_scope(changes):
+                _forward(model, img, lab)
     time_interleaved(model, pairs, per_image, settings.repeats)
     device_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return summarize(settings, device_name, model, per_image, flows)
+    return {**summarize(settings, device_name, model, per_image, flows), "rewrites": rewrites}
 
 
 # what the command prints (the JSON file has everything)

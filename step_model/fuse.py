@@ -1,5 +1,5 @@
 """Inference-only rewrites of the policy network: batch norm folded into convolutions,
-channels-last memory format.
+channels-last memory format, compilation.
 
 **Folding.** In eval mode a batch norm is an affine map per channel; after a convolution
 it folds into the convolution's weights and bias (``torch.nn.utils.fusion.
@@ -11,6 +11,14 @@ batch norm alone, which folding needs. timm's ``BatchNormAct2d`` keeps its dropo
 activation (:class:`AfterNorm`). Folding changes rounding only: the masks agree with the
 unfolded model's except where a merge score sits within float32 rounding of its threshold
 (the tolerance, tested on real images in ``tests/test_fuse.py``).
+
+**Compilation.** ``torch.compile`` of the policy network (``nn.Module.compile``: in place,
+the state dict keeps its keys). EfficientNet-Lite0's depthwise convolutions and timm's
+"same" padding run as many small kernels; fused by Inductor, the CamVid policy's forward
+took 8.7 instead of 20 ms on a 2-core CPU (``step bench model --compile-policy``,
+docs/speed.md). The first forward of each input size compiles (tens of seconds on a CPU,
+with a C++ compiler), so it is opt-in: it pays on long prediction jobs, not on a few images.
+Outputs agree with eager mode within float32 rounding.
 
 A folded model is for inference: its state dict no longer matches the checkpoint's
 (never save it), and its policy cannot be trained again.
@@ -79,13 +87,14 @@ def fold_conv_batchnorm(net: nn.Module, example: torch.Tensor) -> int:
 
 
 def prepare_for_inference(model, *, fold_batchnorm: bool = True,
-                          channels_last: bool = False, example_size: int = 64) -> dict:
+                          channels_last: bool = False, compile_policy: bool = False,
+                          example_size: int = 64) -> dict:
     """The inference rewrites of a :class:`~step_model.model.StepSegmenter`'s policy
-    network, in place (eval mode set): batch norms folded, channels-last weights. Returns
-    what was done ({"batchnorms_folded": n, "channels_last": bool})."""
+    network, in place (eval mode set): batch norms folded, channels-last weights, compiled.
+    Returns what was done ({"batchnorms_folded": n, "channels_last": bool, "compiled": bool})."""
     model.eval()
     policy = model.policy
-    done = {"batchnorms_folded": 0, "channels_last": False}
+    done = {"batchnorms_folded": 0, "channels_last": False, "compiled": False}
     if fold_batchnorm and any(isinstance(m, nn.BatchNorm2d) for m in policy.modules()):
         p = next(policy.parameters())
         example = torch.rand(1, 3, example_size, example_size, device=p.device)
@@ -93,4 +102,7 @@ def prepare_for_inference(model, *, fold_batchnorm: bool = True,
     if channels_last:
         policy.to(memory_format=torch.channels_last)
         done["channels_last"] = True
+    if compile_policy and policy is not None:
+        policy.compile()  # after folding: the compiled graph is the folded network's
+        done["compiled"] = True
     return done

@@ -85,4 +85,44 @@ def test_folding_needs_eval_mode_and_leaves_batchnorm_free_networks_alone():
                               torch.nn.BatchNorm2d(4)).eval()
     assert fold_conv_batchnorm(net, torch.rand(1, 3, 8, 8)) == 0
     done = prepare_for_inference(model, fold_batchnorm=False, channels_last=True)
-    assert done == {"batchnorms_folded": 0, "channels_last": True}
+    assert done == {"batchnorms_folded": 0, "channels_last": True, "compiled": False}
+
+
+@pytest.mark.integration  # Inductor compiles C++ on the CPU: about half a minute
+def test_compiled_policy_gives_the_folded_logits_and_masks_on_real_images(models):
+    from step_model.fuse import prepare_for_inference
+
+    _, folded, _ = models
+    compiled = copy.deepcopy(folded)
+    done = prepare_for_inference(compiled, fold_batchnorm=False, compile_policy=True)
+    assert done["compiled"]
+    img = _real_images()[0]
+    with torch.inference_mode():
+        a, b = folded.policy(img), compiled.policy(img)
+        for s in a:
+            assert torch.allclose(a[s], b[s], atol=LOGIT_ATOL), s
+        out_a, out_b = folded(img), compiled(img)
+    assert torch.equal(out_a.flow.num_tokens, out_b.flow.num_tokens)
+    assert (out_a.logits.argmax(1) == out_b.logits.argmax(1)).float().mean() >= MASK_AGREEMENT
+    # the checkpoint's keys survive: a compiled policy still matches the saved weights
+    assert compiled.policy.state_dict().keys() == folded.policy.state_dict().keys()
+
+
+def test_full_resolution_logits_are_channels_last_with_unchanged_values(models):
+    """The mask's argmax reads the class axis contiguously (channels-last); the values are
+    those of the upsampling done channels-first."""
+    import torch.nn.functional as F
+
+    model, _, _ = models
+    img = _real_images()[0]
+    with torch.inference_mode():
+        tokens = model.forward_tokens(img)
+        logits, token_logits = model.forward_head(tokens, model.forward_encoder(tokens))
+    assert logits.is_contiguous(memory_format=torch.channels_last) or logits.stride(1) == 1
+    gh, gw = tokens.layout.grid
+    grid = token_logits.gather(1, tokens.layout.cell_to_token[..., None].expand(
+        -1, -1, token_logits.shape[-1])).transpose(1, 2).reshape(1, -1, gh, gw)
+    ref = F.interpolate(grid.softmax(1).contiguous(), size=(gh * 16, gw * 16),
+                        mode="bilinear")[..., :img.shape[-2], :img.shape[-1]].clamp_min(1e-8).log()
+    assert torch.allclose(logits, ref, atol=1e-6)
+    assert torch.equal(logits.argmax(1), ref.argmax(1))

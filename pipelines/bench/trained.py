@@ -129,6 +129,7 @@ def measure_trained(s: TrainedBenchSettings) -> dict[str, Any]:
             "registered_model": source.registered, "device": _device_name(device),
             "threads": torch.get_num_threads(), "precision": s.precision,
             "fold_batchnorm": s.fold_batchnorm, "channels_last": s.channels_last,
+            "compile_policy": s.compile_policy,
             "io_threads": s.io_threads, "images_dir": s.images, "images": len(names), "image_size": list(images.shape[-2:]),
             "inference": {"plain": model.inference.apply(BASELINE).to_dict(),
                           "tuned": model.inference.to_dict()},
@@ -162,7 +163,7 @@ def _load(source, s: TrainedBenchSettings, device):
     model, _ = load_model(source.checkpoint, device=device)
     model.set_inference(InferenceConfig.model_validate(source.inference))
     prepare_for_inference(model, fold_batchnorm=s.fold_batchnorm,
-                          channels_last=s.channels_last)
+                          channels_last=s.channels_last, compile_policy=s.compile_policy)
     return model
 
 
@@ -244,6 +245,7 @@ def _time_predict(source, s: TrainedBenchSettings, bs: int, tmp: str) -> dict[st
             "device": s.device, "out": f"{tmp}/predict", "palette": palette.tolist(),
             "token_maps": False, "flops": False, "precision": s.precision,
             "fold_batchnorm": s.fold_batchnorm, "channels_last": s.channels_last,
+            "compile_policy": s.compile_policy,
             "io_threads": s.io_threads}
     predictor = Predictor(plan)
     predictor(items[:bs])  # warm-up

@@ -58,7 +58,8 @@ class Predictor:
         from step_model.fuse import prepare_for_inference
 
         prepare_for_inference(self.model, fold_batchnorm=plan.get("fold_batchnorm", True),
-                              channels_last=plan.get("channels_last", False))
+                              channels_last=plan.get("channels_last", False),
+                              compile_policy=plan.get("compile_policy", False))
         if self.model.inference.policy_mode == "oracle":
             raise InvalidInput("policy mode 'oracle' needs labels (see --policy-mode)")
         self.depth = int(self.model.encoder.depth)

@@ -25,6 +25,9 @@ class ForwardSettings(StrictModel):
     fold_batchnorm: bool = Field(True, description="fold the policy network's batch norms "
                                  "into its convolutions (eval-only; same masks within "
                                  "float rounding)")
+    compile_policy: bool = Field(False, description="torch.compile the policy network "
+                                 "(its first forward per image size compiles: tens of "
+                                 "seconds on a CPU; then 2x faster there, docs/speed.md)")
     io_threads: int = Field(2, ge=0, description="threads that decode the next batch and "
                             "write the files while the forward runs (0: one after the "
                             "other; the Ray path decodes in line)")
