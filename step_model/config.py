@@ -7,7 +7,8 @@ of timm's immutable model arguments:
   policy network, exit heads). Frozen: fixed once the model is built (``model.cfg``),
   saved as ``model_config.yaml`` next to ``model.pt``.
 * :class:`InferenceConfig`, how a built model **runs**: policy mode, merge thresholds or
-  budget, exit thresholds, ``top_k``, exit rule, halting, upsampling, varlen strategy.
+  budget, exit thresholds, ``top_k``, exit rule, exit score and temperatures, halting,
+  upsampling, varlen strategy.
   Frozen too, and replaced whole (``model.set_inference``); a checkpoint saves the one it
   was trained with as ``inference.yaml``. It is the single source of the inference
   vocabulary: every command's flags, the YAML sections, fine-tuning, the search space and
@@ -27,7 +28,8 @@ here: one definition of each.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -62,6 +64,9 @@ PolicyMode = Literal["none", "oracle", "threshold", "budget"]
 # training-free patch entropy, calibrated per level (the baseline)
 PolicyNetwork = Literal["efficientnet_lite0", "patch_features", "patch_entropy"]
 ExitPolicy = Literal["confidence", "random", "uniform"]
+# what an exit's threshold is compared with (step_model.exits.exit_scores): each in [0, 1],
+# higher = surer, so one threshold means the same kind of thing whichever is chosen
+ExitScore = Literal["confidence", "margin", "entropy", "agreement"]
 VarlenStrategy = Literal["auto", "per_image", "pad_mask"]
 Upsample = Literal["probs", "logits"]
 
@@ -82,18 +87,27 @@ class FrozenModel(StrictModel):
 
 EXIT_THRESHOLDS_SYNTAX = "0.9 (every exit) or 0.9,0.8 (one per exit)"
 MERGE_THRESHOLDS_SYNTAX = "0.8 (every level) or 2=0.8,4=0.7,8=0.6,16=0.5 (per level)"
+EXIT_TEMPERATURE_SYNTAX = "1.5 (every exit) or 1.5,1.2 (one per exit), each > 0"
 
 
-def _probability(text: Any, what: str) -> float:
+def _number(text: Any, what: str, rule: str, ok: Callable[[float], bool]) -> float:
     if isinstance(text, bool):
-        raise ValueError(f"{what}: expected a number in [0, 1], got {text!r}")
+        raise ValueError(f"{what}: expected a number {rule}, got {text!r}")
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{what}: expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{what}: {value:g} is not in [0, 1]")
+        raise ValueError(f"{what}: expected a number {rule}, got {text!r}") from None
+    if not ok(value):
+        raise ValueError(f"{what}: {value:g} is not {rule}")
     return value
+
+
+def _probability(text: Any, what: str) -> float:
+    return _number(text, what, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+
+
+def _temperature(text: Any, what: str) -> float:
+    return _number(text, what, "> 0", lambda v: 0.0 < v < math.inf)
 
 
 def _level(key: Any) -> int:
@@ -125,15 +139,32 @@ def parse_thresholds(value: Any, *, per_level: bool = False
     if value is None:
         return None
     syntax = MERGE_THRESHOLDS_SYNTAX if per_level else EXIT_THRESHOLDS_SYNTAX
+    return _parse_values(value, per_level, syntax, _probability, "threshold")
+
+
+def parse_exit_temperatures(value: Any) -> list[float] | None:
+    """Exit temperatures in the exit thresholds' syntax (one value for every exit, or one
+    per exit), each a number > 0: ``1.5``, ``"1.5,1.2"`` or a YAML list. ``None`` stays
+    ``None`` (every exit at 1: the raw logits)."""
+    if value is None:
+        return None
+    return _parse_values(value, False, EXIT_TEMPERATURE_SYNTAX,  # type: ignore[return-value]
+                         _temperature, "temperature")
+
+
+def _parse_values(value: Any, per_level: bool, syntax: str,
+                  number: Callable[[Any, str], float], noun: str
+                  ) -> list[float] | dict[int, float]:
     try:
-        return _parse_thresholds(value, per_level, syntax)
+        return _parse_thresholds(value, per_level, syntax, number, noun)
     except ValueError as err:
         if syntax in str(err):
             raise
         raise ValueError(f"{err}; expected {syntax}") from None
 
 
-def _parse_thresholds(value: Any, per_level: bool, syntax: str
+def _parse_thresholds(value: Any, per_level: bool, syntax: str,
+                      number: Callable[[Any, str], float], noun: str
                       ) -> list[float] | dict[int, float]:
     if isinstance(value, str):
         items = value.replace(",", " ").split()
@@ -141,7 +172,7 @@ def _parse_thresholds(value: Any, per_level: bool, syntax: str
             raise ValueError(f"empty; expected {syntax}")
         if any("=" in item for item in items):
             if not per_level:
-                raise ValueError(f"{value!r}: exit thresholds have no levels; expected {syntax}")
+                raise ValueError(f"{value!r}: exit {noun}s have no levels; expected {syntax}")
             pairs = {}
             for item in items:
                 level, sep, text = item.partition("=")
@@ -155,7 +186,7 @@ def _parse_thresholds(value: Any, per_level: bool, syntax: str
             value = items
     if isinstance(value, dict):
         if not per_level:
-            raise ValueError(f"exit thresholds are one value per exit, not a mapping; "
+            raise ValueError(f"exit {noun}s are one value per exit, not a mapping; "
                              f"expected {syntax}")
         if not value:
             raise ValueError(f"empty mapping; expected {syntax}")
@@ -164,7 +195,7 @@ def _parse_thresholds(value: Any, per_level: bool, syntax: str
             level = _level(key)
             if level in out:
                 raise ValueError(f"level {level} given twice")
-            out[level] = _probability(v, f"level {level}")
+            out[level] = number(v, f"level {level}")
         return dict(sorted(out.items()))
     if isinstance(value, list | tuple):
         if per_level:
@@ -172,8 +203,8 @@ def _parse_thresholds(value: Any, per_level: bool, syntax: str
                              f"expected {syntax}")
         if not value:
             raise ValueError(f"empty list; expected {syntax}")
-        return [_probability(v, f"exit {i + 1}") for i, v in enumerate(value)]
-    one = _probability(value, "threshold")
+        return [number(v, f"exit {i + 1}") for i, v in enumerate(value)]
+    one = number(value, noun)
     return dict.fromkeys(LEVELS, one) if per_level else [one]
 
 
@@ -199,6 +230,9 @@ _ExitThresholdList = Annotated[list[Probability], BeforeValidator(_exit_threshol
                                _EXIT_METAVAR]
 _MergeThresholdMap = Annotated[dict[int, Probability], BeforeValidator(_merge_thresholds),
                                _MERGE_METAVAR]
+_ExitTemperatureList = Annotated[
+    list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]] | None,
+    BeforeValidator(parse_exit_temperatures), _EXIT_METAVAR]
 
 
 # ---- the inference config -----------------------------------------------------------------
@@ -210,7 +244,8 @@ class InferenceConfig(FrozenModel):
 
     Rules: policy mode ``budget`` needs ``budget``; merge thresholds are per superpatch
     level (2, 4, 8, 16) and must cover the policy's levels (:meth:`check_levels`); exit
-    thresholds are one value (every exit) or one per exit (:meth:`check_exits`)."""
+    thresholds and temperatures are one value (every exit) or one per exit
+    (:meth:`check_exits`)."""
 
     policy_mode: PolicyMode = Field(
         "threshold", description="token sharing: none (plain ViT), oracle (windows "
@@ -229,6 +264,16 @@ class InferenceConfig(FrozenModel):
     exit_policy: ExitPolicy = Field(
         "confidence", description="which tokens halt at an exit: confidence (the method), "
         "random or uniform (the ablation: as many tokens, at the same depth)")
+    exit_score: ExitScore = Field(
+        "confidence", description="what an exit's threshold is compared with, each in [0, "
+        "1], higher = surer: confidence (the max softmax probability, the paper's), margin "
+        "(best minus second-best probability), entropy (1 - entropy / log(classes)), "
+        "agreement (the confidence, and the exit predicts the previous exit's class: "
+        "nothing halts at the first exit)")
+    exit_temperature: _ExitTemperatureList = Field(
+        None, description="temperature scaling of the exit heads: their logits are divided "
+        f"by it before the score ({EXIT_TEMPERATURE_SYNTAX}; unset: 1; `step eval "
+        "--fit-exit-temperature` fits it)")
     exit_seed: int = Field(0, description="seed of the random exit policy's generator "
                            "(seeded once per setting, not per forward)")
     halting: bool = Field(True, description="tokens halt at the exits (false: the exits "
@@ -271,11 +316,13 @@ class InferenceConfig(FrozenModel):
         return self.apply(changes)
 
     def check_exits(self, n_exits: int) -> None:
-        """Raise :class:`SettingsMismatch` unless the exit thresholds fit a model with ``n_exits`` exits."""
-        n = len(self.exit_thresholds)
-        if n != 1 and n != n_exits:
-            raise SettingsMismatch(f"exit_thresholds has {n} values for {n_exits} exits; give one "
-                             f"value (every exit) or {n_exits}")
+        """Raise :class:`SettingsMismatch` unless the exit thresholds and temperatures fit
+        a model with ``n_exits`` exits."""
+        for name in ("exit_thresholds", "exit_temperature"):
+            n = len(getattr(self, name) or [1.0])
+            if n != 1 and n != n_exits:
+                raise SettingsMismatch(f"{name} has {n} values for {n_exits} exits; give one "
+                                       f"value (every exit) or {n_exits}")
 
     def check_levels(self, levels: tuple[int, ...] | list[int]) -> None:
         """Raise :class:`SettingsMismatch` unless there is a merge threshold for each of the policy's
@@ -289,10 +336,19 @@ class InferenceConfig(FrozenModel):
     def thresholds_per_exit(self, n_exits: int) -> list[float]:
         """One threshold per exit."""
         self.check_exits(n_exits)
-        return list(self.exit_thresholds) * (n_exits if len(self.exit_thresholds) == 1 else 1)
+        return _per_exit(self.exit_thresholds, n_exits)
+
+    def temperatures_per_exit(self, n_exits: int) -> list[float]:
+        """One temperature per exit (1.0: the raw logits)."""
+        self.check_exits(n_exits)
+        return _per_exit(self.exit_temperature or [1.0], n_exits)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _per_exit(values: list[float], n_exits: int) -> list[float]:
+    return list(values) * (n_exits if len(values) == 1 else 1)
 
 
 class _Overrides(StrictModel):

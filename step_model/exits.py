@@ -1,20 +1,42 @@
 """Early exits: auxiliary per-token heads inside the encoder, and the halting rule.
 
-A token halts when its exit confidence (max softmax probability) reaches the exit's
-threshold, except that the ``top_k`` most confident tokens of each predicted class stay
-active, so that every class keeps some context in later blocks (DToP).
+A token halts when its exit score reaches the exit's threshold, except that the ``top_k``
+surest tokens (highest score) of each predicted class stay active, so that every class
+keeps some context in later blocks (DToP). The score (:func:`exit_scores`) is computed on
+the exit's softmax after dividing the logits by the exit's temperature (temperature
+scaling; 1 = the raw head). Every score lies in [0, 1], higher = surer, so a threshold
+keeps its meaning whichever score is chosen:
+
+* ``confidence``: the max probability (the paper's);
+* ``margin``: best minus second-best probability; a token torn between two classes has a
+  low margin even when the two together hold all the probability;
+* ``entropy``: 1 - H(p) / log(C), the whole distribution's certainty (1: one-hot, 0:
+  uniform);
+* ``agreement``: the max probability, and a token may halt only where this exit predicts
+  the class that the previous exit predicted for it: two heads, at different depths, must
+  agree. There is no previous exit at the first one, so nothing halts there: falling
+  back to the confidence would let the shallowest, most overconfident head (which halts
+  the most tokens) decide alone, which is what this score is meant to prevent.
 
 The ablation policies ``random`` and ``uniform`` halt a given number of tokens at the same
 depth, to show that *which* tokens halt matters: ``random`` draws them from the model's
 generator, ``uniform`` spreads them evenly over the image grid (:func:`spread_key`). The
-number is either given per exit (``count``: the confidence run's counts, so that every exit
-matches) or, without it, what the confidence rule would halt among their own survivors.
+number is either given per exit (``count``: the counts of a run of the ``confidence``
+policy with the same score and temperatures, so that every exit matches) or, without it,
+what that score rule would halt among their own survivors.
 """
 
 from __future__ import annotations
 
+import math
+import typing
+
 import torch
 from torch import nn
+
+from .config import ExitScore
+
+EXIT_SCORES = typing.get_args(ExitScore)
 
 _CURVE_BITS = 12  # per axis: distinct keys for grids up to 4096 cells a side
 
@@ -49,12 +71,41 @@ def spread_key(anchor: torch.Tensor, level: torch.Tensor, grid: tuple[int, int])
     return key
 
 
-def keep_top_k_per_class(pred: torch.Tensor, conf: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N) bool: the k most confident valid tokens of each predicted class."""
+def exit_scores(logits: torch.Tensor, score: str = "confidence", temperature: float = 1.0,
+                previous: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(score, pred, eligible), each (B, N): the exit score in [0, 1] (higher = surer) of
+    ``logits / temperature`` (B, N, C), the predicted class, and which tokens the score
+    lets halt at all (every token, except for ``agreement``: those whose class equals
+    ``previous`` (B, N), the previous exit's prediction; none without it). Where a token
+    may not halt, the agreement score is 0, so that ranking by it (``top_k``) puts the
+    tokens that could halt first. No gradient: a decision, not a loss."""
+    if score not in EXIT_SCORES:
+        raise ValueError(f"exit_score: unknown exit score {score!r}; expected one of "
+                         f"{', '.join(EXIT_SCORES)}")
+    prob = (logits.detach().float() / temperature).softmax(-1)
+    conf, pred = prob.max(-1)
+    eligible = torch.ones_like(pred, dtype=torch.bool)
+    n_classes = prob.shape[-1]
+    if score == "margin" and n_classes > 1:
+        top = prob.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1], pred, eligible
+    if score == "entropy" and n_classes > 1:
+        entropy = torch.special.entr(prob).sum(-1)
+        return (1.0 - entropy / math.log(n_classes)).clamp(0.0, 1.0), pred, eligible
+    if score == "agreement":
+        eligible = torch.zeros_like(eligible) if previous is None else pred == previous
+        return torch.where(eligible, conf, 0.0), pred, eligible
+    return conf, pred, eligible  # confidence; one class: every score is 1
+
+
+def keep_top_k_per_class(pred: torch.Tensor, score: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) bool: the k valid tokens of each predicted class with the highest ``score``
+    (in [0, 1])."""
     if k <= 0:
         return torch.zeros_like(valid)
-    # sort key groups tokens by class, most confident first; invalid tokens sort last
-    key = torch.where(valid, pred.double() * 2.0 - conf.double(), torch.full_like(conf, float("inf"), dtype=torch.double))
+    # sort key groups tokens by class, highest score first; invalid tokens sort last
+    key = torch.where(valid, pred.double() * 2.0 - score.double(), torch.full_like(score, float("inf"), dtype=torch.double))
     order = key.argsort(dim=1, stable=True)
     sorted_pred = torch.where(valid, pred, torch.full_like(pred, -1)).gather(1, order)
     sorted_pred = torch.where(valid.gather(1, order), sorted_pred, torch.iinfo(torch.long).max)
@@ -80,18 +131,25 @@ def halting_mask(
     generator: torch.Generator | None = None,
     count: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
+    *,
+    score: str = "confidence",
+    temperature: float = 1.0,
+    previous: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which valid tokens halt at this exit: (B, N) bool.
 
-    ``random`` / ``uniform`` halt ``min(count, valid tokens)`` tokens per image; without
-    ``count``, as many as the confidence rule would here. ``uniform`` takes them evenly
-    spaced in ``key`` order (:func:`spread_key`; default: token order)."""
+    Policy ``confidence`` (the method): tokens whose ``score`` (:func:`exit_scores`, of
+    the logits divided by ``temperature``; ``previous``: the previous exit's predictions,
+    for ``agreement``) reaches ``threshold``, less the ``top_k`` highest-scored of each
+    predicted class. ``random`` / ``uniform`` halt ``min(count, valid tokens)`` tokens per
+    image; without ``count``, as many as that score rule would here. ``uniform`` takes
+    them evenly spaced in ``key`` order (:func:`spread_key`; default: token order)."""
     if policy not in ("confidence", "random", "uniform"):
         raise ValueError(f"exit_policy: unknown exit policy {policy!r}")
     if policy == "confidence" or count is None:
-        prob = logits.detach().float().softmax(-1)
-        conf, pred = prob.max(-1)
-        halt = (conf >= threshold) & valid & ~keep_top_k_per_class(pred, conf, valid, top_k)
+        value, pred, eligible = exit_scores(logits, score, temperature, previous)
+        halt = ((value >= threshold) & eligible & valid
+                & ~keep_top_k_per_class(pred, value, valid, top_k))
         if policy == "confidence":
             return halt
         count = halt.sum(1)

@@ -395,8 +395,10 @@ class StepSegmenter(nn.Module):
         ``halt_counts`` (the exit ablation): one (B,) long tensor per exit, e.g. a confidence
         run's ``list(out.flow.halted_per_exit.unbind(1))``. With exit policy ``random`` or
         ``uniform``, exactly ``min(count, active tokens)`` tokens halt at each exit; without
-        it they halt as many as the confidence rule would among their own survivors (so only
-        the first exit matches a confidence run). The ``confidence`` policy ignores it.
+        it they halt as many as the score rule (``inference.exit_score``) would among their
+        own survivors (so only the first exit matches a confidence run). The ``confidence``
+        policy ignores it. Every token active at an exit was active at the previous one, so
+        ``agreement`` compares each with its own previous prediction.
         """
         x, prefix, n_tok = tokens.x, tokens.prefix, tokens.num_tokens
         layout = tokens.layout
@@ -411,6 +413,7 @@ class StepSegmenter(nn.Module):
         halting_on = inf.halting and (not self.training or self._halt_in_training)
         run_exits = self.training or halting_on
         taus = inf.thresholds_per_exit(len(self.exit_blocks))
+        temps = inf.temperatures_per_exit(len(self.exit_blocks))
         if halt_counts is not None and len(halt_counts) != len(self.exit_blocks):
             raise ValueError(f"halt_counts: {len(halt_counts)} tensors for {len(self.exit_blocks)} exits")
         gen = self.exit_generator() if halting_on and inf.exit_policy == "random" else None
@@ -433,10 +436,15 @@ class StepSegmenter(nn.Module):
             exit_valid.append(_to_token_order(valid, slot_token, n_tok))
             if not halting_on:
                 continue
+            prev = None  # agreement: the previous exit's class of the token in each slot
+            if inf.exit_score == "agreement" and e > 0:
+                pred = exit_logits[e - 1].argmax(-1)
+                prev = torch.cat([pred, pred.new_zeros(b, 1)], 1).gather(1, slot_token)
             halt = halting_mask(
                 slot_logits, valid, taus[e], inf.top_k, inf.exit_policy, gen,
                 count=None if halt_counts is None else halt_counts[e],
                 key=None if slot_key is None else slot_key.gather(1, slot_token),
+                score=inf.exit_score, temperature=temps[e], previous=prev,
             )
             halt_tok = _to_token_order(halt, slot_token, n_tok)
             frozen = tok_logits if frozen is None else torch.where(halt_tok[..., None], tok_logits, frozen)

@@ -3,6 +3,7 @@
 * ``exits_only``: exit thresholds per head and top-k; merging stays as the checkpoint has it.
 * ``merge_only``: merge thresholds per superpatch level; exits stay as the checkpoint has them.
 * ``joint``: both at once (the STEP setting).
+* ``halting_scores``: a shared exit threshold and the exit score it is compared with.
 * ``tiny``: a 2-D joint space small enough to grid exhaustively (tests, the demo).
 """
 

@@ -9,9 +9,16 @@ own with ``model.set_inference``, as Ray Tune does. The result is logged as
 one MLflow run (params, metrics and ``eval.json``) unless ``--no-mlflow``. Policy mode
 ``oracle`` (tokens chosen from the labels) is refused unless ``--allow-oracle``; its
 results are then marked ``uses_labels`` / ``upper_bound`` (JSON, MLflow tags, output).
+
+``--fit-exit-temperature`` fits the exit heads' temperatures on the data instead
+(:mod:`pipelines.evaluate.temperature`): it prints them per exit with the NLL and the
+calibration error before and after, and ``--json`` writes them; nothing is evaluated or
+logged to MLflow. Pass the printed values as ``--exit-temperature`` to any command.
 """
 
 from __future__ import annotations
+
+from pydantic import Field
 
 from pipelines.cli.command import (
     INFERENCE_ALIASES,
@@ -20,9 +27,18 @@ from pipelines.cli.command import (
     Invocation,
     Result,
 )
+from pipelines.common.settings import ConfigError, StrictModel
 from pipelines.evaluate.settings import EvalSettings
 
 ALIASES = (*INFERENCE_ALIASES, *MLFLOW_ALIASES)
+
+
+class EvalActions(StrictModel):
+    fit_exit_temperature: bool = Field(
+        False, description="fit one temperature per exit on --data (temperature scaling of "
+        "the exit heads, halting off) instead of evaluating: prints them with the NLL and "
+        "calibration error before and after, --json writes them; pass them as "
+        "--exit-temperature")
 
 
 def evaluate(inv: Invocation) -> Result:
@@ -31,11 +47,16 @@ def evaluate(inv: Invocation) -> Result:
     from pipelines.evaluate.evaluator import EvalOptions, evaluate_checkpoint
 
     s: EvalSettings = inv.settings
+    fit = inv.options.fit_exit_temperature
+    if fit:
+        _check_fit(s)
     inference = s.inference.given()
     checkpoint = resolve_checkpoint_dir(s.checkpoint)
     oracle = uses_oracle(checkpoint, inference)
     if oracle and not s.allow_oracle:
         refuse_oracle("step eval")
+    if fit:
+        return _fit_temperature(s, checkpoint, inference)
     per_image = s.groups is not None or s.reference
     options = EvalOptions(mode=s.mode, crop_size=s.crop_size, stride=s.stride,
                           max_samples=s.max_samples, latency_samples=s.latency_samples,
@@ -60,6 +81,32 @@ def evaluate(inv: Invocation) -> Result:
           f"GFLOPs {_f(m['gflops'])}, tokens {_f(m['tokens_mean'])}/{_f(m['tokens_in'])}, "
           f"halted {_f(m['halted_fraction'])}, latency {_f(m['latency_ms'])} ms")
     return Result(out)
+
+
+def _check_fit(s: EvalSettings) -> None:
+    unused = [name for name, given in (("mode", s.mode != "whole"), ("groups", s.groups),
+                                       ("reference", s.reference)) if given]
+    if unused:
+        raise ConfigError(f"--fit-exit-temperature fits on whole images and evaluates "
+                          f"nothing: {', '.join(unused)} would not be used; leave "
+                          f"{'it' if len(unused) == 1 else 'them'} out")
+
+
+def _fit_temperature(s: EvalSettings, checkpoint: str, inference: dict) -> Result:
+    from pipelines.evaluate.temperature import fit_checkpoint
+
+    doc = fit_checkpoint(checkpoint, s.data, inference=inference,
+                         max_samples=s.max_samples, device=s.device)
+    for e in doc["exits"]:
+        if e["nll_before"] is None:
+            print(f"step eval: exit at block {e['block']}: no labelled token, T 1")
+            continue
+        print(f"step eval: exit at block {e['block']}: T {e['temperature']:.4g} "
+              f"({e['tokens']} tokens), NLL {e['nll_before']:.4f} -> {e['nll_after']:.4f}, "
+              f"ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f}")
+    print(f"step eval: fitted on {doc['images']} images; pass --exit-temperature "
+          f"{doc['exit_temperature']}")
+    return Result({"checkpoint": checkpoint, "data": s.data, **doc})
 
 
 def _slices(s: EvalSettings, checkpoint: str, images) -> dict:
@@ -128,7 +175,7 @@ def _log(s: EvalSettings, checkpoint: str, inference: dict, result,
     return run_id, tracking_uri
 
 
-COMMAND = Command(EvalSettings, evaluate, aliases=ALIASES,
+COMMAND = Command(EvalSettings, evaluate, options=EvalActions, aliases=ALIASES,
                   config_help="eval settings (YAML: checkpoint, data, inference, ...)")
 configure = COMMAND.configure
 run = COMMAND.run

@@ -247,6 +247,23 @@ def evaluate_checkpoint(
     ``options.max_samples`` images when given). ``holdout`` / ``part``: which images, as
     :func:`pipelines.common.data.eval_loader` takes them; ``options.per_image`` also keeps
     the sample keys in ``result.images``."""
+    model, info, loader = checkpoint_and_loader(
+        checkpoint_uri, data_uri, inference=inference, device=device,
+        max_samples=options.max_samples, batch_size=batch_size, num_workers=num_workers,
+        holdout=holdout, part=part, with_keys=options.per_image)
+    result = evaluate_model(model, loader, num_classes=model.cfg.num_classes, device=device,
+                            class_names=list(info.class_names), options=options)
+    result.inference.update(model.inference.to_dict())  # the settings that ran, all of them
+    return result
+
+
+def checkpoint_and_loader(checkpoint_uri: str, data_uri: str, *,
+                          inference: InferenceOverrides | dict[str, Any] | None,
+                          device: str, max_samples: int | None, batch_size: int = 1,
+                          num_workers: int = 1, holdout=None, part: str = "search",
+                          with_keys: bool = False):
+    """(model with ``inference`` applied, the data's info, a single-process eval loader of
+    ``data_uri``); :class:`InvalidInput` when the data's classes are not the model's."""
     from pipelines.common.checkpoint import load_model
     from pipelines.common.data import dataset_info, eval_loader
 
@@ -258,9 +275,6 @@ def evaluate_checkpoint(
         raise InvalidInput(f"{data_uri} has {info.num_classes} classes but the checkpoint "
                          f"{checkpoint_uri} predicts {num_classes}")
     loader = eval_loader(data_uri, batch_size=batch_size, num_workers=num_workers,
-                         rank=0, world_size=1, max_samples=options.max_samples,
-                         holdout=holdout, part=part, with_keys=options.per_image)
-    result = evaluate_model(model, loader, num_classes=num_classes, device=device,
-                            class_names=list(info.class_names), options=options)
-    result.inference.update(model.inference.to_dict())  # the settings that ran, all of them
-    return result
+                         rank=0, world_size=1, max_samples=max_samples,
+                         holdout=holdout, part=part, with_keys=with_keys)
+    return model, info, loader

@@ -20,10 +20,10 @@ Design choices:
 * **Validation on load names the file and the field**: every value a dimension can take
   (its grid, or the ends of a continuous range) must be a valid value of its
   InferenceConfig field (thresholds in [0, 1], a budget in (0, 1], an integer top_k, a
-  known exit policy: the config's own rules), a continuous range needs a field that takes
-  fractions, ``low < high``, a grid needs finite values, ``merge_thresholds`` and
-  ``budget`` exclude each other (the policy runs in one mode), and a space must vary at
-  least one setting.
+  known exit policy or exit score: the config's own rules), a continuous range needs a
+  field that takes fractions, ``low < high``, a grid needs finite values,
+  ``merge_thresholds`` and ``budget`` exclude each other (the policy runs in one mode),
+  and a space must vary at least one setting.
   The number of exit thresholds is checked against the model when a trial is built
   (:meth:`SearchSpace.check_model`), since a space file does not know the checkpoint.
 """
