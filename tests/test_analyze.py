@@ -184,6 +184,9 @@ def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_sha
             "analysis/ablation_sweep.csv", "analysis/ablation_sweep.png"} <= files
     run = client.get_run(doc["run_id"])
     assert run.info.status == "FINISHED" and "tradeoff_step_gflops" in run.data.metrics
+    # the halting protocol runs on the same images, one group (no groups defined)
+    assert list(doc["halting"]["groups"]) == ["data"] and doc["halting"]["overall"]["images"] == 1
+    assert {"analysis/halting_miou.csv", "analysis/reliability_exit_4.png"} <= files
 
 
 def test_layouts_only_runs_the_policy_alone(checkpoints, tiny_shards, mlflow_server, capsys):
@@ -267,3 +270,63 @@ def test_a_pipeline_that_would_tune_the_oracle_is_refused_before_training(tmp_pa
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="tune.allow_oracle: true"):
         run_pipeline(path)
+
+
+def test_halting_only_measures_a_held_out_group_stored_with_the_training_images(
+        checkpoints, tiny_shards, mlflow_server, capsys):
+    """``--halting-only`` where the held-out group sits in the training shards (as the
+    CamVid pipeline keeps its dusk recording from training): val read whole, only that
+    group's images of the training shards; figures per group; tables, reliability plots
+    and metrics in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import main
+
+    out = checkpoints["root"] / "halting.json"
+    # keys are <scene>_<copy>: the group is the copy (val: 0; train: 0 to 3, 3 held out)
+    rc = main(["analyze", "--checkpoint", checkpoints["learned"], "--data", tiny_shards["val"],
+               "--halting-only", "--groups.pattern", r"_(\d+)$",
+               "--holdout-data", tiny_shards["train"], "--holdout-groups", "3",
+               "--thresholds", "0.3", "--merge-thresholds", "0.5",
+               "--tracking-uri", mlflow_server, "--experiment", "analyze", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err[-3000:]
+    doc = json.loads(out.read_text())
+    h = doc["halting"]
+    assert doc["halting_only"] and doc["layouts"] == [] and doc["flow"] is None
+    assert [(s["groups"], s["images"]) for s in h["sets"]] == [(None, 3), (["3"], 3)]
+    assert {g: f["images"] for g, f in h["groups"].items()} == {"0": 3, "3": 3}
+    assert doc["num_images"] == h["overall"]["images"] == 6
+    assert h["inference"]["tuned"]["exit_thresholds"] == [0.3]
+    assert not h["inference"]["merging_only"]["halting"]
+    for f in [*h["groups"].values(), h["overall"]]:
+        px = f["pixels"]
+        assert px["halted"]["share"] + px["active"]["share"] == pytest.approx(1.0)
+        assert px["halted"]["pixels"] == px["exit_4"]["pixels"] + px["exit_8"]["pixels"]
+        assert f["drop_from_halting"] == pytest.approx(
+            100 * (f["miou"]["merging_only"] - f["miou"]["tuned"]))
+        for e in ("exit_4", "exit_8"):
+            assert len(f["calibration"][e]["halted"]["bins"]["count"]) == 15
+            assert f["calibration"][e]["reaching"]["weight"] == px["halted"]["pixels"] \
+                + px["active"]["pixels"]  # every labelled pixel reaches every exit there
+    assert "halting protocol" in printed.out and "drop from halting" in printed.out
+    client = MlflowClient(mlflow_server)
+    files = {f.path for f in client.list_artifacts(doc["run_id"], "analysis")}
+    assert {"analysis/halting_miou.csv", "analysis/halting_pixels.csv",
+            "analysis/calibration.csv", "analysis/reliability.csv",
+            "analysis/reliability_exit_4.png", "analysis/reliability_exit_8.png"} <= files
+    assert "analysis/layouts.csv" not in files
+    metrics = client.get_run(doc["run_id"]).data.metrics
+    assert metrics["halting_3_drop_from_halting"] == pytest.approx(
+        h["groups"]["3"]["drop_from_halting"])
+    assert metrics["halting_all_exit_4_ece_reaching"] == pytest.approx(
+        h["overall"]["calibration"]["exit_4"]["reaching"]["ece"])
+
+
+def test_held_out_groups_need_a_definition_of_groups(capsys):
+    from pipelines.cli import main
+
+    assert main(["analyze", "--checkpoint", "unused", "--data", "unused", "--halting-only",
+                 "--holdout-data", "unused", "--holdout-groups", "0001TP", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("step analyze: error: ") and "holdout_groups: needs groups" in err

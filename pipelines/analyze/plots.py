@@ -1,4 +1,5 @@
-"""The analysis figures (matplotlib, Agg): layout quality, trade-off, exit ablation, flow."""
+"""The analysis figures (matplotlib, Agg): layout quality, trade-off, exit ablation, flow,
+reliability of the exits."""
 
 from __future__ import annotations
 
@@ -117,6 +118,49 @@ def flow_plot(path: Path, flow: dict[str, Any]) -> Path:
         ax.set_title(f"share of each class's pixels by {title}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
+
+
+def reliability_plots(folder: Path, halting: dict[str, Any]) -> list[Path]:
+    """One reliability diagram per exit (``reliability_exit_<block>.png``): accuracy
+    against mean confidence per confidence bin, one curve per group (all images dashed),
+    for the tokens that halted there (tuned run) and for every token reaching it (merging
+    only). On the diagonal a confidence means what it says; below it, overconfident."""
+    plt = _plt()
+    from pipelines.analyze.halting import OVERALL
+
+    curves = list(halting["groups"].items())
+    if halting.get("overall") is not None and len(curves) > 1:
+        curves.append((OVERALL, halting["overall"]))
+    cmap = plt.get_cmap("tab10")
+    paths = []
+    for e in halting["exits"]:
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.6), dpi=110, sharey=True)
+        for ax, kind, title in ((axes[0], "halted", "tokens halted here (tuned)"),
+                                (axes[1], "reaching", "every token reaching it (merging only)")):
+            ax.plot([0, 1], [0, 1], color="0.6", lw=0.8)
+            for i, (g, f) in enumerate(curves):
+                r = f["calibration"][e][kind]
+                b = r["bins"]
+                pts = [(c, a) for c, a in zip(b["confidence"], b["accuracy"], strict=True)
+                       if c is not None]
+                if not pts:
+                    continue
+                ece = "n/a" if r["ece"] is None else f"{r['ece']:.3f}"
+                style = dict(color="k", ls="--") if g == OVERALL else dict(color=cmap(i % 10))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                        label=f"{g} (ECE {ece}, {r['count']} tokens)", **style)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("mean confidence of the bin (max softmax)")
+            ax.set_title(f"{e}: {title}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="upper left")
+            else:  # e.g. no token halted at this exit
+                ax.text(0.5, 0.5, "no token", ha="center", va="center", color="0.4")
+        axes[0].set_ylabel("accuracy (per labelled pixel)")
+        paths.append(_save(fig, Path(folder) / f"reliability_{e}.png"))
+    return paths
 
 
 def _save(fig, path: Path) -> Path:

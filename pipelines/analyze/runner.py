@@ -59,8 +59,11 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
             purities: list[float] | None = None, thresholds: list[float] | None = None,
             budgets: list[float] | None = None, seeds: list[int] | None = None,
             ablation_thresholds: list[float] | None = None, layouts_only: bool = False,
+            protocol: Any = None, halting_only: bool = False,
             echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every part; returns the ``step analyze`` JSON document."""
+    """Run every part; returns the ``step analyze`` JSON document. ``protocol`` (a
+    :class:`pipelines.analyze.measured.ProtocolRequest`): the halting protocol's images
+    (None: no halting protocol); ``halting_only``: that protocol alone."""
     from pipelines.analyze.ablation import ablation_sweep, confidence_wins, run_ablation
     from pipelines.analyze.flow import FlowMeter
     from pipelines.analyze.layouts import LayoutSweep, policy_vs_oracle
@@ -92,6 +95,17 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
             yield batch_to_device(images, labels, device)
 
     seconds: dict[str, float] = {}
+    if halting_only:
+        if protocol is None:
+            raise ValueError("halting_only needs the protocol's images")
+        doc = _document(checkpoint, data, names, op, note, seconds)
+        doc["halting_only"] = True
+        doc["halting"] = _timed_halting(model, protocol, seconds, num_classes=num_classes,
+                                        op=op, batch_size=batch_size,
+                                        max_samples=max_samples, device=device, echo=echo)
+        doc["num_images"] = (doc["halting"]["overall"] or {}).get("images", 0)
+        return json_safe(doc)
+
     t0 = time.monotonic()
     sweep = LayoutSweep(model, num_classes, list(purities), list(thresholds), list(budgets))
     for images, labels in batches():
@@ -99,18 +113,9 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
     layouts = sweep.rows()
     seconds["layouts"] = time.monotonic() - t0
     echo(f"analyze: {len(layouts)} layouts in {seconds['layouts']:.1f}s")
-    doc: dict[str, Any] = {
-        "checkpoint": checkpoint, "data": data, "num_images": sweep.images,
-        "class_names": names, "operating_point": {"inference": op.to_dict(), "note": note},
-        "layouts": layouts, "policy_vs_oracle": policy_vs_oracle(layouts),
-        "tradeoff": [], "ablation": {}, "ablation_sweep": [], "confidence_wins": None,
-        "flow": None,
-        "units": {"miou": "fraction of 1 (as step eval)", "gflops": "per image, policy "
-                  "network included", "tokens": "per image",
-                  "tokens_fraction": "tokens / grid cells over all images"},
-        "uses_labels": {"layouts.oracle": True, "everything else": False},
-        "seconds": seconds, "layouts_only": layouts_only,
-    }
+    doc = _document(checkpoint, data, names, op, note, seconds)
+    doc.update(num_images=sweep.images, layouts=layouts, policy_vs_oracle=policy_vs_oracle(layouts),
+               layouts_only=layouts_only)
     if layouts_only:  # only the policy network ran: a stage-1 checkpoint is enough
         doc["operating_point"] = None
         return json_safe(doc)
@@ -147,7 +152,40 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
     doc.update(num_images=meter.images, tradeoff=tradeoff, ablation=ablation,
                ablation_sweep=sweep_rows, confidence_wins=confidence_wins(ablation, sweep_rows),
                flow=meter.result())
+    if protocol is not None:
+        doc["halting"] = _timed_halting(model, protocol, seconds, num_classes=num_classes,
+                                        op=op, batch_size=batch_size,
+                                        max_samples=max_samples, device=device, echo=echo)
     return json_safe(doc)
+
+
+def _document(checkpoint: str, data: str, names: list[str], op: InferenceConfig,
+              note: str | None, seconds: dict[str, float]) -> dict[str, Any]:
+    """The document with every part empty (each part fills its own)."""
+    return {
+        "checkpoint": checkpoint, "data": data, "num_images": 0,
+        "class_names": names, "operating_point": {"inference": op.to_dict(), "note": note},
+        "layouts": [], "policy_vs_oracle": None,
+        "tradeoff": [], "ablation": {}, "ablation_sweep": [], "confidence_wins": None,
+        "flow": None, "halting": None,
+        "units": {"miou": "fraction of 1 (as step eval)", "gflops": "per image, policy "
+                  "network included", "tokens": "per image",
+                  "tokens_fraction": "tokens / grid cells over all images",
+                  "halting.drop_from_halting": "mIoU points (100 x fraction)",
+                  "halting.calibration": "weight = labelled pixels, count = tokens"},
+        "uses_labels": {"layouts.oracle": True, "everything else": False},
+        "seconds": seconds, "layouts_only": False, "halting_only": False,
+    }
+
+
+def _timed_halting(model, protocol, seconds: dict[str, float], *, echo, **kw) -> dict[str, Any]:
+    from pipelines.analyze.measured import run_halting
+
+    t0 = time.monotonic()
+    res = run_halting(model, protocol, echo=echo, **kw)
+    seconds["halting"] = time.monotonic() - t0
+    echo(f"analyze: halting protocol in {seconds['halting']:.1f}s")
+    return res
 
 
 # ---- tables and MLflow -------------------------------------------------------------------
@@ -159,10 +197,13 @@ def _csv(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def tables(doc: dict[str, Any]) -> dict[str, str]:
-    """{file name: CSV text} of every part."""
-    out = {}
+    """{file name: CSV text} of every part that ran."""
+    from pipelines.analyze.halting_report import halting_tables
+
+    out = {name: _csv(*table) for name, table in halting_tables(doc.get("halting")).items()}
     keys = ["layout", "setting", "tokens_fraction", "token_cut", "ceiling_miou", "uses_labels"]
-    out["layouts.csv"] = _csv(keys, [[r.get(k) for k in keys] for r in doc["layouts"]])
+    if doc["layouts"]:
+        out["layouts.csv"] = _csv(keys, [[r.get(k) for k in keys] for r in doc["layouts"]])
     keys = ["variant", "miou", "gflops", "gflops_policy", "tokens_mean", "halted_fraction"]
     if doc["tradeoff"]:
         out["tradeoff.csv"] = _csv(keys, [[r.get(k) for k in keys] for r in doc["tradeoff"]])
@@ -207,6 +248,7 @@ def log_analysis(doc: dict[str, Any], tracking_uri: str, run_id: str) -> list[st
     """CSVs, plots and the document on run ``run_id`` under ``analysis/``; the headline
     numbers as metrics. Returns the artifact paths."""
     from pipelines.analyze import plots
+    from pipelines.analyze.halting_report import halting_metrics
     from pipelines.tracking.runs import RunLogger
 
     tracker = RunLogger(run_id, tracking_uri)
@@ -218,7 +260,8 @@ def log_analysis(doc: dict[str, Any], tracking_uri: str, run_id: str) -> list[st
     logged.append("analysis/analysis.json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        figures = [plots.layouts_plot(tmp_path / "layouts.png", doc["layouts"])]
+        figures = [plots.layouts_plot(tmp_path / "layouts.png", doc["layouts"])] \
+            if doc["layouts"] else []
         if doc["flow"] is not None:
             figures += [plots.tradeoff_plot(tmp_path / "tradeoff.png", doc["tradeoff"]),
                         plots.flow_plot(tmp_path / "flow_per_class.png", doc["flow"])]
@@ -227,11 +270,13 @@ def log_analysis(doc: dict[str, Any], tracking_uri: str, run_id: str) -> list[st
         if doc.get("ablation_sweep"):
             figures.append(plots.ablation_sweep_plot(tmp_path / "ablation_sweep.png",
                                                      doc["ablation_sweep"]))
+        if doc.get("halting"):
+            figures += plots.reliability_plots(tmp_path, doc["halting"])
         for fig in figures:
             tracker.log_artifact(fig, "analysis")
             logged.append(f"analysis/{fig.name}")
     metrics: dict[str, float] = {}
-    pvo = doc["policy_vs_oracle"].get("value")
+    pvo = (doc["policy_vs_oracle"] or {}).get("value")
     if pvo is not None:
         metrics["policy_vs_oracle"] = pvo
     for r in doc["tradeoff"]:
@@ -244,7 +289,8 @@ def log_analysis(doc: dict[str, Any], tracking_uri: str, run_id: str) -> list[st
             metrics[f"ablation_{k}_miou"] = v["miou"]
     if doc.get("confidence_wins") is not None:
         metrics["ablation_confidence_wins"] = float(doc["confidence_wins"])
+    metrics.update(halting_metrics(doc.get("halting")))
     tracker.log_metrics(metrics)
-    # the layout curve's oracle rows read the labels: say so where the run is browsed
-    tracker.set_tags({"step.analysis.oracle_rows": "upper bound: uses labels"})
+    if doc["layouts"]:  # the layout curve's oracle rows read the labels: say so where browsed
+        tracker.set_tags({"step.analysis.oracle_rows": "upper bound: uses labels"})
     return logged

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from pipelines.common.groups import Groups
 from pipelines.common.settings import StrictModel
 from pipelines.evaluate.settings import EvalMlflow
 from step_model.config import InferenceOverrides
@@ -64,5 +65,33 @@ class AnalyzeSettings(SweepSettings):
     layouts_only: bool = Field(False, description="only the layout curve and "
                                "policy_vs_oracle: the policy network alone runs, so a "
                                "stage-1 (policy) checkpoint is enough")
+    halting_only: bool = Field(False, description="only the halting protocol (plain / "
+                               "merging only / tuned, halted and active pixels, calibration "
+                               "of the exits), on data and holdout_data")
+    groups: Groups | None = Field(None, description="how sample keys fall into groups "
+                                  "(recordings, cities): {pattern: REGEX} or {column: NAME}; "
+                                  "the halting protocol's figures per group (default: one "
+                                  "group per shard set, 'data' and 'holdout')")
+    holdout_data: list[str] = Field(
+        [], description="more shard directories the halting protocol measures, e.g. the "
+        "training split that holds a held-out group's images (with holdout_groups: only "
+        "those groups' images of them)")
+    holdout_groups: list[str] = Field(
+        [], description="names of groups (groups) whose images of holdout_data are measured, e.g. "
+        "a recording kept from training (data.holdout.groups); empty: every image")
+    calibration_bins: int = Field(15, ge=1, description="equal-width confidence "
+                                  "bins of the exits' reliability tables")
     device: str = Field("cpu", description="cpu, cuda, cuda:1 ...")
     mlflow: EvalMlflow = EvalMlflow()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AnalyzeSettings:
+        if self.layouts_only and self.halting_only:
+            raise ValueError("layouts_only and halting_only: give at most one")
+        if self.holdout_groups and self.groups is None:
+            raise ValueError("holdout_groups: needs groups (how sample keys fall into "
+                             "groups, e.g. {pattern: '^([^_]+)_'})")
+        if self.holdout_groups and not self.holdout_data:
+            raise ValueError("holdout_groups: needs holdout_data (the shard directories "
+                             "that hold those groups' images)")
+        return self

@@ -3,8 +3,11 @@
 Settings: :class:`pipelines.analyze.settings.AnalyzeSettings`. Measures the layout-quality
 curve (oracle against the learned policy, by ceiling mIoU), ``policy_vs_oracle``, the
 plain / dCTS / exits / STEP trade-off, the exit ablation at matched counts and the token
-flow (:mod:`pipelines.analyze.runner`); logs CSVs and plots to one MLflow run under
-``analysis/`` unless ``--no-mlflow``. The inference flags (``--thresholds`` for the exits,
+flow (:mod:`pipelines.analyze.runner`), and the halting protocol (plain / merging only /
+tuned per group, halted and active pixels, calibration of the exits:
+:mod:`pipelines.analyze.halting`) on ``--data`` and ``--holdout-data``; ``--halting-only``
+runs that protocol alone. Logs CSVs and plots to one MLflow run under ``analysis/``
+unless ``--no-mlflow``. The inference flags (``--thresholds`` for the exits,
 ``--merge-thresholds`` or ``--budget`` for the sharing, ...) set the operating point.
 """
 
@@ -23,16 +26,19 @@ ALIASES = (*INFERENCE_ALIASES, *MLFLOW_ALIASES)
 
 
 def analyze_command(inv: Invocation) -> Result:
+    from pipelines.analyze.measured import ProtocolRequest, measured_sets
     from pipelines.analyze.runner import analyze, log_analysis
     from pipelines.common.checkpoint import resolve_checkpoint_dir
 
     s: AnalyzeSettings = inv.settings
     checkpoint = resolve_checkpoint_dir(s.checkpoint)
+    protocol = None if s.layouts_only else ProtocolRequest(
+        measured_sets(s.data, s.holdout_data, s.holdout_groups), s.groups, s.calibration_bins)
     doc = analyze(checkpoint, s.data, inference=s.inference,
                   max_samples=s.max_samples, device=s.device, batch_size=s.batch_size,
                   purities=s.purities, thresholds=s.layout_thresholds, budgets=s.budgets,
                   seeds=s.seeds, ablation_thresholds=s.ablation_thresholds,
-                  layouts_only=s.layouts_only)
+                  layouts_only=s.layouts_only, protocol=protocol, halting_only=s.halting_only)
     doc["run_id"] = doc["tracking_uri"] = None
     if s.mlflow.enabled:
         from pipelines.tracking.runs import create_run, resolve_tracking_uri
@@ -56,25 +62,30 @@ def _p(v) -> str:
 
 
 def summary_lines(doc: dict) -> list[str]:
+    from pipelines.analyze.halting_report import summary_lines as halting_lines
+
     n = doc["num_images"]
     lines = [f"step analyze: {n} image{'s' if n != 1 else ''}; mIoU in %, GFLOPs per image "
-             "(policy network included)", "layouts (ceiling = majority label per token):"]
+             "(policy network included)"]
+    if doc["layouts"]:
+        lines.append("layouts (ceiling = majority label per token):")
     for r in doc["layouts"]:
         tag = "  [uses labels: upper bound]" if r["uses_labels"] else ""
         frac = "n/a" if r["tokens_fraction"] is None else f"{r['tokens_fraction']:.3f}"
         lines.append(f"  {r['layout']:<9} {r['setting']:<5g} tokens {frac}  "
                      f"ceiling {_p(r['ceiling_miou'])}{tag}")
-    pvo = doc["policy_vs_oracle"]
-    if pvo["value"] is not None:
+    pvo = doc["policy_vs_oracle"]  # None: the layout curve did not run
+    if pvo is not None and pvo["value"] is not None:
         b = pvo["best"]
         lines.append(f"policy_vs_oracle: {pvo['value']:.3f} ({b['layout']} {b['setting']:g} "
                      f"cuts {b['token_cut']:.2f}x; the oracle at purity {pvo['oracle_purity']} "
                      f"cuts {pvo['oracle_cut']:.2f}x at ceiling {_p(pvo['oracle_ceiling'])})")
-    else:
+    elif pvo is not None:
         lines.append(f"policy_vs_oracle: n/a ({pvo['reason']})")
-    lines.append("trade-off: " + "; ".join(
-        f"{r['variant']} {_p(r['miou'])} @ {r['gflops']:.3g}" for r in doc["tradeoff"]
-        if r.get("gflops") is not None))
+    if doc["tradeoff"]:
+        lines.append("trade-off: " + "; ".join(
+            f"{r['variant']} {_p(r['miou'])} @ {r['gflops']:.3g}" for r in doc["tradeoff"]
+            if r.get("gflops") is not None))
     abl = doc.get("ablation") or {}
     if "confidence" in abl:
         lines.append("exit ablation (same counts at every exit): " + "; ".join(
@@ -86,6 +97,7 @@ def summary_lines(doc: dict) -> list[str]:
     if doc.get("confidence_wins") is not None:
         lines.append("confidence exits beat random and uniform at every point: "
                      + ("yes" if doc["confidence_wins"] else "no"))
+    lines += halting_lines(doc.get("halting"))
     if doc.get("run_id"):
         from pipelines.tracking.links import run_location
 
