@@ -68,6 +68,7 @@ ExitPolicy = Literal["confidence", "random", "uniform"]
 # higher = surer, so one threshold means the same kind of thing whichever is chosen
 ExitScore = Literal["confidence", "margin", "entropy", "agreement"]
 VarlenStrategy = Literal["auto", "per_image", "pad_mask"]
+HaltedContext = Literal["none", "kv", "pooled"]
 Upsample = Literal["probs", "logits"]
 
 
@@ -278,6 +279,10 @@ class InferenceConfig(FrozenModel):
                            "(seeded once per setting, not per forward)")
     halting: bool = Field(True, description="tokens halt at the exits (false: the exits "
                           "predict but nothing halts)")
+    halted_context: HaltedContext = Field(
+        "none", description="what later blocks keep of the halted tokens: none (nothing: "
+        "the paper's), kv (each one as a key/value frozen at its exit), pooled (one key/"
+        "value per image and class predicted at the exit; step_model.context)")
     # "probs": halted and active cells come from different heads, so bilinear blending of
     # their logits mixes two scales; "logits" is the older path, kept for comparison
     upsample: Upsample = Field("probs", description="upsample class probabilities "

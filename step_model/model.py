@@ -9,7 +9,8 @@ Forward, per batch:
    patch-embedding conv; its position embedding is the mean over the cells it covers;
 4. run the blocks on each image's active tokens (:mod:`step_model.varlen`); after an exit
    block, halted tokens keep their exit prediction and are *removed* from the batch, so
-   later blocks really run on fewer tokens;
+   later blocks really run on fewer tokens (``halted_context`` kv / pooled: they stay
+   there as keys and values only, :mod:`step_model.context`);
 5. decode the tokens still active, put every token's logits back on the grid through
    ``cell_to_token`` (one gather) and upsample bilinearly to the input size: by default the
    softmax probabilities (``upsample="probs"``), returned as log-probabilities, because
@@ -48,6 +49,7 @@ from .config import (
     StepConfig,
     split_model_config,
 )
+from .context import HaltedContext, check_blocks
 from .decoder import build_decoder
 from .exits import ExitHead, halting_mask, spread_key
 from .policy import build_policy, check_float_images, policy_targets
@@ -240,6 +242,8 @@ class StepSegmenter(nn.Module):
         new = base.apply(changes)
         new.check_exits(len(self.exit_blocks))
         new.check_levels(self._cfg.policy.levels)
+        if new.halted_context != "none":
+            check_blocks(self.encoder.blocks)
         old = self._inference
         if (new.exit_seed, new.exit_policy) != (old.exit_seed, old.exit_policy):
             self._exit_gen = None
@@ -389,7 +393,9 @@ class StepSegmenter(nn.Module):
 
         Exit heads run in training (auxiliary loss) or when halting is on. With halting,
         after an exit block the halted tokens keep that exit's logits (``frozen_logits``)
-        and are removed from ``x``, so later blocks run on the active tokens only. Returns
+        and are removed from ``x``, so later blocks run on the active tokens only (with
+        ``halted_context`` kv / pooled, which also attend to the halted ones as keys and
+        values: :mod:`step_model.context`). Returns
         :class:`EncodedTokens`: ``x`` (B, P+M, D) with M <= N, per exit (B, N, C) logits.
 
         ``halt_counts`` (the exit ablation): one (B,) long tensor per exit, e.g. a confidence
@@ -421,11 +427,16 @@ class StepSegmenter(nn.Module):
         if halting_on and inf.exit_policy == "uniform":
             key = spread_key(layout.token_anchor, layout.token_level, layout.grid)
             slot_key = torch.cat([key, key.new_zeros(b, 1)], 1)  # column N: empty slots
+        # halted tokens as keys/values of later blocks (step_model.context); None: dropped
+        context = (HaltedContext(inf.halted_context, self.cfg.num_classes,
+                                 layout.token_level.clamp(min=1) ** 2)
+                   if halting_on and inf.halted_context != "none" else None)
+        run = run_block if context is None else context.run_block
         exit_logits, exit_valid, halted_counts, per_block = [], [], [], []
 
         for i, block in enumerate(self.encoder.blocks, start=1):
             per_block.append(list(lengths))
-            x = run_block(block, x, [n + prefix for n in lengths], strategy)
+            x = run(block, x, [n + prefix for n in lengths], strategy)
             if not run_exits or i not in self.exit_blocks:
                 continue
             e = self.exit_blocks.index(i)
@@ -451,6 +462,8 @@ class StepSegmenter(nn.Module):
             halted = halted | halt_tok
             halt_depth = torch.where(halt_tok, i, halt_depth)
             halted_counts.append(halt.sum(1))
+            if context is not None:
+                context.add(x[:, prefix:], halt, slot_logits, slot_token)
             x, slot_token, lengths = _drop_halted(x, slot_token, valid & ~halt, prefix, n_tok)
 
         return EncodedTokens(

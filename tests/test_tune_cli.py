@@ -68,7 +68,9 @@ def test_step_tune_grid_json_runs_and_registry(tiny_case, mlflow_server):
     assert doc["best"]["inference"] == {
         **INFERENCE, "exit_thresholds": [0.2], "top_k": 1, "budget": None,
         "merge_thresholds": {"2": 0.0, "4": 0.0, "8": 0.0, "16": 0.0}, "exit_policy": "confidence",
-        "exit_seed": 0, "halting": True, "upsample": "probs", "varlen": "auto"}
+        "exit_seed": 0, "exit_score": "confidence", "exit_temperature": None, "halting": True,
+        "halted_context": "none", "upsample": "probs",
+        "varlen": "auto"}
     # merging everything and halting at 0.2 really is cheaper than the unpruned model
     assert doc["best"]["gflops"] < doc["baseline"]["gflops"]
 
