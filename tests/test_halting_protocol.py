@@ -133,9 +133,10 @@ def test_halting_off_makes_tuned_equal_merging_only_with_every_pixel_active():
         model.set_inference(settings["merging_only"])  # "tuned" with halting off
         off = model(images, labels)
     meter = HaltingMeter(5, [4, 8], 12)
-    meter.update(["a", "a"], labels, plain, merged, off)
+    meter.update(["a", "a"], labels, plain, merged, off, gflops=(3.0, 2.0, 1.0))
     f = meter.result()["overall"]
     assert f["miou"]["tuned"] == f["miou"]["merging_only"] and f["drop_from_halting"] == 0
+    assert f["gflops"] == {"plain": 3.0, "merging_only": 2.0, "tuned": 1.0}  # per image
     px = f["pixels"]
     labelled = int((labels != 255).sum())
     assert px["active"]["share"] == 1.0 and px["active"]["pixels"] == labelled

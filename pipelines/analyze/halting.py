@@ -42,6 +42,7 @@ from pipelines.analyze.ceiling import cell_counts, token_histograms
 from pipelines.evaluate.calibration import DEFAULT_BINS, Reliability
 from pipelines.evaluate.metrics import IGNORE_INDEX, per_image_confusion, scores_from_confusion
 from step_model.config import PATCH, InferenceConfig
+from step_model.flops import flop_counter
 
 SETTINGS = ("plain", "merging_only", "tuned")
 OVERALL = "all images"
@@ -61,6 +62,7 @@ class _Group:
 
     def __init__(self, num_classes: int, exits: list[str], bins: int) -> None:
         self.images = 0
+        self.gflops = torch.zeros(len(SETTINGS), dtype=torch.float64)  # summed over images
         self.confusion = torch.zeros(len(SETTINGS), num_classes, num_classes, dtype=torch.int64)
         # pixel sets: every exit, "halted" (any exit), "active"; columns: labelled pixels,
         # right in the tuned run, right in the merging-only run
@@ -72,6 +74,7 @@ class _Group:
     def merge(self, other: _Group) -> _Group:
         out = _Group.__new__(_Group)
         out.images = self.images + other.images
+        out.gflops = self.gflops + other.gflops
         out.confusion = self.confusion + other.confusion
         out.pixels = {k: v + other.pixels[k] for k, v in self.pixels.items()}
         out.halted = {e: r.merge(other.halted[e]) for e, r in self.halted.items()}
@@ -90,8 +93,10 @@ class _Group:
             pixels[k] = {"pixels": n, "share": n / labelled if labelled else None,
                          "accuracy_tuned": float(right_tuned) / n if n else None,
                          "accuracy_merging_only": float(right_merged) / n if n else None}
+        gflops = {s: float(self.gflops[i]) / self.images if self.images else None
+                  for i, s in enumerate(SETTINGS)}
         return {
-            "images": self.images, "miou": miou, "drop_from_halting": drop,
+            "images": self.images, "miou": miou, "drop_from_halting": drop, "gflops": gflops,
             "pixels": pixels,
             "calibration": {e: {"halted": self.halted[e].result(),
                                 "reaching": self.reaching[e].result()}
@@ -120,9 +125,11 @@ class HaltingMeter:
             self.groups[name] = _Group(self.num_classes, self.exits, self.bins)
         return self.groups[name]
 
-    def update(self, groups: list[str], labels: torch.Tensor, plain, merged, tuned) -> None:
+    def update(self, groups: list[str], labels: torch.Tensor, plain, merged, tuned,
+               gflops: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
         """One batch: ``groups`` (one name per image), labels (B, H, W), and the outputs
-        of the plain, merging-only (exit heads run, nothing halted) and tuned forwards."""
+        of the plain, merging-only (exit heads run, nothing halted) and tuned forwards;
+        ``gflops``: what each of the three forwards executed, per image of the batch."""
         labels = labels.cpu()
         preds = [o.logits.argmax(1).cpu() for o in (plain, merged, tuned)]
         confusion = torch.stack([per_image_confusion(p, labels, self.num_classes)
@@ -138,6 +145,7 @@ class HaltingMeter:
         for b, name in enumerate(groups):
             g = self._group(name)
             g.images += 1
+            g.gflops += torch.tensor(gflops, dtype=torch.float64)
             g.confusion += confusion[b]
             sets = {e: depth_px[b] == blk for e, blk in zip(self.exits, self.exit_blocks,
                                                             strict=True)}
@@ -234,12 +242,20 @@ def run_protocol(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch
     meter = HaltingMeter(num_classes, list(model.exit_blocks), model.encoder.depth, bins)
     with torch.no_grad():
         for images, labels, groups in batches():
-            model.set_inference(settings["plain"])
-            plain = model(images, labels)
-            merged = merging_only_forward(model, images, labels, settings["merging_only"])
-            model.set_inference(settings["tuned"])
-            tuned = model(images, labels)
-            meter.update(groups, labels, plain, merged, tuned)
+            # GFLOPs counted on what executes (policy network included); the merging-only
+            # figure counts its exit heads, which a halting-off forward would not run
+            with flop_counter() as count:
+                model.set_inference(settings["plain"])
+                plain = model(images, labels)
+            g_plain = count.get_total_flops() / 1e9 / len(groups)
+            with flop_counter() as count:
+                merged = merging_only_forward(model, images, labels, settings["merging_only"])
+            g_merged = count.get_total_flops() / 1e9 / len(groups)
+            with flop_counter() as count:
+                model.set_inference(settings["tuned"])
+                tuned = model(images, labels)
+            g_tuned = count.get_total_flops() / 1e9 / len(groups)
+            meter.update(groups, labels, plain, merged, tuned, (g_plain, g_merged, g_tuned))
     model.set_inference(op)
     if echo is not None:
         echo(f"analyze: halting protocol on {sum(g.images for g in meter.groups.values())} "

@@ -27,9 +27,11 @@ def halting_tables(halting: dict[str, Any] | None) -> dict[str, Table]:
         return {}
     rows = _rows(halting)
     out: dict[str, Table] = {
-        "halting_miou.csv": (["group", "images", *SETTINGS, "drop_from_halting"],
+        "halting_miou.csv": (["group", "images", *SETTINGS, "drop_from_halting",
+                              *(f"gflops_{s}" for s in SETTINGS)],
                              [[g, f["images"], *(f["miou"][s] for s in SETTINGS),
-                               f["drop_from_halting"]] for g, f in rows]),
+                               f["drop_from_halting"], *(f["gflops"][s] for s in SETTINGS)]
+                              for g, f in rows]),
         "halting_pixels.csv": (
             ["group", "pixels_of", "pixels", "share", "accuracy_tuned", "accuracy_merging_only"],
             [[g, k, v["pixels"], v["share"], v["accuracy_tuned"], v["accuracy_merging_only"]]
@@ -66,6 +68,7 @@ def halting_metrics(halting: dict[str, Any] | None) -> dict[str, float]:
         name = "all" if g == OVERALL else g
         vals = {**{f"{s}_miou": f["miou"][s] for s in SETTINGS},
                 "drop_from_halting": f["drop_from_halting"],
+                "gflops_tuned": f["gflops"]["tuned"],
                 "halted_pixel_share": f["pixels"]["halted"]["share"]}
         for e, kinds in f["calibration"].items():
             for kind, r in kinds.items():
@@ -90,13 +93,16 @@ def summary_lines(halting: dict[str, Any] | None) -> list[str]:
     lines = [f"halting protocol (exits {tuned['exit_thresholds']}, top_k {tuned['top_k']}, "
              f"policy {tuned['policy_mode']}; groups by {halting.get('group_by')}); {sets}",
              f"  {'group':<14}{'images':>7}{'plain':>8}{'merging':>9}{'tuned':>8}"
-             f"{'drop from halting':>19}"]
+             f"{'drop from halting':>19}{'GFLOPs plain / tuned':>22}"]
     rows = _rows(halting)
     for g, f in rows:
         m = f["miou"]
         drop = "n/a" if f["drop_from_halting"] is None else f"{f['drop_from_halting']:.2f}"
+        gf = f.get("gflops") or {}
+        cost = ("n/a" if gf.get("tuned") is None else
+                f"{gf['plain']:.3f} / {gf['tuned']:.3f}")
         lines.append(f"  {g:<14}{f['images']:>7}{_p(m['plain']):>8}{_p(m['merging_only']):>9}"
-                     f"{_p(m['tuned']):>8}{drop:>19}")
+                     f"{_p(m['tuned']):>8}{drop:>19}{cost:>22}")
     lines.append("  pixels (share of labelled pixels: accuracy tuned / merging only, %):")
     for g, f in rows:
         parts = [f"{k} {_p(v['share'], digits=1)} %: {_p(v['accuracy_tuned'], digits=1)} / "
