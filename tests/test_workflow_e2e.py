@@ -174,6 +174,11 @@ def test_mlflow_runs_complete_and_nested(pipeline):
     assert {"layouts", "policy_vs_oracle", "tradeoff", "ablation", "flow"} <= set(doc["analysis"])
     ana = {a.path for a in client.list_artifacts(doc["steps"]["analyze"]["run_id"], "analysis")}
     assert {"analysis/layouts.csv", "analysis/layouts.png", "analysis/tradeoff.png"} <= ana
+    # the halting protocol ran on the validation images: plain, merging only, tuned
+    halting = doc["analysis"]["halting"]
+    assert halting["overall"]["images"] > 0 and "analysis/halting_miou.csv" in ana
+    assert doc["steps"]["analyze"]["outputs"]["drop_from_halting"] == {
+        g: f["drop_from_halting"] for g, f in halting["groups"].items()}
 
 
 def test_registered_model_and_thresholds_hold_on_reevaluation(pipeline):

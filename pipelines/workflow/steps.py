@@ -443,20 +443,41 @@ def report(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
 # analyze (a Ray task, as evaluate: on a cluster it lands where the resources are)
 
 def analyze_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
-    return {"analyze": cfg.analyze.model_dump(mode="json"), "inputs": inputs, "format": 1}
+    # format 2: the halting protocol runs too, per data.groups, on the held-out groups
+    return {"analyze": cfg.analyze.model_dump(mode="json"), "inputs": inputs, "format": 2,
+            "groups": cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None,
+            "holdout": _holdout(cfg)}
+
+
+def _protocol_sets(cfg: PipelineConfig, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The halting protocol's images: the validation split, then what the search never
+    saw (a held-out split; held-out groups kept from training, read from its shards)."""
+    sets = [{"data": data["val"], "label": "data", "groups": []}]
+    h = cfg.data.holdout
+    if h is not None and h.split is not None:
+        sets.append({"data": data["holdout"], "label": "holdout", "groups": []})
+    if h is not None and h.groups and h.from_training:
+        sets.append({"data": data["train"], "label": "holdout", "groups": list(h.groups)})
+    return sets
 
 
 def _analyze_task(checkpoint: str, data: str, inference: dict[str, Any] | None,
-                  sweep: dict[str, Any], device: str) -> dict[str, Any]:
+                  sweep: dict[str, Any], device: str, sets: list[dict[str, Any]],
+                  groups: dict[str, Any] | None) -> dict[str, Any]:
+    from pipelines.analyze.measured import MeasuredSet, ProtocolRequest
     from pipelines.analyze.runner import analyze as run_analysis
     from pipelines.common.console import worker_console
+    from pipelines.common.groups import Groups
 
     worker_console()
+    protocol = ProtocolRequest(
+        [MeasuredSet(s["data"], s["label"], tuple(s["groups"])) for s in sets],
+        Groups.model_validate(groups) if groups else None)
     return run_analysis(checkpoint, data, inference=inference, device=device,
                         max_samples=sweep["max_samples"], batch_size=sweep["batch_size"],
                         purities=sweep["purities"], thresholds=sweep["layout_thresholds"],
                         budgets=sweep["budgets"], seeds=sweep["seeds"],
-                        ablation_thresholds=sweep["ablation_thresholds"])
+                        ablation_thresholds=sweep["ablation_thresholds"], protocol=protocol)
 
 
 def analyze(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
@@ -469,12 +490,17 @@ def analyze(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any]
     init_ray()
     a = cfg.analyze
     task = ray.remote(num_cpus=a.cpus, num_gpus=a.gpus)(_analyze_task)
+    groups = cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None
     doc = ray.get(task.remote(trained["checkpoint"], data["val"], tuned.get("best_inference"),
-                              a.model_dump(mode="json"), "cuda" if a.gpus > 0 else "cpu"))
+                              a.model_dump(mode="json"), "cuda" if a.gpus > 0 else "cpu",
+                              _protocol_sets(cfg, data), groups))
     log_analysis(doc, wf.tracking_uri, run_id)
     result = wf.path("analyze", _fp_short(wf, "analyze"), "analysis.json")
     write_json(result, doc)
-    return {"result": result, "policy_vs_oracle": doc["policy_vs_oracle"]["value"]}
+    halting = doc.get("halting") or {}
+    return {"result": result, "policy_vs_oracle": doc["policy_vs_oracle"]["value"],
+            "drop_from_halting": {g: f["drop_from_halting"]
+                                  for g, f in (halting.get("groups") or {}).items()}}
 
 
 # ---------------------------------------------------------------------------------------
