@@ -24,9 +24,18 @@ LOVEDA = REPO / "demo_data" / "loveda"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen (one after
+    the other, the kernel may hand out a port just released, and Ray refuses a node whose
+    components share one)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -148,16 +157,17 @@ def start_ray_node(*, head_gcs: str | None = None, token: str | None = None,
     token = token or secrets.token_hex(16)
     temp = Path(tempfile.mkdtemp(prefix="rnode", dir="/tmp"))
     log_path = temp / "node.log"
+    ports = free_ports(len(_NODE_PORTS) + 3)
     args = [str(Path(sys.executable).parent / "ray"), "start", "--block",
             f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats",
-            *[f"--{name}={free_port()}" for name in _NODE_PORTS]]
+            *[f"--{name}={port}" for name, port in zip(_NODE_PORTS, ports, strict=False)]]
     gcs = dash = ""
     if head_gcs is None:
-        gcs, dash = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-        args += ["--head", f"--port={gcs.split(':')[1]}", "--node-ip-address=127.0.0.1",
+        gcs_port, dash_port, client_port = ports[-3:]
+        gcs, dash = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}"
+        args += ["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
                  "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={dash.rsplit(':', 1)[1]}",
-                 f"--ray-client-server-port={free_port()}"]
+                 f"--dashboard-port={dash_port}", f"--ray-client-server-port={client_port}"]
     else:
         args += [f"--address={head_gcs}", "--node-ip-address=127.0.0.1"]
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
