@@ -67,7 +67,7 @@ ExitPolicy = Literal["confidence", "random", "uniform"]
 # what an exit's threshold is compared with (step_model.exits.exit_scores): each in [0, 1],
 # higher = surer, so one threshold means the same kind of thing whichever is chosen
 ExitScore = Literal["confidence", "margin", "entropy", "agreement"]
-VarlenStrategy = Literal["auto", "per_image", "pad_mask"]
+VarlenStrategy = Literal["auto", "per_image", "pad_mask", "packed"]
 HaltedContext = Literal["none", "kv", "pooled"]
 Upsample = Literal["probs", "logits"]
 
@@ -289,7 +289,8 @@ class InferenceConfig(FrozenModel):
                                "(consistent across halted and active cells) or raw logits")
     varlen: VarlenStrategy = Field(
         "auto", description="images with different token counts: per_image (a loop), "
-        "pad_mask (padded, masked attention), auto (per_image on CPU, pad_mask on CUDA)")
+        "pad_mask (padded, masked attention), packed (one sequence, attention per image), "
+        "auto (per_image on CPU, pad_mask on CUDA)")
 
     @model_validator(mode="after")
     def _budget_needs_value(self) -> InferenceConfig:

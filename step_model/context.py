@@ -160,7 +160,7 @@ class HaltedContext:
         if all(m == n for m in lengths) and all(c == k for c in self.lengths):
             return block_with_context(block, x, self.feats)
         strategy = resolve_strategy(strategy, x.device)
-        if strategy == "per_image":
+        if strategy in ("per_image", "packed"):  # packed: not with context rows (yet)
             rows = []
             for i, (m, c) in enumerate(zip(lengths, self.lengths, strict=True)):
                 row = x[i:i + 1, :m]
@@ -179,4 +179,5 @@ class HaltedContext:
                 torch.arange(k, device=dev)[None] < torch.tensor(self.lengths, device=dev)[:, None],
             ], dim=1)
             return block_with_context(block, x, self.feats, valid[:, None, None, :])
-        raise ValueError(f"varlen: unknown strategy {strategy!r} (auto, per_image, pad_mask)")
+        raise ValueError(f"varlen: unknown strategy {strategy!r} (auto, per_image, pad_mask, "
+                         "packed)")

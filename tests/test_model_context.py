@@ -128,7 +128,7 @@ def test_per_image_and_pad_mask_agree_on_images_with_different_token_counts(mode
                                                     "halted_context": mode})
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     y = torch.cat([blocky_labels(128, 128, 0), blocky_labels(128, 128, 2)])
-    runs = {s: _forward(model, x, y, varlen=s) for s in ("per_image", "pad_mask")}
+    runs = {s: _forward(model, x, y, varlen=s) for s in ("per_image", "pad_mask", "packed")}
     a, b = runs["per_image"], runs["pad_mask"]
     n = a.flow.num_tokens.tolist()
     assert n[0] != n[1]
@@ -136,6 +136,7 @@ def test_per_image_and_pad_mask_agree_on_images_with_different_token_counts(mode
     assert torch.equal(a.flow.cell_exit_depth, b.flow.cell_exit_depth)
     torch.testing.assert_close(a.token_logits, b.token_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.logits, runs["packed"].logits, atol=1e-5, rtol=0)
     # and the batch is each image run alone
     for i in range(2):
         alone = _forward(model, x[i:i + 1], y[i:i + 1], varlen="per_image")

@@ -42,7 +42,7 @@ def halting_model(request):
     return tiny("oracle", exits=[3, 6], decoder=request.param, inference={"exit_thresholds": [0.3], "top_k": 2})
 
 
-@pytest.mark.parametrize("varlen", ["per_image", "pad_mask"])
+@pytest.mark.parametrize("varlen", ["per_image", "pad_mask", "packed"])
 def test_batch_with_different_token_counts_equals_one_by_one(halting_model, varlen: str) -> None:
     model = halting_model
     model.set_inference(varlen=varlen)

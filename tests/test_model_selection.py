@@ -107,3 +107,30 @@ def test_supertoken_embedding_is_area_downsampling_and_mean_position() -> None:
     expected = enc.vit.patch_embed.proj(block).flatten(1)[:, :]
     pos = grid_pos.view(4, 4, -1)[:2, :2].reshape(4, -1).mean(0)
     torch.testing.assert_close(tokens[0, 1], expected[0] + pos, atol=1e-5, rtol=0)
+
+
+def test_every_supertoken_gets_its_window_area_downsampled() -> None:
+    """Mixed levels (1, 2, 4) in a batch of two with different token counts: each token's
+    pixels are its window's area average at 16 x 16, padding slots are zero."""
+    from step_model.model import StepSegmenter
+
+    gen = torch.Generator().manual_seed(3)
+    grid = (6, 10)  # not a multiple of 4: the pooled tables have rows no window uses
+    scores = {s: torch.rand(2, -(-grid[0] // s), -(-grid[1] // s), generator=gen)
+              for s in (2, 4, 8)}
+    layout = build_layout(select_by_threshold(scores, {2: 0.5, 4: 0.6, 8: 0.3}, grid),
+                          grid, 2, "cpu")
+    assert set(layout.token_level.unique().tolist()) >= {1, 2, 4}
+    assert layout.num_tokens[0] != layout.num_tokens[1]
+    x = torch.rand(2, 3, grid[0] * 16, grid[1] * 16, generator=gen)
+    got = StepSegmenter._gather_patches(x, layout)
+    for b in range(2):
+        for t in range(layout.max_tokens):
+            s = int(layout.token_level[b, t])
+            if s == 0:
+                assert not got[b, t].any()
+                continue
+            r, c = divmod(int(layout.token_anchor[b, t]), grid[1])
+            window = x[b, :, r * 16:(r + s) * 16, c * 16:(c + s) * 16]
+            expected = F.avg_pool2d(window[None], s)[0].reshape(-1)
+            torch.testing.assert_close(got[b, t], expected, atol=1e-6, rtol=0)

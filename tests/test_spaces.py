@@ -58,7 +58,7 @@ BAD = {
     "budget above 1": ("budget: {type: choice, values: [0.5, 64]}",
                        "budget: 64 is not a valid budget"),
     "fractional top_k": ("top_k: {type: uniform, low: 0, high: 4}", "top_k: takes no fractions"),
-    "bad varlen": ("varlen: {type: choice, values: [auto, packed]}", "varlen: 'packed'"),
+    "bad varlen": ("varlen: {type: choice, values: [auto, jagged]}", "varlen: 'jagged'"),
     "unknown key": ("exit_tresholds: {type: fixed, value: 0.5}", "exit_tresholds: unknown key"),
     "unknown dim type": ("top_k: {type: normal, values: [1]}", "top_k"),
 }

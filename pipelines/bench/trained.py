@@ -72,7 +72,6 @@ class TrainedBenchSettings(BenchModelSettings, ForwardSettings):
     parts_images: int = Field(16, ge=1, description="images the part timings run on")
     predict: bool = Field(True, description="also time step predict's loop (decode, "
                           "forward, write)")
-    channels_last: bool = Field(False, description="run the policy network channels-last")
     mlflow_run_id: str | None = Field(None, description="log into this MLflow run")
     mlflow_experiment: str | None = Field(None, description="log into a new run of this "
                                           "MLflow experiment")
@@ -128,9 +127,7 @@ def measure_trained(s: TrainedBenchSettings) -> dict[str, Any]:
             "model": s.model, "checkpoint": source.checkpoint,
             "registered_model": source.registered, "device": _device_name(device),
             "threads": torch.get_num_threads(), "precision": s.precision,
-            "fold_batchnorm": s.fold_batchnorm, "channels_last": s.channels_last,
-            "compile_policy": s.compile_policy,
-            "io_threads": s.io_threads, "images_dir": s.images, "images": len(names), "image_size": list(images.shape[-2:]),
+            **s.rewrites(), "io_threads": s.io_threads, "images_dir": s.images, "images": len(names), "image_size": list(images.shape[-2:]),
             "inference": {"plain": model.inference.apply(BASELINE).to_dict(),
                           "tuned": model.inference.to_dict()},
             "repeats": s.repeats, "warmup": s.warmup, "batch_sizes": list(s.batch_sizes),
@@ -162,8 +159,7 @@ def _load(source, s: TrainedBenchSettings, device):
 
     model, _ = load_model(source.checkpoint, device=device)
     model.set_inference(InferenceConfig.model_validate(source.inference))
-    prepare_for_inference(model, fold_batchnorm=s.fold_batchnorm,
-                          channels_last=s.channels_last, compile_policy=s.compile_policy)
+    prepare_for_inference(model, **s.rewrites())
     return model
 
 
@@ -244,9 +240,7 @@ def _time_predict(source, s: TrainedBenchSettings, bs: int, tmp: str) -> dict[st
     plan = {"checkpoint": source.checkpoint, "inference": source.inference,
             "device": s.device, "out": f"{tmp}/predict", "palette": palette.tolist(),
             "token_maps": False, "flops": False, "precision": s.precision,
-            "fold_batchnorm": s.fold_batchnorm, "channels_last": s.channels_last,
-            "compile_policy": s.compile_policy,
-            "io_threads": s.io_threads}
+            "rewrites": s.rewrites(), "io_threads": s.io_threads}
     predictor = Predictor(plan)
     predictor(items[:bs])  # warm-up
     runs: dict[str, list[float]] = {m: [] for m in MODES}

@@ -33,9 +33,7 @@ def bench_model(inv: Invocation) -> Result:
         result = measure_trained(s)
         print("\n".join(summary_lines(result)))
         return Result(result)
-    result = bench.measure(s, prepare={"fold_batchnorm": s.fold_batchnorm,
-                                       "channels_last": s.channels_last,
-                                       "compile_policy": s.compile_policy})
+    result = bench.measure(s, prepare=s.rewrites())
     if result["uses_labels"]:
         print("step bench model: policy oracle: tokens chosen from the labels; an upper "
               "bound, not a model's result (flop_reduction counts the policy network)")

@@ -14,6 +14,11 @@ results are then marked ``uses_labels`` / ``upper_bound`` (JSON, MLflow tags, ou
 (:mod:`pipelines.evaluate.temperature`): it prints them per exit with the NLL and the
 calibration error before and after, and ``--json`` writes them; nothing is evaluated or
 logged to MLflow. Pass the printed values as ``--exit-temperature`` to any command.
+
+``--fit-exit-thresholds`` chooses one exit threshold per exit by conformal risk control
+(:mod:`pipelines.evaluate.risk_control`): on new images like those of ``--data``, the
+expected share of labelled pixels that halting makes wrong stays within
+``--halting-risk`` (default 0.01: one point of pixel accuracy). Same output rules.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ class EvalActions(StrictModel):
         "the exit heads, halting off) instead of evaluating: prints them with the NLL and "
         "calibration error before and after, --json writes them; pass them as "
         "--exit-temperature")
+    fit_exit_thresholds: bool = Field(
+        False, description="choose one exit threshold per exit on --data by conformal risk "
+        "control: on new images like these, the expected share of pixels that halting makes "
+        "wrong stays within --halting-risk; prints them, --json writes them; pass them as "
+        "--thresholds")
+    halting_risk: float = Field(
+        0.01, gt=0.0, lt=1.0, description="with --fit-exit-thresholds: the share of an "
+        "image's labelled pixels that halting may make wrong, in expectation (0.01: one "
+        "point of pixel accuracy), split evenly over the exits")
 
 
 def evaluate(inv: Invocation) -> Result:
@@ -47,16 +61,26 @@ def evaluate(inv: Invocation) -> Result:
     from pipelines.evaluate.evaluator import EvalOptions, evaluate_checkpoint
 
     s: EvalSettings = inv.settings
-    fit = inv.options.fit_exit_temperature
+    actions: EvalActions = inv.options
+    fit = actions.fit_exit_temperature or actions.fit_exit_thresholds
+    if actions.fit_exit_temperature and actions.fit_exit_thresholds:
+        raise ConfigError("--fit-exit-temperature, --fit-exit-thresholds: one at a time (fit "
+                          "the temperature first, then the thresholds with "
+                          "--exit-temperature set to it)")
+    if "halting_risk" in actions.model_fields_set and not actions.fit_exit_thresholds:
+        raise ConfigError("--halting-risk: only with --fit-exit-thresholds")
     if fit:
-        _check_fit(s)
+        _check_fit(s, "--fit-exit-temperature" if actions.fit_exit_temperature
+                   else "--fit-exit-thresholds")
     inference = s.inference.given()
     checkpoint = resolve_checkpoint_dir(s.checkpoint)
     oracle = uses_oracle(checkpoint, inference)
     if oracle and not s.allow_oracle:
         refuse_oracle("step eval")
-    if fit:
+    if actions.fit_exit_temperature:
         return _fit_temperature(s, checkpoint, inference)
+    if actions.fit_exit_thresholds:
+        return _fit_thresholds(s, checkpoint, inference, actions.halting_risk)
     per_image = s.groups is not None or s.reference
     options = EvalOptions(mode=s.mode, crop_size=s.crop_size, stride=s.stride,
                           max_samples=s.max_samples, latency_samples=s.latency_samples,
@@ -83,11 +107,11 @@ def evaluate(inv: Invocation) -> Result:
     return Result(out)
 
 
-def _check_fit(s: EvalSettings) -> None:
+def _check_fit(s: EvalSettings, flag: str) -> None:
     unused = [name for name, given in (("mode", s.mode != "whole"), ("groups", s.groups),
                                        ("reference", s.reference)) if given]
     if unused:
-        raise ConfigError(f"--fit-exit-temperature fits on whole images and evaluates "
+        raise ConfigError(f"{flag} fits on whole images and evaluates "
                           f"nothing: {', '.join(unused)} would not be used; leave "
                           f"{'it' if len(unused) == 1 else 'them'} out")
 
@@ -106,6 +130,24 @@ def _fit_temperature(s: EvalSettings, checkpoint: str, inference: dict) -> Resul
               f"ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f}")
     print(f"step eval: fitted on {doc['images']} images; pass --exit-temperature "
           f"{doc['exit_temperature']}")
+    return Result({"checkpoint": checkpoint, "data": s.data, **doc})
+
+
+def _fit_thresholds(s: EvalSettings, checkpoint: str, inference: dict, alpha: float) -> Result:
+    from pipelines.evaluate.risk_control import fit_checkpoint
+
+    doc = fit_checkpoint(checkpoint, s.data, alpha, inference=inference,
+                         max_samples=s.max_samples, device=s.device)
+    for e in doc["exits"]:
+        state = "" if e["feasible"] else (f" (no threshold keeps {e['alpha']:.4g} with "
+                                          f"{doc['images']} images: halting all but off)")
+        print(f"step eval: exit at block {e['block']}: threshold {e['threshold']:.2f}{state}, "
+              f"halts {100 * e['halted_tokens']:.1f} % of the tokens reaching it, pixels "
+              f"made wrong {100 * e['empirical']:.2f} % here, bound {100 * e['bound']:.2f} % "
+              f"(risk {100 * e['alpha']:.2f} %)")
+    print(f"step eval: conformal risk control on {doc['images']} images, risk "
+          f"{doc['alpha']:.4g} of the pixels in expectation; pass --thresholds "
+          f"{doc['exit_thresholds']}")
     return Result({"checkpoint": checkpoint, "data": s.data, **doc})
 
 

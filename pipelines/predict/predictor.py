@@ -54,12 +54,10 @@ class Predictor:
             raise ExpectedFailure(f"--device {plan['device']}: no CUDA device on this machine")
         self.model, _ = load_model(plan["checkpoint"], device=self.device)
         self.model.set_inference(InferenceConfig.model_validate(plan["inference"]))
-        # the policy network's batch norms folded into its convolutions (eval-only rewrite)
+        # eval-only rewrites of the policy network (ForwardSettings.rewrites)
         from step_model.fuse import prepare_for_inference
 
-        prepare_for_inference(self.model, fold_batchnorm=plan.get("fold_batchnorm", True),
-                              channels_last=plan.get("channels_last", False),
-                              compile_policy=plan.get("compile_policy", False))
+        prepare_for_inference(self.model, **plan.get("rewrites", {}))
         if self.model.inference.policy_mode == "oracle":
             raise InvalidInput("policy mode 'oracle' needs labels (see --policy-mode)")
         self.depth = int(self.model.encoder.depth)

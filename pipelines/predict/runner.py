@@ -54,8 +54,7 @@ def predict(s: PredictSettings) -> dict[str, Any]:
     plan = {"checkpoint": source.checkpoint, "inference": source.inference,
             "device": s.device, "out": s.out, "palette": palette.tolist(),
             "token_maps": s.token_maps, "flops": s.flops,
-            "precision": s.precision, "fold_batchnorm": s.fold_batchnorm,
-            "compile_policy": s.compile_policy,
+            "precision": s.precision, "rewrites": s.rewrites(),
             "io_threads": 0 if use_ray else s.io_threads}
     if use_ray:
         records, seconds, workers = _run_ray(plan, items, s)

@@ -28,9 +28,17 @@ class ForwardSettings(StrictModel):
     compile_policy: bool = Field(False, description="torch.compile the policy network "
                                  "(its first forward per image size compiles: tens of "
                                  "seconds on a CPU; then 2x faster there, docs/speed.md)")
+    channels_last: bool = Field(False, description="run the policy network channels-last "
+                                "(measured no faster on a CPU: docs/model.md)")
     io_threads: int = Field(2, ge=0, description="threads that decode the next batch and "
                             "write the files while the forward runs (0: one after the "
                             "other; the Ray path decodes in line)")
+
+    def rewrites(self) -> dict[str, bool]:
+        """The keywords of :func:`step_model.fuse.prepare_for_inference`: every command that
+        serves or times a model applies the same rewrites from the same fields."""
+        return {"fold_batchnorm": self.fold_batchnorm, "channels_last": self.channels_last,
+                "compile_policy": self.compile_policy}
 
 
 class PredictSettings(ForwardSettings):

@@ -245,12 +245,16 @@ def _tune_settings(cfg: PipelineConfig, wf: Workflow, checkpoint: str | None,
     values.update(checkpoint=checkpoint, data=data, tracking_uri=wf.tracking_uri,
                   experiment=cfg.mlflow.experiment, storage_path=wf.path("ray"),
                   name=f"{cfg.name}-tune", holdout=_holdout(cfg),
-                  groups=cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None)
+                  groups=_groups(cfg))
     return TuneSettings.model_validate(values)
 
 
 def _holdout(cfg: PipelineConfig) -> dict[str, Any] | None:
     return cfg.data.holdout.model_dump(mode="json") if cfg.data.holdout else None
+
+
+def _groups(cfg: PipelineConfig) -> dict[str, Any] | None:
+    return cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None
 
 
 # the search space's fields when fingerprints were first taken
@@ -335,7 +339,7 @@ def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any
         trained["checkpoint"], data["val"], tuned["best_inference"],
         max_samples=e.max_samples, device="cuda" if e.gpus > 0 else "cpu",
         plain_vit=(baseline or {}).get("checkpoint"),
-        groups=cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None,
+        groups=_groups(cfg),
         drop_mode=t.drop_mode, max_drop=t.max_drop, samples=t.bootstrap_samples,
         confidence=t.confidence, seed=t.seed,
         tail_fraction=guard.tail.fraction if guard.tail else 0.2,
@@ -445,7 +449,7 @@ def report(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any],
 def analyze_payload(cfg: PipelineConfig, inputs: list[str | None]) -> dict[str, Any]:
     # format 2: the halting protocol runs too, per data.groups, on the held-out groups
     return {"analyze": cfg.analyze.model_dump(mode="json"), "inputs": inputs, "format": 2,
-            "groups": cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None,
+            "groups": _groups(cfg),
             "holdout": _holdout(cfg)}
 
 
@@ -490,10 +494,9 @@ def analyze(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any]
     init_ray()
     a = cfg.analyze
     task = ray.remote(num_cpus=a.cpus, num_gpus=a.gpus)(_analyze_task)
-    groups = cfg.data.groups.model_dump(mode="json") if cfg.data.groups else None
     doc = ray.get(task.remote(trained["checkpoint"], data["val"], tuned.get("best_inference"),
                               a.model_dump(mode="json"), "cuda" if a.gpus > 0 else "cpu",
-                              _protocol_sets(cfg, data), groups))
+                              _protocol_sets(cfg, data), _groups(cfg)))
     log_analysis(doc, wf.tracking_uri, run_id)
     result = wf.path("analyze", _fp_short(wf, "analyze"), "analysis.json")
     write_json(result, doc)
