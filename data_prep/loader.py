@@ -58,6 +58,18 @@ from data_prep.info import DatasetInfo, read_dataset_info
 
 log = logging.getLogger(__name__)
 
+# How long the iterating process waits for a dataloader worker's next batch before it
+# raises. A worker is forked from the process that iterates, and a fork of a process with
+# many threads (a Ray Train worker: gRPC's among them) can deadlock in the child's at-fork
+# handlers before any of our code runs. It did: the CamVid recipe's plain-ViT training of
+# 2026-12-07 stopped for 14 minutes at an epoch boundary, rank 0 waiting for a new worker
+# that hung inside os.fork, until the worker was killed and Ray Train restarted from the
+# last checkpoint. With the timeout the stall becomes an error: a training restarts from
+# its checkpoint (``train.max_failures``), an evaluation fails with the reason, nothing
+# waits forever. Generous: a batch is decoded in well under a second, and the first one
+# of a worker includes opening its shards (S3 too).
+WORKER_TIMEOUT_S = 300
+
 SKIP_REASONS = ("corrupt_sample", "incomplete_sample", "truncated_tar", "unreadable_shard")
 
 
@@ -435,6 +447,7 @@ class SegLoader:
             persistent_workers=False,  # new workers per epoch pick up set_epoch()
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=2 if self.num_workers else None,
+            timeout=WORKER_TIMEOUT_S if self.num_workers else 0,
         )
         for step, batch in enumerate(loader):
             if self.steps is not None and step >= self.steps:

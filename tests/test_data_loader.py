@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,21 @@ def test_excluded_keys_never_reach_training_and_the_epoch_counts_the_rest(shards
         build_loader(shards, batch_size=1, crop_size=16, num_workers=0, exclude_keys=set(keys))
     with pytest.raises(ValueError, match="training loaders only"):
         build_loader(shards, batch_size=1, crop_size=None, train=False, exclude_keys={keys[0]})
+
+
+class _StuckWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        time.sleep(600)  # a worker that never delivers (a fork that deadlocked, a hung read)
+        yield torch.zeros(1)
+
+
+def test_a_worker_that_never_delivers_is_an_error_not_a_hang(monkeypatch):
+    from data_prep import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "WORKER_TIMEOUT_S", 2)
+    stuck = loader_module.SegLoader(_StuckWorker(), None, num_workers=1, steps=None,
+                                    num_samples=1)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out after 2 seconds"):
+        next(iter(stuck))
+    assert time.monotonic() - t0 < 60
