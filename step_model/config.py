@@ -290,7 +290,7 @@ class InferenceConfig(FrozenModel):
     varlen: VarlenStrategy = Field(
         "auto", description="images with different token counts: per_image (a loop), "
         "pad_mask (padded, masked attention), packed (one sequence, attention per image), "
-        "auto (per_image on CPU, pad_mask on CUDA)")
+        "auto (packed on CPU, pad_mask on CUDA)")
 
     @model_validator(mode="after")
     def _budget_needs_value(self) -> InferenceConfig:

@@ -333,7 +333,7 @@ def test_search_confirms_on_every_searchable_image_and_registers_the_interval(ca
     best = doc["best"]
     assert best["num_images"] == 2 and best["search"]["num_images"] == 1
     assert best["drop_lo"] <= best["drop_hi"] and doc["plain"] and doc["guarded"]
-    assert "confirm: the reference and" in printed and "guarded (interval's upper end)" in printed
+    assert "confirm: the reference on all" in printed and "guarded (interval's upper end)" in printed
 
     client = MlflowClient(uri)
     kids = client.search_runs(
@@ -345,3 +345,60 @@ def test_search_confirms_on_every_searchable_image_and_registers_the_interval(ca
     assert float(tags["miou_drop"]) == pytest.approx(best["drop"])
     assert float(tags["miou_drop_hi"]) == pytest.approx(best["drop_hi"])
     assert tags["eval_images"] == "2" and tags["guard"] == "ci"
+
+
+def test_confirmation_goes_on_to_the_next_candidates_when_none_passes(monkeypatch):
+    """Round 1 confirms the cheapest point, which fails on the whole split; round 2 the next,
+    which passes and is chosen; intervals of both at the level for two candidates. (The
+    evaluation is replaced by figures per point: what is tested is the rounds' logic.)"""
+    from pipelines.evaluate.bootstrap import DropInterval
+    from pipelines.tune import confirm as confirm_module
+    from pipelines.tune.space import SearchSpace
+    from pipelines.tune.trial import TrialContext
+
+    full_split = {0.2: (0.470, 2.2, 3.5), 0.5: (0.490, 1.0, 1.8), 0.8: (0.495, 0.5, 1.2)}
+
+    def evaluate(checkpoint, data, inference, **kw):
+        t = (inference.exit_thresholds or [1.0])[0]
+        miou, lo, hi = full_split.get(t, (0.5, 0.0, 0.0))
+        return {"miou": miou, "gflops": 10 * t if t < 1 else 10.0, "num_images": 3}, (lo, hi)
+
+    levels = []
+
+    def interval(ctx, images):
+        levels.append(ctx.confidence)
+        lo, hi = images
+        return DropInterval(drop=(lo + hi) / 2, lo=lo, hi=hi, confidence=ctx.confidence,
+                            samples=100, images=3)
+
+    monkeypatch.setattr(confirm_module, "evaluate_images", evaluate)
+    monkeypatch.setattr(confirm_module, "drop_interval", interval)
+    monkeypatch.setattr(confirm_module, "slice_figures", lambda ctx, images: {})
+    space = SearchSpace.model_validate(
+        {"name": "t", "exit_thresholds": {"type": "choice", "values": [0.2, 0.5, 0.8]}})
+    trials = [{"trial_id": f"e{t}", "params": {"exit_threshold": t}, "miou": 0.49,
+               "gflops": 10 * t, "drop": 1.0, "drop_lo": 0.0, "drop_hi": 1.5}
+              for t in (0.2, 0.5, 0.8)]
+    from pipelines.tune.guard import as_guard
+
+    # the interval with Bonferroni at the confirmation (no tail, group or cliff figures here)
+    guard = as_guard({"interval": True, "tail": None, "groups": None, "cliff": None,
+                      "multiplicity": "bonferroni"})
+    ctx = TrialContext(space={}, base={}, num_exits=1, checkpoint="c", data="d",
+                       baseline={"miou": 0.5, "num_images": 1}, max_drop=2.0,
+                       drop_mode="points", max_samples=1, guard=guard)
+    lines: list[str] = []
+
+    def cands(top):
+        return confirm_module.candidates(trials, 0.5, 2.0, "points", top, "ci")
+
+    got = confirm_module.confirm(ctx, space, cands, top=1, rounds=3, echo=lines.append)
+    assert [t["trial_id"] for t in got.trials] == ["e0.2", "e0.5"]  # round 3 not needed
+    assert got.selection.best["trial_id"] == "e0.5"
+    assert any("round 2: the next 1" in line for line in lines)
+    # round 2 recomputed both intervals at the level for two candidates (Bonferroni)
+    assert levels[-2:] == [pytest.approx(1 - 0.05 / 2)] * 2
+    assert got.trials[0]["confirm_confidence"] == pytest.approx(1 - 0.05 / 2)
+    # one round only: the search ends without a choice, as before
+    one = confirm_module.confirm(ctx, space, cands, top=1, rounds=1, echo=lines.append)
+    assert one.selection.best is None and len(one.trials) == 1

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 RECORD = "step_search.json"
 # settings that do not change which trials run or what they measure
 NOT_IDENTITY = {"name", "checkpoint", "data", "tracking_uri", "experiment", "register_name",
-                "storage_path", "confirm_top", "allow_oracle"}
+                "storage_path", "confirm_top", "confirm_rounds", "allow_oracle"}
 
 
 def _content(uri: str, names: tuple[str, ...]) -> dict[str, str]:

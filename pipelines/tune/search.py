@@ -134,6 +134,10 @@ class TuneSettings(StrictModel):
         "Bonferroni at the confirmation), or a mapping of those checks (docs/tuning.md)")
     confirm_top: int = Field(3, ge=0, description="cheapest feasible trials (per rule) "
                              "re-evaluated on every searchable image before choosing; 0 = off")
+    confirm_rounds: int = Field(3, ge=1, description="when no confirmed candidate passes "
+                                "the guard, confirm the next confirm_top cheapest per rule, "
+                                "up to this many rounds in all (intervals corrected for every "
+                                "candidate confirmed)")
     bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the drop interval "
                               "(two-sided: 0.95 guards the upper end at 97.5 %)")
@@ -383,6 +387,7 @@ def _search(settings: TuneSettings, space: SearchSpace, num_exits: int, checkpoi
         "max_samples": settings.max_samples, "seed": settings.seed,
         "resources_per_trial": settings.resources_per_trial.model_dump(),
         "guard": settings.guard.describe(), "confirm_top": settings.confirm_top,
+        "confirm_rounds": settings.confirm_rounds,
         "bootstrap_samples": settings.bootstrap_samples, "confidence": settings.confidence,
         "holdout": settings.holdout.model_dump() if settings.holdout else None,
     })
@@ -520,7 +525,10 @@ def _choose(settings: TuneSettings, space: SearchSpace, num_exits: int, ctx: Tri
     if settings.guard.cliff is not None:
         from pipelines.tune.cliff import screen
 
-        trials = screen(trials, space, ctx, settings.guard, want=max(1, settings.confirm_top),
+        # as many points as every confirmation round may take (a point whose neighbours were
+        # not measured cannot be the guard's choice)
+        want = max(1, settings.confirm_top * settings.confirm_rounds)
+        trials = screen(trials, space, ctx, settings.guard, want=want,
                         echo=lambda line: print(line, flush=True))
     selection = select(trials, baseline["miou"], settings.max_drop, settings.drop_mode,
                        settings.guard)
@@ -571,11 +579,14 @@ def _confirm(settings: TuneSettings, space: SearchSpace, ctx: TrialContext,
     seen = int(ctx.baseline.get("num_images") or 0)
     if seen >= searchable_images(ctx.data, ctx.holdout):
         return None
-    cands = candidates(trials, ctx.baseline["miou"], settings.max_drop, settings.drop_mode,
-                       settings.confirm_top, settings.guard)
-    if not cands:
+    def cands(top: int) -> list[dict[str, Any]]:
+        return candidates(trials, ctx.baseline["miou"], settings.max_drop, settings.drop_mode,
+                          top, settings.guard)
+
+    if not cands(settings.confirm_top):
         return None
-    return confirm(ctx, space, cands, echo=lambda line: print(line, flush=True))
+    return confirm(ctx, space, cands, top=settings.confirm_top,
+                   rounds=settings.confirm_rounds, echo=lambda line: print(line, flush=True))
 
 
 def _log_choices(tracker, final: Selection, baseline: dict[str, Any],
