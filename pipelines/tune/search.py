@@ -134,7 +134,7 @@ class TuneSettings(StrictModel):
         "Bonferroni at the confirmation), or a mapping of those checks (docs/tuning.md)")
     confirm_top: int = Field(3, ge=0, description="cheapest feasible trials (per rule) "
                              "re-evaluated on every searchable image before choosing; 0 = off")
-    confirm_rounds: int = Field(3, ge=1, description="when no confirmed candidate passes "
+    confirm_rounds: int = Field(5, ge=1, description="when no confirmed candidate passes "
                                 "the guard, confirm the next confirm_top cheapest per rule, "
                                 "up to this many rounds in all (intervals corrected for every "
                                 "candidate confirmed)")
