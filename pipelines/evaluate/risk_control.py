@@ -72,16 +72,13 @@ def image_tokens(model, images: torch.Tensor, labels: torch.Tensor) -> list[Imag
     """Per image of the batch: labelled pixels and, per exit, each token's exit score
     (the model's ``exit_score`` and ``exit_temperature``) and cost (module docstring);
     every token reaches every exit (nothing halts). On the CPU."""
+    from pipelines.evaluate.temperature import every_exit_on_every_token
     from step_model.exits import exit_scores
 
     inf = model.inference
-    n_exits = len(model.exit_blocks)
-    temps = inf.temperatures_per_exit(n_exits)
-    zero = [torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-            for _ in range(n_exits)]
-    with torch.no_grad(), model.inference_scope(halting=True, exit_policy="uniform"):
-        tokens = model.forward_tokens(images, labels)
-        encoded = model.forward_encoder(tokens, halt_counts=zero)
+    temps = inf.temperatures_per_exit(len(model.exit_blocks))
+    tokens, encoded = every_exit_on_every_token(model, images, labels)
+    with torch.no_grad():
         final, _ = model.forward_head(tokens, encoded)
         exit_pixels = [model.pixel_logits(tokens, logits.float())
                        for logits in encoded.exit_logits]
@@ -122,15 +119,15 @@ def _reaching(im: ImageTokens, exit_index: int, thresholds_before: list[float]) 
 
 
 def image_losses(images: list[ImageTokens], exit_index: int,
-                 thresholds_before: list[float]) -> torch.Tensor:
-    """(n images, len(GRID)): each image's loss at exit ``exit_index`` for every candidate
-    threshold, its tokens reaching the exit under ``thresholds_before`` (one per earlier
-    exit)."""
+                 thresholds_before: list[float], grid: torch.Tensor = GRID) -> torch.Tensor:
+    """(n images, len(grid)): each image's loss at exit ``exit_index`` for every candidate
+    threshold of ``grid``, its tokens reaching the exit under ``thresholds_before`` (one
+    per earlier exit)."""
     rows = []
     for im in images:
         ex = im.exits[exit_index]
         score = torch.where(_reaching(im, exit_index, thresholds_before), ex.score, -1.0)
-        halted = score[None, :] >= GRID[:, None]  # (grid, n)
+        halted = score[None, :] >= grid[:, None]  # (grid, n)
         rows.append((halted.double() * ex.cost[None, :]).sum(1) / max(im.pixels, 1))
     return torch.stack(rows)
 
@@ -198,12 +195,9 @@ def fit_exit_thresholds(model, loader: Iterable, alpha: float, *,
 def realised_risk(images: list[ImageTokens], thresholds: list[float]) -> list[float]:
     """The mean loss per exit of ``images`` at ``thresholds``: what the bound promises on
     new images, measured on images that were not calibrated on."""
-    out = []
-    for e, t in enumerate(thresholds):
-        losses = image_losses(images, e, thresholds[:e])
-        i = int(torch.searchsorted(GRID, torch.tensor(t, dtype=torch.float64) - 1e-9))
-        out.append(float(losses[:, i].mean()))
-    return out
+    return [float(image_losses(images, e, thresholds[:e],
+                               torch.tensor([t], dtype=torch.float64)).mean())
+            for e, t in enumerate(thresholds)]
 
 
 def fit_checkpoint(checkpoint_uri: str, data_uri: str, alpha: float, *, inference=None,

@@ -46,17 +46,23 @@ LOG_T_BOUND = 4.0
 ECE_BINS = 15
 
 
+def every_exit_on_every_token(model, images: torch.Tensor, labels: torch.Tensor):
+    """(tokens, encoded) of a forward where the exit heads run and nothing halts: the
+    ablation's count hook halts zero tokens at every exit (see the module docstring)."""
+    zero = [torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+            for _ in model.exit_blocks]
+    with torch.no_grad(), model.inference_scope(halting=True, exit_policy="uniform"):
+        tokens = model.forward_tokens(images, labels)
+        return tokens, model.forward_encoder(tokens, halt_counts=zero)
+
+
 def exit_token_logits(model, images: torch.Tensor, labels: torch.Tensor
                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per exit, (logits (n, C) float32, majority labels (n,)) of the labelled tokens of
     one batch, every token reaching every exit (nothing halts). On the CPU."""
     from step_model.losses import token_majority_labels
 
-    zero = [torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-            for _ in model.exit_blocks]
-    with torch.no_grad(), model.inference_scope(halting=True, exit_policy="uniform"):
-        tokens = model.forward_tokens(images, labels)
-        encoded = model.forward_encoder(tokens, halt_counts=zero)
+    tokens, encoded = every_exit_on_every_token(model, images, labels)
     target = token_majority_labels(labels, tokens.layout.cell_to_token, tokens.num_tokens,
                                    model.cfg.num_classes)
     out = []
