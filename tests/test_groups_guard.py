@@ -124,16 +124,26 @@ def test_robust_guard_looks_past_the_mean():
     robust = select(TRIALS, 0.50, 2.0, "points", guard="robust")
     ci = select(TRIALS, 0.50, 2.0, "points", guard="ci")
     assert ci.best["trial_id"] == "mean-only"
-    assert robust.best["trial_id"] == "robust" and robust.n_feasible == 1
-    assert robust.plain["trial_id"] == "mean-only"  # the point rule's answer, kept
+    # robust: the worst group, not the tail, so the trial whose worst images lose 5.5
+    # points is kept and the one whose worst group breaks the limit is not
+    assert robust.best["trial_id"] == "mean-only" and robust.n_feasible == 2
     verdict = {c["name"]: c for c in checks(TRIALS[0], "robust", 2.0)}
+    assert "tail" not in verdict and verdict["worst_group"]["ok"]
+    assert not {c["name"]: c for c in checks(TRIALS[1], "robust", 2.0)}["worst_group"]["ok"]
+    assert "worst 0.2 of the images" not in robust.message()
+
+
+def test_strict_guard_checks_the_tail_too():
+    strict = select(TRIALS, 0.50, 2.0, "points", guard="strict")
+    assert strict.best["trial_id"] == "robust" and strict.n_feasible == 1
+    assert strict.plain["trial_id"] == "mean-only"  # the point rule's answer, kept
+    verdict = {c["name"]: c for c in checks(TRIALS[0], "strict", 2.0)}
     assert verdict["interval"]["ok"] and not verdict["tail"]["ok"]
     assert verdict["tail"]["value"] == 5.5 and verdict["tail"]["limit"] == 2.0
-    assert not {c["name"]: c for c in checks(TRIALS[1], "robust", 2.0)}["worst_group"]["ok"]
-    assert "worst 0.2 of the images" in robust.message()
+    assert "worst 0.2 of the images" in strict.message()
     # a tail of fewer images than tail.min_images is its noise: shown, not checked
     few = {**TRIALS[0], "tail_images": 2}
-    assert "tail" not in {c["name"] for c in checks(few, "robust", 2.0)}
+    assert "tail" not in {c["name"] for c in checks(few, "strict", 2.0)}
 
 
 def test_ruled_drop_keeps_the_old_rules_and_maps_other_limits():
@@ -149,9 +159,11 @@ def test_guard_presets_and_mappings_validate():
     from pipelines.common.settings import ConfigError, validate
     from pipelines.tune.search import TuneSettings
 
-    assert TuneSettings().guard.name == "robust"
+    assert TuneSettings().guard.name == "robust" and TuneSettings().guard.tail is None
     assert validate(TuneSettings, {"guard": "ci"}).guard.name == "ci"
-    assert validate(TuneSettings, {"guard": {"tail": None}}).guard.name == "custom"
+    assert validate(TuneSettings, {"guard": "strict"}).guard.tail is not None
+    assert validate(TuneSettings, {"guard": {"tail": {}}}).guard.name == "strict"
+    assert validate(TuneSettings, {"guard": {"groups": None}}).guard.name == "custom"
     with pytest.raises(ConfigError, match="guard"):
         validate(TuneSettings, {"guard": "maybe"})
     with pytest.raises(ConfigError, match="guard.tail.fraction"):
@@ -346,7 +358,7 @@ def test_robust_search_reports_groups_tail_cliff_and_a_corrected_confirmation(
                "--space", str(space), "--max-drop", "100", "--search", "grid",
                "--max-samples", "1", "--confirm-top", "2", "--bootstrap-samples", "200",
                "--set", f"groups.pattern={BY_SCENE['pattern']}", "--set", "holdout.groups=['0']",
-               "--set", "guard.groups.min_images=1", "--set", "guard.tail.min_images=1",
+               "--set", "guard.groups.min_images=1", "--set", "guard.tail={min_images: 1}",
                "--tracking-uri", uri,
                "--register-name", "", "--storage-path", str(tmp_path / "ray"),
                "--json", str(out)])
@@ -356,7 +368,8 @@ def test_robust_search_reports_groups_tail_cliff_and_a_corrected_confirmation(
     import json
 
     doc = json.loads(out.read_text())
-    # robust, with groups of one image checked (the shards hold one per scene)
+    # strict (robust and the tail), with groups and tails of one image checked (the shards
+    # hold one image per scene)
     assert doc["guard"] == "custom" and doc["guard_config"]["groups"]["min_images"] == 1
     assert doc["guard_config"]["tail"] and doc["holdout"]["groups"] == ["0"]
     conf = doc["confirmation"]

@@ -8,10 +8,12 @@ when every check it has figures for holds:
   ``max_drop`` (off: the point drop is). At the confirmation, where the few cheapest
   candidates are measured again, the level is Bonferroni-corrected for their number
   (``multiplicity``), see below.
-* ``tail``: the drop on the worst ``fraction`` of the images
+* ``tail`` (opt-in, preset ``strict``): the drop on the worst ``fraction`` of the images
   (:mod:`pipelines.evaluate.tail`) is within ``tail.max_drop`` (default: ``max_drop``).
   The mean over images hides a condition the model fails on; the worst fraction's drop
   bounds the drop of any condition that covers at least that fraction of the images.
+  Every trial carries the figure; it gates only when ``tail`` is set (see "Why the tail is
+  shown, not checked" below).
 * ``groups``: the worst group's drop (:mod:`pipelines.evaluate.groups`; groups of at least
   ``min_images`` images) is within ``groups.max_drop`` (default: ``max_drop``). Nothing to
   check when the data has one group.
@@ -24,11 +26,24 @@ when every check it has figures for holds:
 
 Why these defaults (``robust``):
 
-* The limit is the user's; every check reuses it, so the guard adds no tuned constant:
-  ``tail.fraction`` 0.2 says which conditions it protects (those covering a fifth of the
-  images or more: one recording or city of a typical dataset of a handful), and at the
-  sample sizes a search affords (50-100 images), a tenth would pool 5-10 images, whose
-  mIoU moves by more than the limit with one object.
+* The limit is the user's; every check reuses it, so the guard adds no tuned constant.
+  ``min_images`` keeps a group of a handful of images out of the verdict (shown, not
+  checked): the mIoU of a few images is their noise.
+* **Why the tail is shown, not checked.** The worst fraction of the images is a subset
+  chosen after the fact among *all* subsets, so its drop bounds every condition, and also
+  every set of images that two networks merely see differently. The second dominates: any
+  change to a deterministic network moves some images up and others down by a few points of
+  pixel accuracy, whatever it does to a real condition. Measured on CamVid (second recipe
+  run, docs/camvid.md): at the mildest point of the search (exit 0.9, merge 0.5, the
+  checkpoint's own settings), whose mean drop is -0.18 on val and 0.05 on the held-out dusk
+  recording, the worst fifth of the images loses 2.92 points (4.18 on the 367 training
+  images, whose worst recording loses 1.94): above the limit of 2.0, so a tail checked at
+  the user's limit rejects every configuration the network offers. Distributionally robust
+  evaluation over arbitrary subpopulations is known to be this pessimistic (Hu, Niu, Sato,
+  Sugiyama, ICML 2018); conditions are *structured* subpopulations, which is why the
+  default checks the groups the user names (``data.groups``) and measures whole held-out
+  groups, as group DRO does (Sagawa et al., ICLR 2020). ``tune.guard: strict`` (or a
+  ``tail`` mapping, with its own ``max_drop``) turns the tail check on.
 * **Winner's curse.** Choosing the cheapest of many candidates picks the one whose drop
   its images flattered most. Learn-then-Test (Angelopoulos et al., 2021) frames threshold
   selection as testing one hypothesis "risk > limit" per candidate and controls the
@@ -40,11 +55,11 @@ Why these defaults (``robust``):
   played no part in picking the candidates; the confirmation reuses the searched ones, so
   this is the multiplicity correction, not LTT's certificate.) Conformal risk control
   bounds the *expected* loss on a new exchangeable image; neither method covers a change
-  of conditions, which is why the tail, group and cliff checks exist besides it.
+  of conditions, which is why the group and cliff checks exist besides it.
 
 Presets: ``none`` (point drop), ``ci`` (interval, no multiplicity correction: the guard
-before these checks), ``robust`` (everything above, the default). A mapping gives any
-combination.
+before these checks), ``robust`` (interval, groups, cliff, Bonferroni: the default),
+``strict`` (``robust`` and the tail at the user's limit). A mapping gives any combination.
 """
 
 from __future__ import annotations
@@ -95,7 +110,9 @@ class GuardConfig(StrictModel):
 
     interval: bool = Field(True, description="the upper end of the drop's interval, not the "
                            "point drop, within max_drop")
-    tail: TailCheck | None = Field(TailCheck(), description="the worst fraction's drop")
+    tail: TailCheck | None = Field(None, description="the worst fraction's drop, checked "
+                                   "(every trial shows it; off by default: see the module "
+                                   "docstring)")
     groups: GroupCheck | None = Field(GroupCheck(), description="the worst group's drop")
     cliff: CliffCheck | None = Field(CliffCheck(), description="no steep drop one grid step "
                                      "more aggressive")
@@ -139,6 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ci": {"interval": True, "tail": None, "groups": None, "cliff": None,
            "multiplicity": "none"},
     "robust": {},
+    "strict": {"tail": {}},
 }
 
 

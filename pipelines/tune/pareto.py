@@ -15,8 +15,8 @@ Conventions (the unit of ``max_drop`` is the same in both modes: percent):
   (``drop_hi``, :mod:`pipelines.evaluate.bootstrap`), so a trial is feasible only when the
   limit holds with 97.5 % confidence, not just on the images measured; ``none`` compares
   the point estimate. A trial without an interval falls back to its point estimate. The
-  default guard ``robust`` adds the tail, worst-group and cliff checks of
-  :mod:`pipelines.tune.guard`.
+  default guard ``robust`` adds the worst-group and cliff checks of
+  :mod:`pipelines.tune.guard` (``strict`` also the tail's).
 * The answer is the cheapest feasible trial: fewest GFLOPs, or under ``tune.cost:
   latency`` the lowest latency ratio against the reference (:func:`cost_of`); ties go to
   the higher mIoU.
@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pipelines.tune.guard import TOL, as_guard, point_key, ruled_drop
 
 DropMode = Literal["points", "relative"]
-Guard = Any  # a preset name (none | ci | robust), its mapping, or a GuardConfig
+Guard = Any  # a preset name (none | ci | robust | strict), its mapping, or a GuardConfig
 
 
 def miou_drop(baseline_miou: float, miou: float, mode: DropMode = "points") -> float:

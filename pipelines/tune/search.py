@@ -130,8 +130,9 @@ class TuneSettings(StrictModel):
     guard: GuardSetting = Field(
         GuardConfig(), description="which trials count as within max_drop: none (point "
         "drop), ci (upper end of the interval), robust (default: the interval, the worst "
-        "fraction of the images, the worst group, no cliff one step more aggressive, "
-        "Bonferroni at the confirmation), or a mapping of those checks (docs/tuning.md)")
+        "group, no cliff one step more aggressive, Bonferroni at the confirmation), strict "
+        "(robust and the worst fifth of the images), or a mapping of those checks "
+        "(docs/tuning.md)")
     confirm_top: int = Field(3, ge=0, description="cheapest feasible trials (per rule) "
                              "re-evaluated on every searchable image before choosing; 0 = off")
     confirm_rounds: int = Field(5, ge=1, description="when no confirmed candidate passes "
