@@ -46,7 +46,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .config import SettingsMismatch
-from .varlen import resolve_strategy, run_block
+from .varlen import pad_rows, resolve_strategy, run_block
 
 
 def check_blocks(blocks: nn.Module) -> None:
@@ -170,8 +170,8 @@ class HaltedContext:
                     out = block(row)
                 else:
                     out = block_with_context(block, row, self.feats[i:i + 1, :c])
-                rows.append(F.pad(out, (0, 0, 0, n - m)))
-            return torch.cat(rows, dim=0)
+                rows.append(out[0])
+            return pad_rows(rows, n)
         if strategy == "pad_mask":
             dev = x.device
             valid = torch.cat([

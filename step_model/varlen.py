@@ -28,6 +28,8 @@ Layout invariant kept by the model: each image's valid tokens are a prefix of it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +53,7 @@ def run_block(block: nn.Module, x: torch.Tensor, lengths: list[int], strategy: s
     if strategy == "packed" and _packable(block):
         return _packed(block, x, lengths)
     if strategy in ("per_image", "packed"):
-        rows = [block(x[b : b + 1, :length]) for b, length in enumerate(lengths)]
-        return torch.cat([F.pad(r, (0, 0, 0, n - r.shape[1])) for r in rows], dim=0)
+        return pad_rows([block(x[b : b + 1, :length])[0] for b, length in enumerate(lengths)], n)
     if strategy == "pad_mask":
         valid = torch.arange(n, device=x.device)[None] < torch.tensor(lengths, device=x.device)[:, None]
         return block(x, attn_mask=valid[:, None, None, :])
@@ -76,5 +77,10 @@ def _packed(block: nn.Module, x: torch.Tensor, lengths: list[int]) -> torch.Tens
                       for s, e in zip(spans[:-1], spans[1:], strict=True)], 1)
     packed = packed + block.drop_path1(block.ls1(attn))
     packed = packed + block.drop_path2(block.ls2(block.mlp(block.norm2(packed))))
-    rows = packed[0].split(lengths)
+    return pad_rows(packed[0].split(lengths), n)
+
+
+def pad_rows(rows: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+    """Images' token rows (m_b, D) back into one padded batch (B, n, D), zeros after each
+    image's m_b tokens."""
     return torch.stack([F.pad(r, (0, 0, 0, n - r.shape[0])) for r in rows])
