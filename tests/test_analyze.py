@@ -313,6 +313,11 @@ def test_halting_only_measures_a_held_out_group_stored_with_the_training_images(
             assert f["calibration"][e]["reaching"]["weight"] == px["halted"]["pixels"] \
                 + px["active"]["pixels"]  # every labelled pixel reaches every exit there
     assert "halting protocol" in printed.out and "drop from halting" in printed.out
+    from pipelines.analyze.halting_report import halting_tables
+
+    header, rows = halting_tables(h)["halting_miou.csv"]
+    assert header[-2:] == ["gflops_plain", "gflops_tuned"]  # no column that is always empty
+    assert all(r[-1] > 0 and r[-2] > 0 for r in rows)
     client = MlflowClient(mlflow_server)
     files = {f.path for f in client.list_artifacts(doc["run_id"], "analysis")}
     assert {"analysis/halting_miou.csv", "analysis/halting_pixels.csv",
