@@ -75,6 +75,32 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def test_a_version_whose_held_out_check_broke_its_limit_says_so(case, registered,
+                                                              mlflow_server, capsys):
+    """The pipeline tags the version it registered with the held-out check's verdict;
+    ``step predict`` on that version prints the warning and keeps it in its notes."""
+    from pipelines.predict.settings import PredictSettings
+    from pipelines.predict.source import resolve_source
+    from pipelines.tracking.registry import tag_version
+    from pipelines.workflow.holdout import holdout_tags
+
+    name, version = registered[len("models:/"):].rsplit("/", 1)
+    s = PredictSettings(model=registered, images=case["images"], tracking_uri=mlflow_server,
+                        out=str(case["root"] / "out_unused"))
+    assert not [n for n in resolve_source(s).notes if "drop limit" in n]
+    check = {"images": 87, "drop": 3.76, "drop_lo": 2.88, "drop_hi": 4.71,
+             "limit_broken": True, "worst_group": "0001TP", "worst_group_drop": 5.66}
+    tag_version(mlflow_server, name, version, holdout_tags(check))
+    try:
+        [warning] = [n for n in resolve_source(s).notes if "drop limit" in n]
+        assert warning == (f"WARNING: {name} version {version} broke its drop limit (1.0) on "
+                           "87 held-out images: drop 3.76, worst group 0001TP 5.66")
+        assert f"step predict: {warning}" in capsys.readouterr().out
+    finally:  # the fixture's version is shared by the module's other tests
+        tag_version(mlflow_server, name, version, holdout_tags({**check, "limit_broken": False}))
+    assert not [n for n in resolve_source(s).notes if "drop limit" in n]
+
+
 def test_registered_model_locally_with_its_thresholds(case, registered, mlflow_server,
                                                       capsys):
     from pipelines.cli import main

@@ -46,7 +46,7 @@ def resolve_source(s: PredictSettings) -> ModelSource:
     registered, dataset, data_uri, notes = None, None, None, []
     changes = []  # applied in this order to the checkpoint's own settings
     if s.model.startswith("models:/"):
-        from pipelines.tracking.registry import resolve_registered_model
+        from pipelines.tracking.registry import holdout_warning, resolve_registered_model
 
         reg = resolve_registered_model(s.model, s.tracking_uri)
         registered = {"name": reg["name"], "version": reg["version"],
@@ -57,6 +57,10 @@ def resolve_source(s: PredictSettings) -> ModelSource:
             raise InputNotFound(
                 f"{s.model}: its checkpoint {reg['checkpoint']} is not reachable from "
                 "here; copy it and pass the copy as --model") from None
+        warning = holdout_warning(reg["name"], reg["version"], reg["tags"])
+        if warning:
+            print(f"step predict: {warning}", flush=True)
+            notes.append(warning)
         if s.thresholds_from_registry:
             changes.append(reg["inference"])
         data_uri = reg["data"]

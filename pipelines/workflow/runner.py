@@ -327,6 +327,10 @@ class Workflow:
         tags = holdout_tags(summary.get("holdout"))
         if tags:  # the held-out check's verdict, visible on the pipeline's own run
             logger.set_tags(tags)
+            if reg:  # and on the version it registered, where a deployment looks
+                from pipelines.tracking.registry import tag_version
+
+                tag_version(self.tracking_uri, reg["name"], reg["version"], tags)
 
     def plan(self) -> list[dict[str, Any]]:
         """What ``run`` would do, without doing it: each step's fingerprint and whether a
