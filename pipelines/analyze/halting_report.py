@@ -8,12 +8,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pipelines.analyze.halting import OVERALL, SETTINGS
+from pipelines.analyze.halting import COUNTED, OVERALL, SETTINGS
 
 Table = tuple[list[str], list[list[Any]]]
-# the settings whose GFLOPs the protocol counts (counting the merging-only forward too
-# tripled its time; its cost is the tradeoff's ``dcts`` row)
-COUNTED = ("plain", "tuned")
 
 
 def _rows(halting: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

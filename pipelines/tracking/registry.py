@@ -99,19 +99,6 @@ def tag_version(tracking_uri: str, name: str, version: str, tags: dict[str, str]
         client.set_model_version_tag(name, str(version), key, value)
 
 
-def holdout_warning(name: str, version: str, tags: dict[str, str]) -> str | None:
-    """The line to show for a version whose held-out check broke its drop limit (None
-    otherwise): the tags of :func:`pipelines.workflow.holdout.holdout_tags`."""
-    if tags.get("holdout.limit_broken") != "true":
-        return None
-    worst = (f", worst group {tags['holdout.worst_group']} "
-             f"{float(tags['holdout.worst_group_drop']):.2f}"
-             if tags.get("holdout.worst_group") and tags.get("holdout.worst_group_drop") else "")
-    return (f"WARNING: {name} version {version} broke its drop limit "
-            f"({tags.get('max_drop', '?')}) on {tags.get('holdout.images', '?')} held-out "
-            f"images: drop {float(tags.get('holdout.drop', 'nan')):.2f}{worst}")
-
-
 def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """What ``step predict`` needs of ``models:/NAME/VERSION`` (also ``models:/NAME@ALIAS``
     and ``models:/NAME/latest``): {"name", "version", "checkpoint", "inference", "data",
