@@ -204,7 +204,8 @@ CHECK = {"holdout": "0.3 of the validation images, by key hash", "images": 25,
 
 
 def test_a_broken_limit_is_said_plainly_in_the_report_and_tags():
-    from pipelines.workflow.holdout import holdout_line, holdout_tags
+    from pipelines.tracking.registry import holdout_tags
+    from pipelines.workflow.holdout import holdout_line
     from pipelines.workflow.report import choices_lines, summary_table
 
     line = holdout_line(CHECK)

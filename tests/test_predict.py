@@ -81,8 +81,7 @@ def test_a_version_whose_held_out_check_broke_its_limit_says_so(case, registered
     ``step predict`` on that version prints the warning and keeps it in its notes."""
     from pipelines.predict.settings import PredictSettings
     from pipelines.predict.source import resolve_source
-    from pipelines.tracking.registry import tag_version
-    from pipelines.workflow.holdout import holdout_tags
+    from pipelines.tracking.registry import holdout_tags, tag_version
 
     name, version = registered[len("models:/"):].rsplit("/", 1)
     s = PredictSettings(model=registered, images=case["images"], tracking_uri=mlflow_server,

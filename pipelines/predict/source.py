@@ -46,8 +46,7 @@ def resolve_source(s: PredictSettings) -> ModelSource:
     registered, dataset, data_uri, notes = None, None, None, []
     changes = []  # applied in this order to the checkpoint's own settings
     if s.model.startswith("models:/"):
-        from pipelines.tracking.registry import resolve_registered_model
-        from pipelines.workflow.holdout import holdout_warning
+        from pipelines.tracking.registry import holdout_warning, resolve_registered_model
 
         reg = resolve_registered_model(s.model, s.tracking_uri)
         registered = {"name": reg["name"], "version": reg["version"],

@@ -99,6 +99,34 @@ def tag_version(tracking_uri: str, name: str, version: str, tags: dict[str, str]
         client.set_model_version_tag(name, str(version), key, value)
 
 
+def holdout_tags(check: dict[str, Any] | None) -> dict[str, str]:
+    """Tags for the pipeline's parent run and the version it registered: whether the limit
+    broke on the held-out images (the check of :mod:`pipelines.workflow.holdout`)."""
+    if not check or check.get("drop") is None:
+        return {}
+    tags = {"holdout.limit_broken": str(bool(check["limit_broken"])).lower(),
+            "holdout.drop": f"{check['drop']:.4f}",
+            "holdout.interval": f"[{check['drop_lo']:.4f}, {check['drop_hi']:.4f}]",
+            "holdout.images": str(check["images"])}
+    if check.get("worst_group") is not None:
+        tags.update({"holdout.worst_group": str(check["worst_group"]),
+                     "holdout.worst_group_drop": f"{check['worst_group_drop']:.4f}"})
+    return tags
+
+
+def holdout_warning(name: str, version: str, tags: dict[str, str]) -> str | None:
+    """The line to show for a registered version whose held-out check broke its drop limit
+    (None otherwise), read back from the tags :func:`holdout_tags` wrote."""
+    if tags.get("holdout.limit_broken") != "true":
+        return None
+    worst = (f", worst group {tags['holdout.worst_group']} "
+             f"{float(tags['holdout.worst_group_drop']):.2f}"
+             if tags.get("holdout.worst_group") and tags.get("holdout.worst_group_drop") else "")
+    return (f"WARNING: {name} version {version} broke its drop limit "
+            f"({tags.get('max_drop', '?')}) on {tags.get('holdout.images', '?')} held-out "
+            f"images: drop {float(tags.get('holdout.drop', 'nan')):.2f}{worst}")
+
+
 def resolve_registered_model(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """What ``step predict`` needs of ``models:/NAME/VERSION`` (also ``models:/NAME@ALIAS``
     and ``models:/NAME/latest``): {"name", "version", "checkpoint", "inference", "data",

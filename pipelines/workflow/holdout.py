@@ -169,31 +169,3 @@ def holdout_line(check: dict[str, Any] | None) -> str | None:
                  f"({100 * v['baseline']['miou']:.2f}): drop {v['drop']:.2f} "
                  f"[{v['drop_lo']:.2f}, {v['drop_hi']:.2f}]")
     return line
-
-
-def holdout_tags(check: dict[str, Any] | None) -> dict[str, str]:
-    """Tags for the pipeline's parent run and the version it registered: whether the limit
-    broke on the held-out images."""
-    if not check or check.get("drop") is None:
-        return {}
-    tags = {"holdout.limit_broken": str(bool(check["limit_broken"])).lower(),
-            "holdout.drop": f"{check['drop']:.4f}",
-            "holdout.interval": f"[{check['drop_lo']:.4f}, {check['drop_hi']:.4f}]",
-            "holdout.images": str(check["images"])}
-    if check.get("worst_group") is not None:
-        tags.update({"holdout.worst_group": str(check["worst_group"]),
-                     "holdout.worst_group_drop": f"{check['worst_group_drop']:.4f}"})
-    return tags
-
-
-def holdout_warning(name: str, version: str, tags: dict[str, str]) -> str | None:
-    """The line to show for a registered version whose held-out check broke its drop limit
-    (None otherwise), read back from the tags :func:`holdout_tags` wrote."""
-    if tags.get("holdout.limit_broken") != "true":
-        return None
-    worst = (f", worst group {tags['holdout.worst_group']} "
-             f"{float(tags['holdout.worst_group_drop']):.2f}"
-             if tags.get("holdout.worst_group") and tags.get("holdout.worst_group_drop") else "")
-    return (f"WARNING: {name} version {version} broke its drop limit "
-            f"({tags.get('max_drop', '?')}) on {tags.get('holdout.images', '?')} held-out "
-            f"images: drop {float(tags.get('holdout.drop', 'nan')):.2f}{worst}")

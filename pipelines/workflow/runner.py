@@ -322,14 +322,12 @@ class Workflow:
         reg = summary.get("registered_model")
         if reg:
             logger.set_tags({"step.registered_model": f"{reg['name']}/{reg['version']}"})
-        from pipelines.workflow.holdout import holdout_tags
+        from pipelines.tracking.registry import holdout_tags, tag_version
 
         tags = holdout_tags(summary.get("holdout"))
         if tags:  # the held-out check's verdict, visible on the pipeline's own run
             logger.set_tags(tags)
             if reg:  # and on the version it registered, where a deployment looks
-                from pipelines.tracking.registry import tag_version
-
                 tag_version(self.tracking_uri, reg["name"], reg["version"], tags)
 
     def plan(self) -> list[dict[str, Any]]:
