@@ -62,3 +62,38 @@ def test_step_flops_follow_the_tokens_that_run() -> None:
     assert abs(g["encoder"] * 1e9 - encoder) < 1e-6 * encoder
     assert round(g["exits"] * 1e9) == exits
     assert round(g["decoder"] * 1e9) == decoder
+
+
+def test_the_part_counter_gives_flop_counter_modes_figures() -> None:
+    """``flop_counter(parts_of=model)`` (the cheap counter every evaluation uses) against
+    torch's ``FlopCounterMode`` on the same forwards: the policy network (batch norms that
+    decompose), sharing, two exits, a batch of two; the split and the total equal."""
+    from step_model import flops_by_part
+
+    model = tiny("threshold", exits=[3, 6],
+                 inference={"exit_thresholds": [0.25], "top_k": 1, "merge_thresholds": 0.3})
+    x = torch.rand(2, 3, 128, 128)
+    y = torch.stack([blocky_labels(128, 128, 2), blocky_labels(128, 128, 4)])
+    for scope in (torch.no_grad, torch.inference_mode):
+        with scope(), flop_counter() as full:
+            model(x, y)
+        with scope(), flop_counter(parts_of=model) as parts:
+            model(x, y)
+        want = flops_by_part(full, type(model).__name__)
+        got = flops_by_part(parts, type(model).__name__)
+        assert want["policy"] > 0 and want["exits"] > 0 and want["decoder"] > 0
+        assert got == want, (scope, got, want)
+
+
+def test_the_part_counter_leaves_no_hooks_behind() -> None:
+    model = tiny("threshold", exits=[3], inference={"exit_thresholds": [0.5]})
+    hooked = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    try:
+        with torch.no_grad(), flop_counter(parts_of=model):
+            model(torch.rand(1, 3, 100, 100))  # not a multiple of the 16-px patch
+    except Exception:  # noqa: BLE001 - the error is not the point, the hooks are
+        pass
+    with torch.no_grad(), flop_counter(parts_of=model) as counter:
+        model(torch.rand(1, 3, 128, 128))
+    assert counter.get_total_flops() > 0
+    assert [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks] == hooked

@@ -59,7 +59,7 @@ def counted_forward(model, images, labels, **kwargs):
     """One forward under the FLOP counter: (output, GFLOPs of the whole batch)."""
     from step_model import flop_counter
 
-    with torch.no_grad(), flop_counter() as fc:
+    with torch.no_grad(), flop_counter(parts_of=model) as fc:
         out = model(images, labels, **kwargs)
     return out, fc.get_total_flops() / 1e9
 

@@ -250,12 +250,12 @@ def run_protocol(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch
             # GFLOPs counted on what executes (policy network included), for the plain and
             # the tuned forward: counting dispatches every operator through Python, which
             # tripled the protocol's time when the merging-only forward was counted too
-            with flop_counter() as count:
+            with flop_counter(parts_of=model) as count:
                 model.set_inference(settings["plain"])
                 plain = model(images, labels)
             g_plain = count.get_total_flops() / 1e9 / len(groups)
             merged = merging_only_forward(model, images, labels, settings["merging_only"])
-            with flop_counter() as count:
+            with flop_counter(parts_of=model) as count:
                 model.set_inference(settings["tuned"])
                 tuned = model(images, labels)
             g_tuned = count.get_total_flops() / 1e9 / len(groups)

@@ -58,7 +58,7 @@ class ComputeCounter:
         if self.count_flops:
             from step_model.flops import flop_counter, flops_by_part
 
-            with flop_counter() as fc:
+            with flop_counter(parts_of=model) as fc:
                 out = model(images, labels)
             for k, v in flops_by_part(fc, type(model).__name__).items():
                 self.flops[k] = self.flops.get(k, 0.0) + v

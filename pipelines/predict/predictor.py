@@ -132,7 +132,7 @@ class Predictor:
             if self.plan["flops"]:
                 from step_model.flops import flop_counter, flops_by_part
 
-                with flop_counter() as fc:
+                with flop_counter(parts_of=self.model) as fc:
                     out = self.model(x)
                 split = flops_by_part(fc, type(self.model).__name__)
             else:
