@@ -14,7 +14,7 @@ count 0, as torch counts them.
 Counting is not free: under ``FlopCounterMode`` the CamVid pipeline's tuned ViT-Tiny
 forward took 114.8 ms instead of 57.7 (2-core CPU, 20 val images), and every evaluation,
 trial and `step predict --flops` pays it per image. ``flop_counter(parts_of=model)``
-(:class:`PartFlopCounter`) counts the same ops with the same formulas at about 80 ms.
+(:class:`PartFlopCounter`) counts the same ops with the same formulas in 86-90 ms.
 """
 
 from __future__ import annotations
