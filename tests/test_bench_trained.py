@@ -77,7 +77,12 @@ def test_checkpoint_plain_and_tuned_by_part_and_predict(case, capsys):
         pred = entry["predict"]
         assert pred["images_per_s_plain"]["median"] > 0
         assert pred["images_per_s_tuned"]["median"] > 0
+    counting = doc["counting"]
+    assert counting["same_counts"] is True
+    for k in ("flop_counter_mode", "part_counter"):
+        assert counting[f"ms_per_image_{k}"]["n"] == 2 * 3  # repeats x images
     h = doc["headline"]
+    assert h["counted_ms_part_counter"] == counting["ms_per_image_part_counter"]["median"]
     assert h["gflops_cut"] == pytest.approx(plain["total"] / tuned["total"])
     assert h["speedup_per_gflops_cut"] == pytest.approx(h["wall_speedup"] / h["gflops_cut"])
     assert 0 < h["policy_flop_share"] < 1 and 0 < h["policy_time_share"] < 1
@@ -88,6 +93,7 @@ def test_checkpoint_plain_and_tuned_by_part_and_predict(case, capsys):
         doc["by_batch"]["2"]["predict"]["speedup"] / doc["by_batch"]["2"]["forward"]["speedup"])
     printed = capsys.readouterr().out
     assert "wall speedup" in printed and "speedup / GFLOPs cut" in printed
+    assert "under the part counter" in printed and "COUNTS DIFFER" not in printed
 
 
 def test_settings_refuse_two_models_and_a_checkpoint_as_model(case, capsys):

@@ -76,6 +76,57 @@ def test_interval_is_paired_and_refuses_other_images():
         paired_bootstrap(ref, ImageConfusions(cand.keys[:-1], cand.matrices[:-1]))
 
 
+def test_block_resamples_are_runs_of_consecutive_images_in_key_order():
+    """Each block resample is ceil(n / L) runs of L consecutive indices (wrapping round), cut
+    to n; ``auto`` is round(n ** (1/3)); block 1 keeps the one-by-one draws."""
+    from pipelines.evaluate.bootstrap import block_length
+
+    n, L = 23, 4
+    draws = resample_indices(n, 50, seed=3, block=L)
+    assert draws.shape == (50, n)
+    for row in draws:
+        for start in range(0, n, L):
+            run = row[start:start + L]
+            assert all((b - a) % n == 1 for a, b in zip(run[:-1], run[1:], strict=True))
+    np.testing.assert_array_equal(resample_indices(n, 50, seed=3, block=1),
+                                  resample_indices(n, 50, seed=3))
+    assert [block_length("auto", k) for k in (8, 50, 76, 101)] == [2, 4, 4, 5]
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        block_length(0, 10)
+
+
+def test_a_block_bootstrap_widens_the_interval_of_correlated_frames():
+    """Frames in runs that share their loss (a scene seen for 8 frames): resampling them one
+    by one counts each run 8 times as evidence; runs of 8 frames do not. On independent
+    frames both intervals agree. Keys, not the evaluation's order, set the runs."""
+    rng = np.random.default_rng(1)
+    n, run, c = 96, 8, 4
+    keys = [f"rec_{i:04d}" for i in range(n)]
+    order = rng.permutation(n)  # evaluated in another order than the frames'
+
+    def frames(loss: np.ndarray) -> tuple[ImageConfusions, ImageConfusions]:
+        ref = rng.integers(0, 30, size=(n, c, c)) + np.eye(c, dtype=np.int64) * 300
+        cand = ref.copy()
+        moved = np.minimum(cand[:, 0, 0], loss)
+        cand[:, 0, 0] -= moved
+        cand[:, 0, 1] += moved
+        ordered = tuple(keys[i] for i in order)
+        return ImageConfusions(ordered, ref[order]), ImageConfusions(ordered, cand[order])
+
+    r, k = frames(np.repeat(rng.integers(0, 250, n // run), run))  # a loss per scene
+    iid = paired_bootstrap(r, k, samples=2000, block=1)
+    blocks = paired_bootstrap(r, k, samples=2000, block=run)
+    assert blocks.block == run and iid.block == 1 and blocks.drop == iid.drop
+    assert (blocks.hi - blocks.lo) > 1.5 * (iid.hi - iid.lo)
+    r, k = frames(rng.integers(0, 250, n))  # a loss per frame
+    a = paired_bootstrap(r, k, samples=2000, block=1)
+    b = paired_bootstrap(r, k, samples=2000, block=run)
+    assert (b.hi - b.lo) < 1.35 * (a.hi - a.lo)
+    with pytest.raises(ValueError, match="key order"):
+        paired_bootstrap(ImageConfusions(None, r.matrices), ImageConfusions(None, k.matrices),
+                         block=2)
+
+
 def test_per_image_matrices_sum_to_the_batch_matrix():
     g = torch.Generator().manual_seed(0)
     pred = torch.randint(0, 5, (3, 6, 7), generator=g)

@@ -20,7 +20,11 @@ What it measures, per batch size (``--batch-sizes 1,4,8``):
 * ``predict``: images/s of ``step predict``'s own loop (:class:`pipelines.predict.
   predictor.Predictor`: decode, forward, write the PNGs), FLOP counting off;
 
-and once, per image at batch 1, the GFLOPs of both (the policy network included).
+and once, per image at batch 1, the GFLOPs of both (the policy network included), and
+``counting``: what counting them costs, the tuned forward at batch 1 under torch's
+``FlopCounterMode`` and under the part counter every evaluation uses
+(:class:`step_model.flops.PartFlopCounter`), interleaved image by image, with whether
+their counts agree.
 The headline: wall speedup (plain / tuned forward time at the first batch size),
 GFLOPs cut, and their ratio (1.0: the time follows the FLOPs).
 
@@ -133,6 +137,7 @@ def measure_trained(s: TrainedBenchSettings) -> dict[str, Any]:
             "repeats": s.repeats, "warmup": s.warmup, "batch_sizes": list(s.batch_sizes),
         }
         doc.update(_flops(model, images))
+        doc["counting"] = _counting(model, images, s.repeats)
         doc["by_batch"] = {}
         for bs in s.batch_sizes:
             entry = {"forward": _time_forward(model, images, bs, s, amp)}
@@ -198,6 +203,34 @@ def _flops(model, images) -> dict[str, Any]:
         with model.inference_scope(changes):
             counts = [measure_gflops(model, images[i:i + 1]) for i in range(len(images))]
         out[f"gflops_{mode}"] = {k: sum(c[k] for c in counts) / len(counts) for k in counts[0]}
+    return out
+
+
+def _counting(model, images, repeats: int) -> dict[str, Any]:
+    """ms per image of the tuned forward (batch 1, no grad) under either FLOP counter,
+    ``repeats`` passes, the two counters interleaved per image (the GFLOPs pass before
+    warmed both up); ``same_counts``: every image counted alike by both."""
+    import torch
+
+    from step_model.bench_parts import stats
+    from step_model.flops import flop_counter, flops_by_part
+
+    root = type(model).__name__
+    times: dict[str, list[float]] = {"flop_counter_mode": [], "part_counter": []}
+    same = True
+    with torch.no_grad():
+        for _ in range(repeats):
+            for i in range(len(images)):
+                x, counted = images[i:i + 1], []
+                for name, parts_of in (("flop_counter_mode", None), ("part_counter", model)):
+                    t0 = time.perf_counter()
+                    with flop_counter(parts_of=parts_of) as fc:
+                        model(x)
+                    times[name].append(1e3 * (time.perf_counter() - t0))
+                    counted.append(flops_by_part(fc, root))
+                same = same and counted[0] == counted[1]
+    out: dict[str, Any] = {f"ms_per_image_{k}": stats(v) for k, v in times.items()}
+    out["same_counts"] = same
     return out
 
 
@@ -279,6 +312,11 @@ def headline(doc: dict[str, Any]) -> dict[str, Any]:
         "spread_plain": fwd["ms_per_image_plain"]["spread"],
         "spread_tuned": fwd["ms_per_image_tuned"]["spread"],
     }
+    counting = doc.get("counting")
+    if counting:  # the counted forward over the bare one (the bare one: with its argmax)
+        out.update({f"counted_ms_{k}": counting[f"ms_per_image_{k}"]["median"]
+                    for k in ("flop_counter_mode", "part_counter")},
+                   counting_same_counts=counting["same_counts"])
     parts = doc["by_batch"][first].get("parts")
     if parts and doc["gflops_tuned"]["total"]:
         t = parts["tuned"]
@@ -327,6 +365,11 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
     if h.get("policy_time_share") is not None:
         lines.append(f"  policy network: {h['policy_time_share']:.2f} of the tuned forward's "
                      f"time, {h['policy_flop_share']:.2f} of its GFLOPs")
+    if h.get("counted_ms_part_counter") is not None:
+        lines.append(f"  counting GFLOPs: the tuned forward takes "
+                     f"{h['counted_ms_flop_counter_mode']:.1f} ms under FlopCounterMode, "
+                     f"{h['counted_ms_part_counter']:.1f} ms under the part counter"
+                     + ("" if h["counting_same_counts"] else " (COUNTS DIFFER)"))
     for bs, entry in doc["by_batch"].items():
         f = entry["forward"]
         line = (f"  batch {bs}: forward {f['images_per_s_plain']:.2f} -> "

@@ -172,6 +172,7 @@ def _slices(s: EvalSettings, checkpoint: str, images) -> dict:
         out["reference"] = {k: ref.get(k) for k in ("miou", "gflops", "tokens_mean")}
         out["drop"] = comparison(ref_images, images, grouper=grouper, drop_mode="points",
                                  max_drop=float("inf"), samples=1000, confidence=0.95,
+                                 block=s.bootstrap_block,
                                  seed=0, tail_fraction=0.2, min_images=1)
         out["drop"].pop("within_limit")
     return out
@@ -184,7 +185,9 @@ def _slice_lines(full: dict) -> list[str]:
     d = full.get("drop")
     if d:
         lines.append(f"drop against the unpruned reference (mIoU {_f(d['reference_miou'])}): "
-                     f"{d['drop']:.2f} points [{d['drop_lo']:.2f}, {d['drop_hi']:.2f}]; "
+                     f"{d['drop']:.2f} points [{d['drop_lo']:.2f}, {d['drop_hi']:.2f}]"
+                     + (f" (runs of {d['bootstrap_block']} images)"
+                        if d.get("bootstrap_block", 1) > 1 else "") + "; "
                      f"worst {d['tail']['fraction']:g} of the images: "
                      f"{_f(d['tail']['drop'])}"
                      + (f"; worst group {d['worst_group']}: {d['worst_group_drop']:.2f}"

@@ -16,15 +16,15 @@ from pipelines.evaluate.tail import tail_drop
 
 def comparison(reference, candidate, *, grouper, drop_mode: str, max_drop: float,
                samples: int, confidence: float, seed: int, tail_fraction: float,
-               min_images: int) -> dict[str, Any]:
+               min_images: int, block: int | str = 1) -> dict[str, Any]:
     """Drop of ``candidate`` against ``reference`` (per-image matrices of the same images):
     point, interval, within the limit, tail, per group and the worst group."""
     iv = paired_bootstrap(reference, candidate, mode=drop_mode,  # type: ignore[arg-type]
-                          samples=samples, confidence=confidence, seed=seed)
+                          samples=samples, confidence=confidence, seed=seed, block=block)
     tail = tail_drop(reference, candidate, tail_fraction, drop_mode)  # type: ignore[arg-type]
     out: dict[str, Any] = {"reference_miou": reference.miou(), "miou": candidate.miou(),
                            "drop": iv.drop, "drop_lo": iv.lo, "drop_hi": iv.hi,
-                           "confidence": confidence,
+                           "confidence": confidence, "bootstrap_block": iv.block,
                            "within_limit": bool(iv.drop <= max_drop + 1e-9),
                            "tail": {k: tail[k] for k in ("fraction", "images", "drop",
                                                          "pixel_drop")}}

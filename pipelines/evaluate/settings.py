@@ -6,7 +6,7 @@ inference settings, as a Ray Tune trial does; unset fields keep the checkpoint's
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -46,4 +46,7 @@ class EvalSettings(StrictModel):
     reference: bool = Field(False, description="also evaluate the unpruned reference (no "
                             "merging, no halting): the drop overall, on the worst fifth of "
                             "the images and per group, with the worst group")
+    bootstrap_block: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="the drop's interval resamples runs of this many consecutive images "
+        "(key order; frames of a recording are not independent); auto = round(n ** (1/3))")
     mlflow: EvalMlflow = EvalMlflow()

@@ -51,7 +51,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -140,6 +140,10 @@ class TuneSettings(StrictModel):
                                 "up to this many rounds in all (intervals corrected for every "
                                 "candidate confirmed)")
     bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples")
+    bootstrap_block: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="resample runs of this many consecutive images (in key order) "
+        "instead of images one by one: frames of one recording are not independent draws "
+        "(the circular block bootstrap); auto = round(n ** (1/3)); 1 = one by one")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the drop interval "
                               "(two-sided: 0.95 guards the upper end at 97.5 %)")
     holdout: Holdout | None = Field(None, description="images the search never sees: "
@@ -390,6 +394,7 @@ def _search(settings: TuneSettings, space: SearchSpace, num_exits: int, checkpoi
         "guard": settings.guard.describe(), "confirm_top": settings.confirm_top,
         "confirm_rounds": settings.confirm_rounds,
         "bootstrap_samples": settings.bootstrap_samples, "confidence": settings.confidence,
+        "bootstrap_block": settings.bootstrap_block,
         "holdout": settings.holdout.model_dump() if settings.holdout else None,
     })
     tracker.log_dict(space.model_dump(mode="json"), "search_space.json")
@@ -445,6 +450,7 @@ def _reference(settings: TuneSettings, space: SearchSpace, num_exits: int, check
         drop_mode=settings.drop_mode, max_samples=settings.max_samples, device=device,
         cpus=settings.resources_per_trial.cpu, s3_env=s3_env, reference=images,
         guard=settings.guard, bootstrap_samples=settings.bootstrap_samples,
+        bootstrap_block=settings.bootstrap_block,
         confidence=settings.confidence, seed=settings.seed, holdout=holdout,
         groups=settings.groups.model_dump(mode="json") if settings.groups else None,
         cost=settings.cost, latency=settings.latency.model_dump())

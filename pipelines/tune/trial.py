@@ -142,6 +142,7 @@ class TrialContext:
     reference: Any = None
     guard: Any = "none"  # a preset name or a GuardConfig (pipelines.tune.guard)
     bootstrap_samples: int = 1000
+    bootstrap_block: int | str = 1  # runs of consecutive images (pipelines.evaluate.bootstrap)
     confidence: float = 0.95
     seed: int = 0
     holdout: dict[str, Any] | None = None  # Holdout.model_dump(): images the trials skip
@@ -215,5 +216,6 @@ def drop_interval(ctx: TrialContext, images):
     if ctx.reference is None:
         return None
     return paired_bootstrap(ctx.reference, images, mode=ctx.drop_mode,  # type: ignore[arg-type]
-                            samples=ctx.bootstrap_samples, confidence=ctx.confidence,
+                            samples=ctx.bootstrap_samples, block=ctx.bootstrap_block,
+                            confidence=ctx.confidence,
                             seed=ctx.seed)

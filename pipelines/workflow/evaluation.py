@@ -26,7 +26,8 @@ def evaluate_all(checkpoint: str, data: str, tuned: dict[str, Any] | None, *,
                  groups: dict[str, Any] | None = None, drop_mode: str = "points",
                  max_drop: float = 2.0, samples: int = 1000, confidence: float = 0.95,
                  seed: int = 0, tail_fraction: float = 0.2, min_images: int = 10,
-                 holdout: dict[str, Any] | None = None) -> dict[str, Any]:
+                 holdout: dict[str, Any] | None = None, block: int | str = 1
+                 ) -> dict[str, Any]:
     """The evaluation document (see the module docstring); ``holdout``: the keyword
     arguments of :func:`pipelines.workflow.holdout.holdout_check` besides the models."""
     from pipelines.evaluate.compare import comparison
@@ -55,7 +56,7 @@ def evaluate_all(checkpoint: str, data: str, tuned: dict[str, Any] | None, *,
                           ("plain_vit", vit_images)) if images is not None}
     compare = dict(grouper=grouper, drop_mode=drop_mode, max_drop=max_drop, samples=samples,
                    confidence=confidence, seed=seed, tail_fraction=tail_fraction,
-                   min_images=min_images)
+                   min_images=min_images, block=block)
     if after_images is not None:
         out["vs_unshared"] = comparison(ref_images, after_images, **compare)
         if vit_images is not None:

@@ -30,7 +30,7 @@ def holdout_check(checkpoint: str, data: str, holdout: dict[str, Any],
                   seed: int = 0, plain: dict[str, Any] | None = None,
                   train_data: str | None = None, plain_vit: str | None = None,
                   groups: dict[str, Any] | None = None, min_images: int = 10,
-                  tail_fraction: float = 0.2,
+                  tail_fraction: float = 0.2, block: int | str = 1,
                   evaluated: dict[str, tuple[dict[str, Any], Any]] | None = None
                   ) -> dict[str, Any]:
     """Figures on the held-out images (see the module docstring). ``data``: the validation
@@ -70,7 +70,8 @@ def holdout_check(checkpoint: str, data: str, holdout: dict[str, Any],
 
         return comparison(reference_images, images, grouper=grouper, drop_mode=drop_mode,
                           max_drop=max_drop, samples=samples, confidence=confidence,
-                          seed=seed, tail_fraction=tail_fraction, min_images=min_images)
+                          seed=seed, tail_fraction=tail_fraction, min_images=min_images,
+                          block=block)
 
     after, images = run("tuned", checkpoint, tuned)
     figures = drop(ref_images, images)

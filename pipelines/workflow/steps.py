@@ -341,7 +341,7 @@ def evaluate(cfg: PipelineConfig, run_id: str, wf: Workflow, data: dict[str, Any
         plain_vit=(baseline or {}).get("checkpoint"),
         groups=_groups(cfg),
         drop_mode=t.drop_mode, max_drop=t.max_drop, samples=t.bootstrap_samples,
-        confidence=t.confidence, seed=t.seed,
+        block=t.bootstrap_block, confidence=t.confidence, seed=t.seed,
         tail_fraction=guard.tail.fraction if guard.tail else 0.2,
         min_images=guard.groups.min_images if guard.groups else 10,
         holdout=_holdout_args(cfg, data, tuned)))
@@ -396,7 +396,8 @@ def _holdout_args(cfg: PipelineConfig, data: dict[str, Any],
     return {"data": data["holdout"] if h.split is not None else data["val"],
             "train_data": data["train"] if h.from_training else None,
             "holdout": _holdout(cfg), "max_drop": t.max_drop, "drop_mode": t.drop_mode,
-            "samples": t.bootstrap_samples, "confidence": t.confidence, "seed": t.seed,
+            "samples": t.bootstrap_samples, "block": t.bootstrap_block,
+            "confidence": t.confidence, "seed": t.seed,
             "plain": plain}
 
 
