@@ -405,3 +405,30 @@ def test_step_eval_gives_mIoU_per_group_and_the_drop_against_the_reference(tiny_
     assert d["worst_group_drop"] == max(g["drop"] for g in d["groups"].values())
     assert d["tail"]["images"] == 1  # ceil(0.2 x 3)
     assert "drop against the unpruned reference" in capsys.readouterr().out
+
+
+def test_cliff_neighbours_run_with_the_searchs_own_settings(tiny_shards, models):
+    """A neighbour is evaluated like a trial: the search's starting settings
+    (``tune.inference``, here halting off) with the neighbour's thresholds, not the
+    checkpoint's own settings (which halt at exit 0.0)."""
+    from pipelines.common.checkpoint import resolve_checkpoint_dir
+    from pipelines.common.oracle import checkpoint_inference
+    from pipelines.tune.cliff import _evaluate
+    from pipelines.tune.space import SearchSpace
+    from pipelines.tune.trial import TrialContext
+
+    space = SearchSpace.model_validate({
+        "name": "t", "exit_thresholds": {"type": "choice", "values": [0.0, 0.5]},
+        "merge_thresholds": {"type": "choice", "values": [0.5]}})
+    halted = {}
+    for halting in (True, False):
+        base = checkpoint_inference(resolve_checkpoint_dir(models["step"]),
+                                    {"halting": halting, "top_k": 0}).to_dict()
+        ctx = TrialContext(space=space.model_dump(mode="json"), base=base, num_exits=2,
+                           checkpoint=models["step"], data=tiny_shards["val"],
+                           baseline={"miou": 0.5, "gflops": 10.0}, max_drop=2.0,
+                           drop_mode="points", max_samples=2)
+        rec = _evaluate(space, ctx, {"exit_threshold": 0.0, "merge_threshold": 0.5})
+        halted[halting] = rec["halted_fraction"]
+        assert rec["num_images"] == 2
+    assert halted[True] > 0.5 and halted[False] == 0.0

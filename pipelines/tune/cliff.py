@@ -97,10 +97,17 @@ def _show(params: dict[str, Any]) -> str:
 
 
 def _evaluate(space, ctx, params: dict[str, Any]) -> dict[str, Any]:
-    """One neighbour on the search's images, with the figures a trial reports."""
-    from pipelines.tune.trial import drop_interval, evaluate_images, slice_figures, trial_metrics
+    """One neighbour on the search's images, with the figures a trial reports: the search's
+    starting settings (``tune.inference``) with the neighbour's changes, as a trial runs."""
+    from pipelines.tune.trial import (
+        drop_interval,
+        evaluate_images,
+        slice_figures,
+        trial_inference,
+        trial_metrics,
+    )
 
-    inference = space.to_inference(params, ctx.num_exits)
+    inference = trial_inference(ctx.base, space.to_inference(params, ctx.num_exits))
     m, images = evaluate_images(ctx.checkpoint, ctx.data, inference,
                                 max_samples=ctx.max_samples, device=ctx.device,
                                 holdout=ctx.holdout)
