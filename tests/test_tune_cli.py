@@ -192,7 +192,9 @@ def test_aws_keys_stay_out_of_ray_logs(tiny_case, s3_bucket, tmp_path):
     key_id = f"KEYID{uuid.uuid4().hex[:12].upper()}"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: unix socket paths
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(RAY_TMPDIR=str(ray_tmp), AWS_ACCESS_KEY_ID=key_id,
+    scratch = tmp_path / "tmp"  # the processes' temporary files, to see what stays there
+    scratch.mkdir()
+    env.update(RAY_TMPDIR=str(ray_tmp), TMPDIR=str(scratch), AWS_ACCESS_KEY_ID=key_id,
                AWS_SECRET_ACCESS_KEY=secret, AWS_SESSION_TOKEN=token,
                PYTHONPATH=str(REPO))
     out = tmp_path / "tune.json"
@@ -209,6 +211,8 @@ def test_aws_keys_stay_out_of_ray_logs(tiny_case, s3_bucket, tmp_path):
         doc = json.loads(out.read_text())
         assert doc["n_trials"] == 2 and doc["failed_trials"] == 0, printed[-4000:]
         assert "trial 2/2: " in proc.stdout
+        # the S3 checkpoint is read, not staged: no copy of it per trial left behind
+        assert not list(scratch.rglob("model.pt")), sorted(scratch.rglob("*"))[:10]
 
         sessions = list((ray_tmp / "ray").glob("session_2*"))  # Ray's temp dir: $RAY_TMPDIR/ray
         assert sessions and any((s / "logs").is_dir() for s in sessions)

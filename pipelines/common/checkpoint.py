@@ -23,6 +23,7 @@ outlives refactors of the module classes. The same directory is a Ray Train
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,21 @@ def _read_mapping(uri: str, name: str) -> dict[str, Any]:
     return data
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    return torch.load(Path(path) / MODEL_FILE, map_location="cpu", weights_only=True)
+def load_state_dict(uri: str | Path) -> dict[str, torch.Tensor]:
+    """``model.pt`` of checkpoint ``uri``; an ``s3://`` one is read into memory, never
+    staged on disk (a search loads its checkpoint once per trial: staged copies filled
+    /tmp with one checkpoint per trial)."""
+    if storage.is_s3(str(uri)):
+        data = io.BytesIO(storage.files.read_bytes(storage.join(str(uri), MODEL_FILE)))
+        return torch.load(data, map_location="cpu", weights_only=True)
+    return torch.load(Path(uri) / MODEL_FILE, map_location="cpu", weights_only=True)
+
+
+def check_checkpoint(uri: str) -> str:
+    """``uri`` when it holds a checkpoint's weights and architecture (local or s3://)."""
+    if not all(storage.exists(storage.join(uri, f)) for f in (MODEL_FILE, CONFIG_FILE)):
+        raise InputNotFound(f"{uri}: not a checkpoint (needs {MODEL_FILE} and {CONFIG_FILE})")
+    return uri
 
 
 def load_train_state(path: str | Path) -> dict[str, Any] | None:
@@ -145,7 +159,7 @@ def load_model(uri: str | Path, *, device: str | torch.device = "cpu"
     """Rebuild the model from its architecture, load ``model.pt`` strictly and set the
     checkpoint's inference settings; ``uri`` is a checkpoint or a Ray run directory (its
     latest checkpoint). Returns (model, the architecture as a dict, weight sources kept)."""
-    path = local_dir(resolve_checkpoint_dir(str(uri)))
+    path = check_checkpoint(resolve_checkpoint_dir(str(uri)))
     arch, inference = read_configs(path)
     model = build_model(without_weight_sources(arch), inference)
     model.load_state_dict(load_state_dict(path), strict=True)

@@ -181,13 +181,13 @@ def get(name: str | None):
 def load_policy_weights(model, uri: str) -> None:
     """Copy the ``policy.*`` tensors of a (stage-1) checkpoint into ``model.policy``."""
     from pipelines.common.checkpoint import (
+        check_checkpoint,
         load_state_dict,
-        local_dir,
         read_configs,
         resolve_checkpoint_dir,
     )
 
-    path = local_dir(resolve_checkpoint_dir(uri))
+    path = check_checkpoint(resolve_checkpoint_dir(uri))
     # a shape mismatch deep in load_state_dict would not say which setting to change
     differ = policy_mismatch(model.cfg, read_configs(path)[0])
     if differ:
