@@ -115,7 +115,7 @@ def test_step_training_is_tracked_in_mlflow_server(crashed_step_run, tiny_shards
 
 
 def test_policy_run_stopped_then_resumed_and_learns(tiny_shards, tmp_path, monkeypatch) -> None:
-    from pipelines.common.checkpoint import local_dir
+    from pipelines.common import storage
     from pipelines.common.data import eval_loader
     from pipelines.common.model import build_model
     from pipelines.train.stages import evaluate_policy
@@ -140,7 +140,7 @@ def test_policy_run_stopped_then_resumed_and_learns(tiny_shards, tmp_path, monke
     assert summary["metrics"]["restored_step"] == 6
     assert summary["metrics"]["step"] == 12
     assert summary["checkpoint"].endswith("checkpoint_00000012")
-    assert (local_dir(summary["checkpoint"]) / "policy.pt").is_file()
+    assert storage.exists(storage.join(summary["checkpoint"], "policy.pt"))
     assert 0 < summary["metrics"]["tokens_mean"] < summary["metrics"]["tokens_in"]
 
     torch.manual_seed(cfg.train.seed)

@@ -78,14 +78,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def local_dir(uri: str | Path) -> Path:
-    """A local directory with the checkpoint's files (downloads ``s3://`` ones)."""
-    path = storage.download_dir(str(uri))
-    if not (path / MODEL_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        raise InputNotFound(f"{uri}: not a checkpoint (needs {MODEL_FILE} and {CONFIG_FILE})")
-    return path
-
-
 def read_configs(uri: str | Path) -> tuple[StepConfig, InferenceConfig]:
     """(architecture, inference settings) of the checkpoint ``uri`` (local or ``s3://``;
     only its two small files are read): ``inference.yaml``, or for a checkpoint written

@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from data_prep import storage as files
-from pipelines.common.errors import InputNotFound
 
 is_s3 = files.is_s3
 join = files.join
@@ -61,26 +59,6 @@ def upload_dir(local: str | Path, uri: str) -> str:
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         files.write_bytes(files.join(uri, path.relative_to(local).as_posix()), path.read_bytes())
     return uri
-
-
-def download_dir(uri: str, local: str | Path | None = None) -> Path:
-    """A local copy of directory ``uri`` (the directory itself when it is local)."""
-    if not is_s3(uri):
-        path = Path(uri)
-        if not path.is_dir():
-            raise InputNotFound(f"{uri}: no such directory")
-        return path
-    out = Path(local or tempfile.mkdtemp(prefix="step-ckpt-"))
-    listing = files.list_files(uri)
-    if not listing:
-        raise InputNotFound(f"{uri}: no such directory (or empty)")
-    for rel in listing:
-        if not rel or rel.endswith("/"):
-            continue  # directory markers that pyarrow's S3 filesystem writes
-        dest = out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(files.read_bytes(files.join(uri, rel)))
-    return out
 
 
 def ray_storage(storage_path: str):
