@@ -67,6 +67,38 @@ def test_oracle_at_purity_one_reaches_100_and_layouts_match_the_model():
         assert rows[key]["tokens_fraction"] == int(layout.num_tokens.sum()) / cells, key
 
 
+def test_predicted_layouts_are_the_oracles_rule_on_predictions():
+    """The predicted layouts apply the oracle's rule to a predictor's masks: a predictor that
+    returns the labels gives the oracle's layouts exactly (predicted_vs_oracle 1), one that
+    sees a single class merges every window and loses the ceiling; the learned policy's
+    figure ignores them, and they are not marked as using labels."""
+    from pipelines.analyze.layouts import PREDICTED, LayoutSweep, policy_vs_oracle
+
+    model = tiny("threshold", num_classes=5)
+    labels = torch.cat([blocky_labels(64, 96, 1), blocky_labels(64, 96, 2)])
+    images = torch.rand(2, 3, 64, 96)
+
+    def rows_with(predict):
+        sweep = LayoutSweep(model, 5, purities=[1.0, 0.95], thresholds=[0.5], budgets=[],
+                            predict=predict)
+        sweep.update(images, labels)
+        return sweep.rows()
+
+    perfect = rows_with(lambda imgs: labels)
+    by = {(r["layout"], r["setting"]): r for r in perfect}
+    for p in (1.0, 0.95):
+        assert by[(PREDICTED, p)]["tokens_fraction"] == by[("oracle", p)]["tokens_fraction"]
+        assert by[(PREDICTED, p)]["ceiling_miou"] == by[("oracle", p)]["ceiling_miou"]
+        assert not by[(PREDICTED, p)]["uses_labels"]
+    assert policy_vs_oracle(perfect, layouts=(PREDICTED,))["value"] == pytest.approx(1.0)
+    without = [r for r in perfect if r["layout"] != PREDICTED]
+    assert policy_vs_oracle(perfect) == policy_vs_oracle(without)
+    flat = {(r["layout"], r["setting"]): r
+            for r in rows_with(lambda imgs: torch.zeros_like(labels))}
+    assert flat[(PREDICTED, 1.0)]["tokens_fraction"] < by[("oracle", 1.0)]["tokens_fraction"]
+    assert flat[(PREDICTED, 1.0)]["ceiling_miou"] < by[("oracle", 1.0)]["ceiling_miou"]
+
+
 def _row(layout, setting, frac, ceiling):
     return {"layout": layout, "setting": setting, "tokens_fraction": frac,
             "ceiling_miou": ceiling, "token_cut": 1 / frac, "uses_labels": layout == "oracle"}
@@ -217,6 +249,38 @@ def test_layouts_only_runs_the_policy_alone(checkpoints, tiny_shards, mlflow_ser
     assert {"analysis/layouts.csv", "analysis/layouts.png"} <= files
     assert not {"analysis/tradeoff.csv", "analysis/flow_tokens.csv"} & files
     assert list(doc["seconds"]) == ["layouts"]  # nothing else ran
+    assert doc["predicted_layouts"] is None and doc["predicted_vs_oracle"] is None
+
+
+def test_predicted_layouts_from_the_checkpoints_own_unpruned_masks(checkpoints, tiny_shards,
+                                                                    capsys):
+    """``--predicted-layouts self``: the oracle's rule on the checkpoint's own unpruned masks
+    (policy none, no halting), one row per purity, and their figure printed."""
+    from pipelines.analyze.layouts import LayoutSweep
+    from pipelines.cli import main
+    from pipelines.common.checkpoint import load_model
+    from pipelines.common.data import batch_to_device, eval_loader
+
+    out = checkpoints["root"] / "predicted.json"
+    assert main(["analyze", "--checkpoint", checkpoints["learned"], "--data", tiny_shards["val"],
+                 "--layouts-only", "--layout-thresholds", "0.5", "--budgets", "0.5",
+                 "--purities", "1.0", "0.95", "--predicted-layouts", "self", "--no-mlflow",
+                 "--json", str(out)]) == 0, capsys.readouterr().err[-3000:]
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["predicted_layouts"] == "self"
+    ref, _ = load_model(checkpoints["learned"])
+    ref.eval().set_inference(policy_mode="none", halting=False)
+    sweep = LayoutSweep(ref, 7, purities=[1.0, 0.95], thresholds=[], budgets=[],
+                        predict=lambda images: ref(images).logits.argmax(1))
+    for images, labels in eval_loader(tiny_shards["val"], num_workers=0):
+        sweep.update(*batch_to_device(images, labels, "cpu"))
+    want = [r for r in sweep.rows() if r["layout"] == "predicted"]
+    got = [r for r in doc["layouts"] if r["layout"] == "predicted"]
+    assert [r["setting"] for r in got] == [1.0, 0.95]
+    assert [r["tokens_fraction"] for r in got] == pytest.approx([r["tokens_fraction"] for r in want])
+    assert [r["ceiling_miou"] for r in got] == pytest.approx([r["ceiling_miou"] for r in want])
+    assert "predicted_vs_oracle" in printed
 
 
 def test_oracle_is_refused_without_allow_oracle_and_labelled_with_it(

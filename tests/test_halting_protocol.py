@@ -205,3 +205,17 @@ def test_figures_per_group_by_key_pattern_are_those_of_the_groups_images():
     for e in doc["exits"]:
         assert doc["overall"]["calibration"][e]["reaching"]["count"] == sum(
             p["calibration"][e]["reaching"]["count"] for p in parts)
+
+
+def test_calibration_reads_the_tempered_confidence_that_decided():
+    """With ``exit_temperature`` set, the reliability tables read the probability the
+    halting decision read (logits / T), not the raw head's: the same tokens reaching the
+    exit, the same predictions, a lower mean confidence at T = 3."""
+    model, images, labels, op = _model_and_batch()
+    raw = _run(model, images, labels, op, ["a", "a"])["overall"]["calibration"]["exit_4"]
+    hot = _run(model, images, labels, op.replace(exit_temperature=[3.0]),
+               ["a", "a"])["overall"]["calibration"]["exit_4"]["reaching"]
+    raw = raw["reaching"]
+    assert hot["count"] == raw["count"] and hot["weight"] == raw["weight"]
+    assert hot["accuracy"] == pytest.approx(raw["accuracy"])
+    assert hot["mean_confidence"] < raw["mean_confidence"] - 0.01

@@ -115,9 +115,10 @@ class HaltingMeter:
     """Sums of the protocol per group; :meth:`update` takes one batch's three forwards."""
 
     def __init__(self, num_classes: int, exit_blocks: list[int], depth: int,
-                 bins: int = DEFAULT_BINS) -> None:
+                 bins: int = DEFAULT_BINS, temperatures: list[float] | None = None) -> None:
         self.num_classes = num_classes
         self.exit_blocks = list(exit_blocks)
+        self.temperatures = temperatures or [1.0] * len(self.exit_blocks)
         self.exits = [f"exit_{b}" for b in self.exit_blocks]
         self.depth = depth
         self.bins = bins
@@ -144,8 +145,8 @@ class HaltingMeter:
         right_merged = (preds[1] == labels) & labelled
         cells = cell_counts(labels, self.num_classes).double()
         cells = cells.reshape(cells.shape[0], -1, self.num_classes)  # (B, G, C)
-        halted_tok = _token_scores(tuned, cells, self.exit_blocks)
-        reaching_tok = _token_scores(merged, cells, self.exit_blocks)
+        halted_tok = _token_scores(tuned, cells, self.exit_blocks, self.temperatures)
+        reaching_tok = _token_scores(merged, cells, self.exit_blocks, self.temperatures)
         for b, name in enumerate(groups):
             g = self._group(name)
             g.images += 1
@@ -204,17 +205,19 @@ class _Tokens:
         return self.confidence[b][keep], self.right[b][keep], self.pixels[b][keep]
 
 
-def _token_scores(out, cells: torch.Tensor, exit_blocks: list[int]) -> dict[str, _Tokens]:
+def _token_scores(out, cells: torch.Tensor, exit_blocks: list[int],
+                  temperatures: list[float]) -> dict[str, _Tokens]:
     """{exit name: its tokens} for every exit that ran in ``out``; ``cells``: (B, G, C)
-    labelled pixels per grid cell and class."""
+    labelled pixels per grid cell and class; ``temperatures``: one per exit."""
     flow = out.flow
     c2t = flow.cell_to_token.cpu()
     depth_cells = flow.cell_exit_depth.cpu().reshape(c2t.shape)
     res = {}
     # a forward without halting runs no exit (eval mode): then there is nothing to zip
-    for blk, logits, valid in zip(exit_blocks, out.exit_logits, out.exit_valid, strict=False):
+    for blk, t, logits, valid in zip(exit_blocks, temperatures, out.exit_logits,
+                                     out.exit_valid, strict=False):
         n = logits.shape[1]
-        conf, pred = logits.detach().float().softmax(-1).max(-1)
+        conf, pred = (logits.detach().float() / t).softmax(-1).max(-1)
         hist = token_histograms(cells, c2t, n)  # (B, N, C)
         # every cell of a token ran as deep as the token: any of them gives its depth
         depth = torch.zeros(c2t.shape[0], n, dtype=torch.long).scatter(1, c2t, depth_cells)
@@ -244,7 +247,8 @@ def run_protocol(model, batches: Callable[[], Iterable[tuple[torch.Tensor, torch
     Returns the ``halting`` part of the analysis (:meth:`HaltingMeter.result` and the
     three settings)."""
     settings = protocol_inference(op)
-    meter = HaltingMeter(num_classes, list(model.exit_blocks), model.encoder.depth, bins)
+    meter = HaltingMeter(num_classes, list(model.exit_blocks), model.encoder.depth, bins,
+                         temperatures=op.temperatures_per_exit(len(model.exit_blocks)))
     with torch.no_grad():
         for images, labels, groups in batches():
             # GFLOPs counted on what executes (policy network included), for the plain and

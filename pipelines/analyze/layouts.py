@@ -6,10 +6,18 @@ layout from the same scores with the model's own selection functions. Each setti
 confusion matrix of its painted layout (:mod:`pipelines.analyze.ceiling`) and its tokens
 over the whole set, so ``tokens_fraction`` is tokens / grid cells over all images and the
 ceiling is one mIoU over all pixels, not a mean of per-image figures.
+
+``predict`` (optional) adds the *predicted* layouts: the oracle's rule at each purity,
+applied to a segmenter's own predicted masks instead of the labels. They use no label,
+so they are not an upper bound; they say what a policy that knew the classes as well as
+that segmenter (its 16-px patch features, every block) would merge, hence how much of
+the gap to the oracle a better predictor of classes could close at all
+(``predicted_vs_oracle``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +27,8 @@ from pipelines.analyze.ceiling import cell_counts, layout_confusion
 from pipelines.evaluate.metrics import scores_from_confusion
 
 ORACLE = "oracle"
+PREDICTED = "predicted"
+LEARNED = ("threshold", "budget")
 
 
 @dataclass
@@ -39,13 +49,16 @@ class LayoutSweep:
     purities: list[float]
     thresholds: list[float]
     budgets: list[float]
+    # images (B, 3, H, W) -> predicted masks (B, H, W): the predicted layouts' classes
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None
     accs: list[_Acc] = field(default_factory=list)
     images: int = 0
 
     def __post_init__(self) -> None:
         settings = ([(ORACLE, p) for p in self.purities]
                     + [("threshold", t) for t in self.thresholds]
-                    + [("budget", b) for b in self.budgets])
+                    + [("budget", b) for b in self.budgets]
+                    + ([(PREDICTED, p) for p in self.purities] if self.predict else []))
         self.accs = [_Acc(k, float(v), torch.zeros(self.num_classes, self.num_classes,
                                                    dtype=torch.int64)) for k, v in settings]
 
@@ -56,12 +69,18 @@ class LayoutSweep:
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         from step_model.model import pad_to_patch
 
+        predicted = None
+        if self.predict is not None:
+            with torch.no_grad():
+                masks = self.predict(images)
+            predicted = cell_counts(pad_to_patch(images, masks)[1], self.num_classes)
         images, labels = pad_to_patch(images, labels)
         cells = cell_counts(labels, self.num_classes)
         b, gh, gw = cells.shape[:3]
         learned = self._learned_scores(images) if self.thresholds or self.budgets else None
         for acc in self.accs:
-            layout = self._layout(acc, cells, learned, (gh, gw), b, images.device)
+            layout = self._layout(acc, predicted if acc.layout == PREDICTED else cells,
+                                  learned, (gh, gw), b, images.device)
             acc.cm += layout_confusion(cells, layout.cell_to_token)
             acc.tokens += int(layout.num_tokens.sum())
             acc.cells += b * gh * gw
@@ -80,7 +99,7 @@ class LayoutSweep:
         from step_model.policy import homogeneous, window_histogram
         from step_model.selection import build_layout, select_by_budget, select_by_threshold
 
-        if acc.layout == ORACLE:
+        if acc.layout in (ORACLE, PREDICTED):  # the same rule, on labels or on predictions
             scores = {s: homogeneous(window_histogram(cells, s), acc.setting).float()
                       for s in self.levels}
             accepted = select_by_threshold(scores, dict.fromkeys(scores, 0.5), grid)
@@ -105,17 +124,19 @@ class LayoutSweep:
         return out
 
 
-def policy_vs_oracle(rows: list[dict[str, Any]], purity: float = 0.95) -> dict[str, Any]:
+def policy_vs_oracle(rows: list[dict[str, Any]], purity: float = 0.95,
+                     layouts: tuple[str, ...] = LEARNED) -> dict[str, Any]:
     """The learned policy's token cut as a fraction of the oracle's, at the ceiling the
     oracle reaches with ``purity``: the best cut (grid cells / tokens) among learned
-    settings whose ceiling is at least the oracle's, over the oracle's cut.
+    settings whose ceiling is at least the oracle's, over the oracle's cut. ``layouts``:
+    which rows compete (``(PREDICTED,)``: the predicted layouts' figure).
 
     ``value`` is None (with ``reason``) when the oracle row is missing or no learned setting
     reaches its ceiling; ``best_ceiling`` then names the learned setting that came closest.
     """
     oracle = next((r for r in rows if r["layout"] == ORACLE
                    and abs(r["setting"] - purity) < 1e-9), None)
-    learned = [r for r in rows if r["layout"] != ORACLE and r["ceiling_miou"] is not None
+    learned = [r for r in rows if r["layout"] in layouts and r["ceiling_miou"] is not None
                and r["token_cut"] is not None]
     out: dict[str, Any] = {"value": None, "oracle_purity": purity, "oracle_ceiling": None,
                            "oracle_cut": None, "best": None, "best_ceiling": None,
@@ -129,7 +150,8 @@ def policy_vs_oracle(rows: list[dict[str, Any]], purity: float = 0.95) -> dict[s
     out["oracle_ceiling"], out["oracle_cut"] = oracle["ceiling_miou"], oracle["token_cut"]
     reaching = [r for r in learned if r["ceiling_miou"] >= oracle["ceiling_miou"] - 1e-12]
     if not reaching:
-        out["reason"] = (f"no learned setting reaches the oracle's ceiling "
+        kind = "learned" if layouts == LEARNED else "/".join(layouts)
+        out["reason"] = (f"no {kind} setting reaches the oracle's ceiling "
                          f"(mIoU {100 * oracle['ceiling_miou']:.2f} %) at purity {purity}")
         return out
     best = max(reaching, key=lambda r: (r["token_cut"], r["ceiling_miou"]))

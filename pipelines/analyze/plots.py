@@ -26,7 +26,8 @@ def layouts_plot(path: Path, rows: list[dict[str, Any]]) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     styles = {"oracle": ("k", "o", "oracle (uses labels: upper bound)"),
               "threshold": ("tab:blue", "s", "learned policy, threshold"),
-              "budget": ("tab:orange", "^", "learned policy, budget")}
+              "budget": ("tab:orange", "^", "learned policy, budget"),
+              "predicted": ("tab:green", "D", "oracle's rule on a segmenter's predictions")}
     for kind, (color, marker, label) in styles.items():
         pts = sorted((r["tokens_fraction"], _pct(r["ceiling_miou"]), r["setting"]) for r in rows
                      if r["layout"] == kind and r["tokens_fraction"] is not None)

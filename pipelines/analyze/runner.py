@@ -60,13 +60,16 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
             budgets: list[float] | None = None, seeds: list[int] | None = None,
             ablation_thresholds: list[float] | None = None, layouts_only: bool = False,
             protocol: Any = None, halting_only: bool = False,
+            predicted_layouts: str | None = None,
             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every part; returns the ``step analyze`` JSON document. ``protocol`` (a
     :class:`pipelines.analyze.measured.ProtocolRequest`): the halting protocol's images
-    (None: no halting protocol); ``halting_only``: that protocol alone."""
+    (None: no halting protocol); ``halting_only``: that protocol alone;
+    ``predicted_layouts``: a segmenter checkpoint (``"self"``: ``checkpoint``) whose
+    unpruned predictions choose the predicted layouts (:mod:`pipelines.analyze.layouts`)."""
     from pipelines.analyze.ablation import ablation_sweep, confidence_wins, run_ablation
     from pipelines.analyze.flow import FlowMeter
-    from pipelines.analyze.layouts import LayoutSweep, policy_vs_oracle
+    from pipelines.analyze.layouts import PREDICTED, LayoutSweep, policy_vs_oracle
     from pipelines.analyze.tradeoff import run_tradeoff
     from pipelines.common.checkpoint import load_model
     from pipelines.common.data import batch_to_device, dataset_info, eval_loader
@@ -107,7 +110,10 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
         return json_safe(doc)
 
     t0 = time.monotonic()
-    sweep = LayoutSweep(model, num_classes, list(purities), list(thresholds), list(budgets))
+    predict = None if predicted_layouts is None else _unpruned_masks(
+        checkpoint if predicted_layouts == "self" else predicted_layouts, num_classes, device)
+    sweep = LayoutSweep(model, num_classes, list(purities), list(thresholds), list(budgets),
+                        predict=predict)
     for images, labels in batches():
         sweep.update(images, labels)
     layouts = sweep.rows()
@@ -116,6 +122,9 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
     doc = _document(checkpoint, data, names, op, note, seconds)
     doc.update(num_images=sweep.images, layouts=layouts, policy_vs_oracle=policy_vs_oracle(layouts),
                layouts_only=layouts_only)
+    if predict is not None:
+        doc.update(predicted_layouts=predicted_layouts,
+                   predicted_vs_oracle=policy_vs_oracle(layouts, layouts=(PREDICTED,)))
     if layouts_only:  # only the policy network ran: a stage-1 checkpoint is enough
         doc["operating_point"] = None
         return json_safe(doc)
@@ -159,6 +168,21 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
     return json_safe(doc)
 
 
+def _unpruned_masks(checkpoint: str, num_classes: int, device: str
+                    ) -> Callable[[Any], Any]:
+    """images -> the masks of ``checkpoint``'s unpruned forward (plain 16-px tokens, no
+    halting: the segmenter every STEP setting is measured against)."""
+    from pipelines.common.checkpoint import load_model, resolve_checkpoint_dir
+    from step_model.config import InferenceOverrides
+
+    ref, _ = load_model(resolve_checkpoint_dir(checkpoint), device=device)
+    if ref.cfg.num_classes != num_classes:
+        raise InvalidInput(f"predicted_layouts: {checkpoint} predicts {ref.cfg.num_classes} "
+                           f"classes, the analysed checkpoint {num_classes}")
+    ref.eval().set_inference(InferenceOverrides(policy_mode="none", halting=False))
+    return lambda images: ref(images).logits.argmax(1)
+
+
 def _document(checkpoint: str, data: str, names: list[str], op: InferenceConfig,
               note: str | None, seconds: dict[str, float]) -> dict[str, Any]:
     """The document with every part empty (each part fills its own)."""
@@ -166,6 +190,7 @@ def _document(checkpoint: str, data: str, names: list[str], op: InferenceConfig,
         "checkpoint": checkpoint, "data": data, "num_images": 0,
         "class_names": names, "operating_point": {"inference": op.to_dict(), "note": note},
         "layouts": [], "policy_vs_oracle": None,
+        "predicted_layouts": None, "predicted_vs_oracle": None,
         "tradeoff": [], "ablation": {}, "ablation_sweep": [], "confidence_wins": None,
         "flow": None, "halting": None,
         "units": {"miou": "fraction of 1 (as step eval)", "gflops": "per image, policy "

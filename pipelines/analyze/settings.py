@@ -65,6 +65,12 @@ class AnalyzeSettings(SweepSettings):
     layouts_only: bool = Field(False, description="only the layout curve and "
                                "policy_vs_oracle: the policy network alone runs, so a "
                                "stage-1 (policy) checkpoint is enough")
+    predicted_layouts: str | None = Field(
+        None, description="a segmenter checkpoint (local, s3:// or a Ray run directory; "
+        "'self': the analysed one) whose unpruned forward runs on every image: the oracle's "
+        "layouts chosen from its predicted masks instead of the labels ('predicted' rows, "
+        "predicted_vs_oracle): what a policy that knew the classes as well as that "
+        "segmenter would merge")
     halting_only: bool = Field(False, description="only the halting protocol (plain / "
                                "merging only / tuned, halted and active pixels, calibration "
                                "of the exits), on data and holdout_data")
@@ -88,6 +94,9 @@ class AnalyzeSettings(SweepSettings):
     def _consistent(self) -> AnalyzeSettings:
         if self.layouts_only and self.halting_only:
             raise ValueError("layouts_only and halting_only: give at most one")
+        if self.predicted_layouts and self.halting_only:
+            raise ValueError("predicted_layouts: the layout curve's, which halting_only "
+                             "does not run")
         if self.holdout_groups and self.groups is None:
             raise ValueError("holdout_groups: needs groups (how sample keys fall into "
                              "groups, e.g. {pattern: '^([^_]+)_'})")

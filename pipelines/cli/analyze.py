@@ -38,7 +38,8 @@ def analyze_command(inv: Invocation) -> Result:
                   max_samples=s.max_samples, device=s.device, batch_size=s.batch_size,
                   purities=s.purities, thresholds=s.layout_thresholds, budgets=s.budgets,
                   seeds=s.seeds, ablation_thresholds=s.ablation_thresholds,
-                  layouts_only=s.layouts_only, protocol=protocol, halting_only=s.halting_only)
+                  layouts_only=s.layouts_only, protocol=protocol, halting_only=s.halting_only,
+                  predicted_layouts=s.predicted_layouts)
     doc["run_id"] = doc["tracking_uri"] = None
     if s.mlflow.enabled:
         from pipelines.tracking.runs import create_run, resolve_tracking_uri
@@ -55,6 +56,17 @@ def analyze_command(inv: Invocation) -> Result:
     for line in summary_lines(doc):
         print(line)
     return Result(doc)
+
+
+def _vs_oracle_line(v: dict | None) -> str | None:
+    if v is None:
+        return None
+    if v["value"] is None:
+        return f"n/a ({v['reason']})"
+    b = v["best"]
+    return (f"{v['value']:.3f} ({b['layout']} {b['setting']:g} cuts {b['token_cut']:.2f}x; "
+            f"the oracle at purity {v['oracle_purity']} cuts {v['oracle_cut']:.2f}x at "
+            f"ceiling {_p(v['oracle_ceiling'])})")
 
 
 def _p(v) -> str:
@@ -74,14 +86,10 @@ def summary_lines(doc: dict) -> list[str]:
         frac = "n/a" if r["tokens_fraction"] is None else f"{r['tokens_fraction']:.3f}"
         lines.append(f"  {r['layout']:<9} {r['setting']:<5g} tokens {frac}  "
                      f"ceiling {_p(r['ceiling_miou'])}{tag}")
-    pvo = doc["policy_vs_oracle"]  # None: the layout curve did not run
-    if pvo is not None and pvo["value"] is not None:
-        b = pvo["best"]
-        lines.append(f"policy_vs_oracle: {pvo['value']:.3f} ({b['layout']} {b['setting']:g} "
-                     f"cuts {b['token_cut']:.2f}x; the oracle at purity {pvo['oracle_purity']} "
-                     f"cuts {pvo['oracle_cut']:.2f}x at ceiling {_p(pvo['oracle_ceiling'])})")
-    elif pvo is not None:
-        lines.append(f"policy_vs_oracle: n/a ({pvo['reason']})")
+    for name in ("policy_vs_oracle", "predicted_vs_oracle"):
+        line = _vs_oracle_line(doc.get(name))  # None: that curve did not run
+        if line:
+            lines.append(f"{name}: {line}")
     if doc["tradeoff"]:
         lines.append("trade-off: " + "; ".join(
             f"{r['variant']} {_p(r['miou'])} @ {r['gflops']:.3g}" for r in doc["tradeoff"]

@@ -14,6 +14,8 @@ results are then marked ``uses_labels`` / ``upper_bound`` (JSON, MLflow tags, ou
 (:mod:`pipelines.evaluate.temperature`): it prints them per exit with the NLL and the
 calibration error before and after, and ``--json`` writes them; nothing is evaluated or
 logged to MLflow. Pass the printed values as ``--exit-temperature`` to any command.
+``--perturb-levels N`` fits on N perturbed copies of each image too
+(:mod:`pipelines.evaluate.perturb`), for temperatures meant to hold under domain drift.
 
 ``--fit-exit-thresholds`` chooses one exit threshold per exit by conformal risk control
 (:mod:`pipelines.evaluate.risk_control`): on new images like those of ``--data``, the
@@ -44,6 +46,11 @@ class EvalActions(StrictModel):
         "the exit heads, halting off) instead of evaluating: prints them with the NLL and "
         "calibration error before and after, --json writes them; pass them as "
         "--exit-temperature")
+    perturb_levels: int = Field(
+        0, ge=0, le=10, description="with --fit-exit-temperature: fit on this many "
+        "perturbed copies of each image too (low light, contrast, noise or blur at strengths "
+        "1/N..1; Tomani et al. 2021), for a temperature that holds under domain drift; 0: "
+        "the images as they are")
     fit_exit_thresholds: bool = Field(
         False, description="choose one exit threshold per exit on --data by conformal risk "
         "control: on new images like these, the expected share of pixels that halting makes "
@@ -69,6 +76,8 @@ def evaluate(inv: Invocation) -> Result:
                           "--exit-temperature set to it)")
     if "halting_risk" in actions.model_fields_set and not actions.fit_exit_thresholds:
         raise ConfigError("--halting-risk: only with --fit-exit-thresholds")
+    if actions.perturb_levels and not actions.fit_exit_temperature:
+        raise ConfigError("--perturb-levels: only with --fit-exit-temperature")
     if fit:
         _check_fit(s, "--fit-exit-temperature" if actions.fit_exit_temperature
                    else "--fit-exit-thresholds")
@@ -78,7 +87,7 @@ def evaluate(inv: Invocation) -> Result:
     if oracle and not s.allow_oracle:
         refuse_oracle("step eval")
     if actions.fit_exit_temperature:
-        return _fit_temperature(s, checkpoint, inference)
+        return _fit_temperature(s, checkpoint, inference, actions.perturb_levels)
     if actions.fit_exit_thresholds:
         return _fit_thresholds(s, checkpoint, inference, actions.halting_risk)
     per_image = s.groups is not None or s.reference
@@ -116,19 +125,24 @@ def _check_fit(s: EvalSettings, flag: str) -> None:
                           f"{'it' if len(unused) == 1 else 'them'} out")
 
 
-def _fit_temperature(s: EvalSettings, checkpoint: str, inference: dict) -> Result:
+def _fit_temperature(s: EvalSettings, checkpoint: str, inference: dict,
+                     perturb_levels: int) -> Result:
     from pipelines.evaluate.temperature import fit_checkpoint
 
     doc = fit_checkpoint(checkpoint, s.data, inference=inference,
-                         max_samples=s.max_samples, device=s.device)
+                         max_samples=s.max_samples, device=s.device,
+                         perturb_levels=perturb_levels)
     for e in doc["exits"]:
         if e["nll_before"] is None:
             print(f"step eval: exit at block {e['block']}: no labelled token, T 1")
             continue
         print(f"step eval: exit at block {e['block']}: T {e['temperature']:.4g} "
               f"({e['tokens']} tokens), NLL {e['nll_before']:.4f} -> {e['nll_after']:.4f}, "
-              f"ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f}")
-    print(f"step eval: fitted on {doc['images']} images; pass --exit-temperature "
+              f"ECE {e['ece_before']:.4f} -> {e['ece_after']:.4f}"
+              + (f"; on the clean images ECE {e['clean']['ece_before']:.4f} -> "
+                 f"{e['clean']['ece_after']:.4f}" if "clean" in e else ""))
+    copies = (f" and {perturb_levels} perturbed copies of each" if perturb_levels else "")
+    print(f"step eval: fitted on {doc['images']} images{copies}; pass --exit-temperature "
           f"{doc['exit_temperature']}")
     return Result({"checkpoint": checkpoint, "data": s.data, **doc})
 

@@ -28,6 +28,10 @@ Design choices:
   calibration error (ECE: the token-weighted mean |accuracy - confidence| over 15
   equal-width confidence bins, as torchmetrics' ``multiclass_calibration_error`` with
   ``norm="l1"``).
+* ``perturb_levels`` > 0 fits on perturbed copies of the images too
+  (:mod:`pipelines.evaluate.perturb`: a temperature meant to hold under domain drift);
+  the figures are then over all the copies, and ``clean`` gives the ECE on the images as
+  they are, before and after.
 """
 
 from __future__ import annotations
@@ -103,28 +107,33 @@ def calibration_error(logits: torch.Tensor, target: torch.Tensor, temperature: f
     return float((right - sure).abs().sum() / max(len(target), 1))
 
 
-def fit_exit_temperatures(model, loader: Iterable, *, device: str | torch.device = "cpu"
-                          ) -> dict[str, Any]:
+def fit_exit_temperatures(model, loader: Iterable, *, device: str | torch.device = "cpu",
+                          perturb_levels: int = 0) -> dict[str, Any]:
     """Fit one temperature per exit of ``model`` on the images of ``loader`` (its own
-    settings, halting aside). Returns {"images", "exit_temperature" (the flag's text, one
-    value per exit), "exits": [{"block", "tokens", "temperature", "nll_before",
-    "nll_after", "ece_before", "ece_after"}]}; an exit without labelled tokens keeps T = 1
-    and its figures are None."""
+    settings, halting aside), and on ``perturb_levels`` perturbed copies of each (module
+    docstring). Returns {"images", "exit_temperature" (the flag's text, one value per
+    exit), "exits": [{"block", "tokens", "temperature", "nll_before", "nll_after",
+    "ece_before", "ece_after"[, "clean"]}]} (+ "perturbation" when perturbed); an exit
+    without labelled tokens keeps T = 1 and its figures are None."""
+    from pipelines.evaluate.perturb import KINDS, perturbed_copies
+
     blocks = list(model.exit_blocks)
     if not blocks:
         raise InvalidInput("the model has no exits: no temperature to fit")
     model.eval()
-    pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in blocks]
+    # per exit: (the copy is the clean image, logits, targets) of each copy of each batch
+    pairs: list[list[tuple[bool, torch.Tensor, torch.Tensor]]] = [[] for _ in blocks]
     images_seen = 0
     for batch in loader:
         images, labels = batch_to_device(batch[0], batch[1], device)
-        for acc, pair in zip(pairs, exit_token_logits(model, images, labels), strict=True):
-            acc.append(pair)
+        for kind, _, copy in perturbed_copies(images, images_seen, perturb_levels):
+            for acc, (logits, target) in zip(pairs, exit_token_logits(model, copy, labels),
+                                             strict=True):
+                acc.append((kind == "clean", logits, target))
         images_seen += images.shape[0]
     exits = []
     for block, acc in zip(blocks, pairs, strict=True):
-        logits = torch.cat([p[0] for p in acc]) if acc else torch.zeros(0, 1)
-        target = torch.cat([p[1] for p in acc]) if acc else torch.zeros(0, dtype=torch.long)
+        logits, target = _stack(acc)
         row: dict[str, Any] = {"block": block, "tokens": len(target), "temperature": 1.0}
         if len(target):
             t = fit_temperature(logits, target)
@@ -132,23 +141,41 @@ def fit_exit_temperatures(model, loader: Iterable, *, device: str | torch.device
                        nll_after=nll(logits, target, t),
                        ece_before=calibration_error(logits, target),
                        ece_after=calibration_error(logits, target, t))
+            if perturb_levels:
+                clean_logits, clean_target = _stack([a for a in acc if a[0]])
+                row["clean"] = {"tokens": len(clean_target),
+                                "ece_before": calibration_error(clean_logits, clean_target),
+                                "ece_after": calibration_error(clean_logits, clean_target, t)}
         else:
             row.update(nll_before=None, nll_after=None, ece_before=None, ece_after=None)
         exits.append(row)
-    return {"images": images_seen,
-            "exit_temperature": ",".join(f"{r['temperature']:.4g}" for r in exits),
-            "exits": exits}
+    doc: dict[str, Any] = {"images": images_seen,
+                           "exit_temperature": ",".join(f"{r['temperature']:.4g}" for r in exits),
+                           "exits": exits}
+    if perturb_levels:
+        doc["perturbation"] = {"levels": perturb_levels, "kinds": list(KINDS),
+                               "strengths": [k / perturb_levels
+                                             for k in range(1, perturb_levels + 1)],
+                               "copies_per_image": 1 + perturb_levels}
+    return doc
+
+
+def _stack(acc: list[tuple[bool, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not acc:
+        return torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)
+    return torch.cat([a[1] for a in acc]), torch.cat([a[2] for a in acc])
 
 
 def fit_checkpoint(checkpoint_uri: str, data_uri: str, *, inference=None,
-                   max_samples: int | None = None, device: str = "cpu") -> dict[str, Any]:
+                   max_samples: int | None = None, device: str = "cpu",
+                   perturb_levels: int = 0) -> dict[str, Any]:
     """:func:`fit_exit_temperatures` of a checkpoint (``inference``: changes to its
     settings) on the first ``max_samples`` images of ``data_uri`` (default: all)."""
     from pipelines.evaluate.evaluator import checkpoint_and_loader
 
     model, _, loader = checkpoint_and_loader(checkpoint_uri, data_uri, inference=inference,
                                              device=device, max_samples=max_samples)
-    doc = fit_exit_temperatures(model, loader, device=device)
+    doc = fit_exit_temperatures(model, loader, device=device, perturb_levels=perturb_levels)
     settings = model.inference.to_dict()
     settings.pop("exit_temperature")  # fitted on the raw heads, whatever was set
     return {**doc, "inference": settings}
