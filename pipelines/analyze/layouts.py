@@ -73,7 +73,7 @@ class LayoutSweep:
         if self.predict is not None:
             with torch.no_grad():
                 masks = self.predict(images)
-            predicted = cell_counts(pad_to_patch(images, masks)[1], self.num_classes)
+            predicted = cell_counts(masks, self.num_classes)  # padded as the labels are
         images, labels = pad_to_patch(images, labels)
         cells = cell_counts(labels, self.num_classes)
         b, gh, gw = cells.shape[:3]

@@ -170,16 +170,16 @@ def analyze(checkpoint: str, data: str, *, inference: Any = None,
 
 def _unpruned_masks(checkpoint: str, num_classes: int, device: str
                     ) -> Callable[[Any], Any]:
-    """images -> the masks of ``checkpoint``'s unpruned forward (plain 16-px tokens, no
-    halting: the segmenter every STEP setting is measured against)."""
+    """images -> the masks of ``checkpoint``'s unpruned forward (the trade-off's ``plain``
+    variant: 16-px tokens, no halting)."""
+    from pipelines.analyze.tradeoff import variant_inference
     from pipelines.common.checkpoint import load_model, resolve_checkpoint_dir
-    from step_model.config import InferenceOverrides
 
     ref, _ = load_model(resolve_checkpoint_dir(checkpoint), device=device)
     if ref.cfg.num_classes != num_classes:
         raise InvalidInput(f"predicted_layouts: {checkpoint} predicts {ref.cfg.num_classes} "
                            f"classes, the analysed checkpoint {num_classes}")
-    ref.eval().set_inference(InferenceOverrides(policy_mode="none", halting=False))
+    ref.eval().set_inference(variant_inference("plain", ref.inference))
     return lambda images: ref(images).logits.argmax(1)
 
 

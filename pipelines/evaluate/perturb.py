@@ -62,13 +62,16 @@ def perturb(images: torch.Tensor, kind: str, strength: float, *, seed: int = 0) 
     return x.clamp(0, 1).to(images.dtype)
 
 
+def strengths(levels: int) -> list[float]:
+    """The strengths of ``levels`` perturbed copies: ``k / levels``, k = 1..levels."""
+    return [k / levels for k in range(1, levels + 1)]
+
+
 def perturbed_copies(images: torch.Tensor, index: int, levels: int
                      ) -> list[tuple[str, float, torch.Tensor]]:
     """(kind, strength, images) of the batch starting at image ``index``: the clean batch,
-    then one kind (cycling with ``index``) at the strengths ``k / levels``, k = 1..levels."""
-    out = [("clean", 0.0, images)]
+    then one kind (cycling with ``index``) at each of :func:`strengths`."""
     kind = KINDS[index % len(KINDS)]
-    for k in range(1, levels + 1):
-        s = k / levels
-        out.append((kind, s, perturb(images, kind, s, seed=index * 1000 + k)))
-    return out
+    return [("clean", 0.0, images)] + [
+        (kind, s, perturb(images, kind, s, seed=index * 1000 + k))
+        for k, s in enumerate(strengths(levels), start=1)]

@@ -115,7 +115,7 @@ def fit_exit_temperatures(model, loader: Iterable, *, device: str | torch.device
     exit), "exits": [{"block", "tokens", "temperature", "nll_before", "nll_after",
     "ece_before", "ece_after"[, "clean"]}]} (+ "perturbation" when perturbed); an exit
     without labelled tokens keeps T = 1 and its figures are None."""
-    from pipelines.evaluate.perturb import KINDS, perturbed_copies
+    from pipelines.evaluate.perturb import KINDS, perturbed_copies, strengths
 
     blocks = list(model.exit_blocks)
     if not blocks:
@@ -154,8 +154,7 @@ def fit_exit_temperatures(model, loader: Iterable, *, device: str | torch.device
                            "exits": exits}
     if perturb_levels:
         doc["perturbation"] = {"levels": perturb_levels, "kinds": list(KINDS),
-                               "strengths": [k / perturb_levels
-                                             for k in range(1, perturb_levels + 1)],
+                               "strengths": strengths(perturb_levels),
                                "copies_per_image": 1 + perturb_levels}
     return doc
 
