@@ -18,36 +18,38 @@ from helpers import LOVEDA, REPO, free_port, start_mlflow_server, stop_process
 SERVICE_FIXTURES = {"ray_local", "mlflow_server", "s3_endpoint", "s3_bucket", "tiny_shards"}
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SERVICE_FIXTURES & fixtures:
-            item.add_marker(pytest.mark.integration)
-        if "tiny_pipeline" in fixtures and _group(item.nodeid) != "tiny_pipeline":
-            raise pytest.UsageError(f"{item.nodeid} reads tiny_pipeline: add its module to "
-                                    "SHARED_PIPELINE_MODULES in tests/conftest.py")
-    order = {group: i for i, group in enumerate(LONGEST_FIRST)}
-    uses_services = {_group(i.nodeid) for i in items if i.get_closest_marker("integration")}
-    # whole groups move (a module split in two would set its module fixtures up twice)
-    items.sort(key=lambda i: (order.get(_group(i.nodeid), len(order)),
-                              _group(i.nodeid) not in uses_services))
-
-
 # The suite runs on two pytest-xdist workers (`-n 2` in pyproject.toml): about a third of
 # a serial run leaves one of the two cores idle (single-threaded tests, services starting,
 # subprocesses waiting). A worker takes whole groups: a test module (its module fixtures
 # run once), or the modules that read the session's tiny pipeline (a 2-minute fixture:
 # once). The longest groups (`pytest --durations=0`) start first, the short ones fill in.
+SHARED_PIPELINE = "tiny_pipeline"  # the fixture, and the group of the modules reading it
 SHARED_PIPELINE_MODULES = {"test_console", "test_review_ui", "test_workflow_baseline",
                            "test_workflow_e2e"}
-LONGEST_FIRST = ("tiny_pipeline", "test_cluster", "test_tune_resume", "test_tune_cli",
+LONGEST_FIRST = (SHARED_PIPELINE, "test_cluster", "test_tune_resume", "test_tune_cli",
                  "test_train_ray", "test_train_resilience", "test_workflow_ui",
                  "test_data_bench")
 
 
 def _group(nodeid: str) -> str:
     module = Path(nodeid.split("::", 1)[0]).stem
-    return "tiny_pipeline" if module in SHARED_PIPELINE_MODULES else module
+    return SHARED_PIPELINE if module in SHARED_PIPELINE_MODULES else module
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    groups = {item.nodeid: _group(item.nodeid) for item in items}
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SERVICE_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.integration)
+        if SHARED_PIPELINE in fixtures and groups[item.nodeid] != SHARED_PIPELINE:
+            raise pytest.UsageError(f"{item.nodeid} reads {SHARED_PIPELINE}: add its module "
+                                    "to SHARED_PIPELINE_MODULES in tests/conftest.py")
+    order = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    uses_services = {groups[i.nodeid] for i in items if i.get_closest_marker("integration")}
+    # whole groups move (a module split in two would set its module fixtures up twice)
+    items.sort(key=lambda i: (order.get(groups[i.nodeid], len(order)),
+                              groups[i.nodeid] not in uses_services))
 
 
 def pytest_xdist_make_scheduler(config, log):
