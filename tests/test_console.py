@@ -76,6 +76,26 @@ def test_a_workers_traceback_shows_its_first_line_and_its_exception():
     assert [rules.shown(line) for line, _ in block] == [shown for _, shown in block]
 
 
+def test_a_library_error_records_traceback_shows_its_first_line_and_its_exception():
+    rules = LineRules()
+    block = [
+        ("2026-12-07 21:09:59,731\tERROR experiment_state.py:176 -- Saving experiment state "
+         "to storage at '/s/ray/tune-1f5b' failed with exception: ", True),
+        ("Traceback (most recent call last):", True),
+        ('  File "ray/tune/execution/experiment_state.py", line 174, in wait_for_sync', False),
+        ("    self._storage.syncer.wait()", False),
+        ("           ^^^^^^^^^^^^^^^^^^^^^^^^^", False),
+        ("FileNotFoundError: [Errno 2] Failed to open local file '/tmp/ray/x-tmp-searcher'",
+         True),
+        ("[done] tune in 29.2s", True),
+        # the driver's own crash, not after a record: every frame stays on the terminal
+        ("Traceback (most recent call last):", True),
+        ('  File "pipelines/workflow/runner.py", line 170, in step', True),
+        ("ValueError: boom", True),
+    ]
+    assert [rules.shown(line) for line, _ in block] == [shown for _, shown in block]
+
+
 def test_the_tee_logs_every_line_and_shows_the_shown_ones():
     terminal, log = io.StringIO(), io.StringIO()
     tee = _Tee(terminal, log, LineRules(), threading.Lock())

@@ -14,7 +14,8 @@ and the summary. :func:`open_console` gives them that:
   :func:`worker_console`); and every error: Ray's raylet and autoscaler messages (a worker
   killed, out of memory, resources nobody has), a worker's traceback (its first line and
   its exception; the frames stay in the file), a Ray C++ error line, a log record at ERROR
-  or above. Log records at WARNING show when they come from this project's packages.
+  or above (with the traceback it prints: its first line and its exception, as a
+  worker's). Log records at WARNING show when they come from this project's packages.
 * ``--verbose`` (:data:`VERBOSE_ENV`) shows every line, as Ray prints it.
 
 Ray's own switches do what they can before any line is filtered: ``log_to_driver`` stays
@@ -75,13 +76,31 @@ class LineRules:
         self.in_traceback: set[str] = set()
         self.after_exception: set[str] = set()
         self.ignored: set[str] = set()
+        self.after_error_record = False
+        self.in_record_traceback = False
+
+    def _driver_line(self, text: str) -> bool:
+        # a library's ERROR record with a traceback (Ray Tune's failed state sync) shows
+        # as a worker's does: the record, the traceback's first line and its exception
+        if self.in_record_traceback:
+            if text[:1].isspace() or not text:
+                return False  # a frame: the file has it
+            self.in_record_traceback = False
+            return True
+        record = _RECORD.match(text)
+        after_error, self.after_error_record = self.after_error_record, False
+        if record is None:
+            self.in_record_traceback = (after_error
+                                        and text.startswith("Traceback (most recent call"))
+            return True
+        self.after_error_record = record["level"] in _ERROR_LEVELS
+        return self.after_error_record
 
     def shown(self, line: str) -> bool:
         text = _ANSI.sub("", line)
         worker = _WORKER.match(text)
         if worker is None:
-            record = _RECORD.match(text)
-            return record is None or record["level"] in _ERROR_LEVELS
+            return self._driver_line(text)
         source, message = worker["source"], worker["message"]
         if "pid=" not in source:
             return True  # raylet, autoscaler: a worker killed, memory, resources
