@@ -62,6 +62,11 @@ _RECORD = re.compile(r"^\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d\S*\s+(?P<level>[
 _ERROR_LEVELS = {"ERROR", "CRITICAL", "FATAL"}
 
 
+def _is_frame(text: str) -> bool:
+    """A traceback's frame line (indented) or blank line: the log file keeps them."""
+    return text[:1].isspace() or not text
+
+
 def verbose() -> bool:
     """False only under a quiet console (:func:`open_console` in this process, or in the
     driver that started this local Ray): commands without one print as Ray does."""
@@ -83,8 +88,8 @@ class LineRules:
         # a library's ERROR record with a traceback (Ray Tune's failed state sync) shows
         # as a worker's does: the record, the traceback's first line and its exception
         if self.in_record_traceback:
-            if text[:1].isspace() or not text:
-                return False  # a frame: the file has it
+            if _is_frame(text):
+                return False
             self.in_record_traceback = False
             return True
         record = _RECORD.match(text)
@@ -111,8 +116,8 @@ class LineRules:
             self.in_traceback.add(source)
             return source not in self.ignored
         if source in self.in_traceback:
-            if message[:1].isspace() or not message:
-                return False  # a frame: the file has it
+            if _is_frame(message):
+                return False
             self.in_traceback.discard(source)
             if source in self.ignored:
                 self.ignored.discard(source)
