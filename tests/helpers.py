@@ -206,7 +206,9 @@ def wait_ray_api(head: RayNode, path: str, check=lambda body: True, timeout: flo
 def tiny(policy: str = "none", exits: list[int] | None = None,
          inference: dict | None = None, **kw):
     """vit_tiny (192 wide, 12 blocks) with a random, untrained policy: fast to build.
-    ``policy`` is the policy mode; ``inference``: other inference settings."""
+    ``policy`` is the policy mode; ``inference``: other inference settings. The exit score
+    is the max probability unless given: random heads give near-uniform probabilities,
+    whose margins are all close to 0, and the tests choose thresholds that halt some."""
     import torch
 
     from step_model import ExitConfig, PolicyConfig, StepConfig, build_step_model
@@ -216,7 +218,8 @@ def tiny(policy: str = "none", exits: list[int] | None = None,
         backbone="vit_tiny_patch16_384", num_classes=kw.pop("num_classes", 5),
         policy=PolicyConfig(pretrained=False), exits=ExitConfig(blocks=exits or []), **kw,
     )
-    return build_step_model(cfg, {"policy_mode": policy, **(inference or {})}).eval()
+    return build_step_model(cfg, {"policy_mode": policy, "exit_score": "confidence",
+                                  **(inference or {})}).eval()
 
 
 def loveda_pairs() -> list:

@@ -197,7 +197,9 @@ def test_the_settings_round_trip_through_the_registry_and_a_checkpoint(tmp_path)
     assert json.loads(tags["step.inference"])["exit_temperature"] == [1.5, 2.25]
     assert tags["exit_score"] == "agreement" and tags["exit_temperature"] == "[1.5, 2.25]"
     assert InferenceConfig().apply(inference_from_tags(tags)) == chosen
-    # a version registered before these settings existed: the defaults
+    # a version registered before these settings existed: the confidence score it was
+    # measured with, not today's default (the margin)
+    assert InferenceConfig().exit_score == "margin"
     old = json.loads(tags["step.inference"])
     del old["exit_score"], old["exit_temperature"]
     back = InferenceConfig().apply(inference_from_tags({"step.inference": json.dumps(old)}))

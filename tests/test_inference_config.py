@@ -240,7 +240,7 @@ def test_an_older_checkpoint_loads_with_its_inference_settings(tmp_path):
     assert StepConfig.model_validate(arch) == TINY
     assert loaded.inference == InferenceConfig(
         policy_mode="oracle", merge_thresholds={2: 0.7, 4: 0.6, 8: 0.5, 16: 0.5},
-        exit_thresholds=[0.8, 0.9],
+        exit_thresholds=[0.8, 0.9], exit_score="confidence",  # the score of its time
         top_k=1, exit_seed=4, varlen="per_image", upsample="logits")
     assert not loaded.halts_in_training  # a training phase, dropped from the settings
     for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True):

@@ -34,7 +34,13 @@ import yaml
 from pipelines.common import storage
 from pipelines.common.errors import InputNotFound, InvalidInput
 from pipelines.common.model import build_model
-from step_model.config import InferenceConfig, StepConfig, split_model_config
+from step_model.config import (
+    SCORE_BEFORE_MARGIN,
+    InferenceConfig,
+    StepConfig,
+    split_model_config,
+    stored_inference,
+)
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.yaml"
@@ -84,9 +90,10 @@ def read_configs(uri: str | Path) -> tuple[StepConfig, InferenceConfig]:
     before it existed, the inference keys of ``model_config.yaml``'s older layout."""
     uri = str(uri)
     model_config = _read_mapping(uri, CONFIG_FILE)
-    inference = None
     if storage.exists(storage.join(uri, INFERENCE_FILE)):
-        inference = InferenceConfig.model_validate(_read_mapping(uri, INFERENCE_FILE))
+        inference = stored_inference(_read_mapping(uri, INFERENCE_FILE))
+    else:  # written before the margin score became the default
+        inference = InferenceConfig(exit_score=SCORE_BEFORE_MARGIN)
     try:
         return split_model_config(model_config, inference)
     except ValueError as err:

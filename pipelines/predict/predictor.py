@@ -46,14 +46,14 @@ class Predictor:
         import torch
 
         from pipelines.common.checkpoint import load_model
-        from step_model.config import InferenceConfig
+        from step_model.config import stored_inference
 
         self.plan = plan
         self.device = torch.device(plan["device"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ExpectedFailure(f"--device {plan['device']}: no CUDA device on this machine")
         self.model, _ = load_model(plan["checkpoint"], device=self.device)
-        self.model.set_inference(InferenceConfig.model_validate(plan["inference"]))
+        self.model.set_inference(stored_inference(plan["inference"]))
         # eval-only rewrites of the policy network (ForwardSettings.rewrites)
         from step_model.fuse import prepare_for_inference
 

@@ -16,7 +16,7 @@ from typing import Any
 from pipelines.common.console import verbose
 from pipelines.common.errors import InputNotFound, InvalidInput
 from pipelines.tracking.runs import RunLogger, global_tracking_uri
-from step_model.config import InferenceConfig, InferenceOverrides
+from step_model.config import InferenceConfig, InferenceOverrides, stored_inference
 
 INFERENCE_TAG = "step.inference"
 
@@ -32,8 +32,10 @@ def inference_tags(inference: InferenceConfig) -> dict[str, str]:
 def inference_from_tags(tags: dict[str, str]) -> InferenceOverrides:
     """A version's inference settings back from its tags (:func:`inference_tags`, or an
     older version's ``inference`` tag of changes); ValueError if they do not validate."""
-    text = tags.get(INFERENCE_TAG) or tags.get("inference") or "{}"
-    return InferenceOverrides.model_validate(json.loads(text))
+    if INFERENCE_TAG in tags:  # the whole config: as it was meant when registered
+        return InferenceOverrides.model_validate(
+            stored_inference(json.loads(tags[INFERENCE_TAG])).to_dict())
+    return InferenceOverrides.model_validate(json.loads(tags.get("inference") or "{}"))
 
 
 def register_tuned_model(tracking_uri: str, run_id: str, checkpoint: str,
