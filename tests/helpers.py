@@ -203,12 +203,17 @@ def wait_ray_api(head: RayNode, path: str, check=lambda body: True, timeout: flo
 
 # ---- small models and labelled images for the step_model tests ---------------------------
 
+# Random (or barely trained) exit heads give near-uniform probabilities, whose margins (the
+# default exit score) are all close to 0: tests that need such heads to halt tokens at
+# their thresholds read the max probability instead.
+RANDOM_HEADS = {"exit_score": "confidence"}
+
+
 def tiny(policy: str = "none", exits: list[int] | None = None,
          inference: dict | None = None, **kw):
     """vit_tiny (192 wide, 12 blocks) with a random, untrained policy: fast to build.
-    ``policy`` is the policy mode; ``inference``: other inference settings. The exit score
-    is the max probability unless given: random heads give near-uniform probabilities,
-    whose margins are all close to 0, and the tests choose thresholds that halt some."""
+    ``policy`` is the policy mode; ``inference``: other inference settings, on top of
+    :data:`RANDOM_HEADS`."""
     import torch
 
     from step_model import ExitConfig, PolicyConfig, StepConfig, build_step_model
@@ -218,7 +223,7 @@ def tiny(policy: str = "none", exits: list[int] | None = None,
         backbone="vit_tiny_patch16_384", num_classes=kw.pop("num_classes", 5),
         policy=PolicyConfig(pretrained=False), exits=ExitConfig(blocks=exits or []), **kw,
     )
-    return build_step_model(cfg, {"policy_mode": policy, "exit_score": "confidence",
+    return build_step_model(cfg, {"policy_mode": policy, **RANDOM_HEADS,
                                   **(inference or {})}).eval()
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import blocky_labels, tiny
+from helpers import RANDOM_HEADS, blocky_labels, tiny
 
 
 def _known_map() -> torch.Tensor:
@@ -142,6 +142,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")
     torch.manual_seed(0)
     model = build_model(MODEL)
+    model.set_inference(RANDOM_HEADS)
     learned = save_checkpoint(root / "learned", model)
     oracle_cfg = {**MODEL, "policy": {**MODEL["policy"], "mode": "oracle"}}
     oracle = root / "oracle"
@@ -206,8 +207,9 @@ def test_step_analyze_writes_every_part_and_logs_to_mlflow(checkpoints, tiny_sha
         assert sum(shares["exit"].values()) == pytest.approx(1.0)
     assert "policy_vs_oracle" in printed.out and "[uses labels: upper bound]" in printed.out
     assert "at exit threshold 0.99:" in printed.out
-    assert "beat random and uniform at every point: " + ("yes" if doc["confidence_wins"] else "no") \
-        in printed.out
+    score = doc["operating_point"]["inference"]["exit_score"]  # what decided the exits
+    assert f"{score} exits beat random and uniform at every point: " \
+        + ("yes" if doc["confidence_wins"] else "no") in printed.out
     client = MlflowClient(mlflow_server)
     files = {f.path for f in client.list_artifacts(doc["run_id"], "analysis")}
     assert {"analysis/layouts.csv", "analysis/tradeoff.csv", "analysis/ablation.csv",

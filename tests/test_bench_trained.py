@@ -11,7 +11,7 @@ import json
 import pytest
 from PIL import Image
 
-from helpers import LOVEDA
+from helpers import LOVEDA, RANDOM_HEADS
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -19,7 +19,7 @@ MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linea
          "policy": {"pretrained": False, "levels": [2, 4, 8]}, "exits": {"blocks": [4, 8]}}
 # the checkpoint's own settings: merge everything, halt early (a big GFLOPs cut)
 INFERENCE = {"policy_mode": "threshold", "exit_thresholds": [0.2],
-             "merge_thresholds": {"2": 0.0, "4": 0.0, "8": 0.0}}
+             "merge_thresholds": {"2": 0.0, "4": 0.0, "8": 0.0}, **RANDOM_HEADS}
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import LOVEDA
+from helpers import LOVEDA, RANDOM_HEADS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linear",
          "policy": {"pretrained": False, "levels": [2, 4, 8]}, "exits": {"blocks": [4, 8]}}
-INFERENCE = {"policy_mode": "threshold", "exit_thresholds": [0.9]}
+INFERENCE = {"policy_mode": "threshold", "exit_thresholds": [0.9], **RANDOM_HEADS}
 # what the search would have chosen: merge everything, halt early
 TUNED = {"exit_thresholds": [0.2, 0.2], "merge_thresholds": {"2": 0.0, "4": 0.0, "8": 0.0}}
 SIZES = {"a": (128, 128), "b": (128, 128), "sub/c": (50, 70)}  # name -> (width, height)

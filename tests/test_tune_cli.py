@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LOVEDA, REPO
+from helpers import LOVEDA, RANDOM_HEADS, REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MODEL = {"backbone": "vit_tiny_patch16_384", "num_classes": 7, "decoder": "linear",
          "policy": {"pretrained": False, "levels": [2, 4, 8]}, "exits": {"blocks": [4, 8]}}
-INFERENCE = {"policy_mode": "threshold", "exit_thresholds": [0.9]}
+INFERENCE = {"policy_mode": "threshold", "exit_thresholds": [0.9], **RANDOM_HEADS}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from helpers import LOVEDA, REPO
+from helpers import LOVEDA, RANDOM_HEADS, REPO
 
 
 def _t(tid, gflops, miou, cost=None, **kw):
@@ -69,7 +69,7 @@ def test_tiny_search_with_cost_latency(tmp_path, ray_local, mlflow_server):
              "policy": {"pretrained": False, "levels": [2, 4, 8]},
              "exits": {"blocks": [4, 8]}}
     ckpt = save_checkpoint(tmp_path / "ckpt", build_model(
-        model, {"policy_mode": "threshold", "exit_thresholds": [0.9]}))
+        model, {"policy_mode": "threshold", "exit_thresholds": [0.9], **RANDOM_HEADS}))
     shards = tmp_path / "val"
     prepare("loveda", str(LOVEDA), str(shards), split="val", samples_per_shard=4,
             max_side=128, progress=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from test_tune_cli import MODEL
 
-from helpers import LOVEDA, REPO
+from helpers import LOVEDA, RANDOM_HEADS, REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -62,7 +62,7 @@ def searches(tmp_path_factory, ray_local) -> dict:
 
     root = tmp_path_factory.mktemp("resume")
     torch.manual_seed(0)
-    case = {"root": root, "ckpt": str(save_checkpoint(root / "ckpt", build_model(MODEL))),
+    case = {"root": root, "ckpt": str(save_checkpoint(root / "ckpt", build_model(MODEL, RANDOM_HEADS))),
             "val": str(root / "val"), "space": str(root / "space.yaml"),
             "uri": f"sqlite:///{root / 'mlflow.db'}"}
     prepare("loveda", str(LOVEDA), case["val"], split="val", samples_per_shard=4,

@@ -95,15 +95,19 @@ def summary_lines(doc: dict) -> list[str]:
             f"{r['variant']} {_p(r['miou'])} @ {r['gflops']:.3g}" for r in doc["tradeoff"]
             if r.get("gflops") is not None))
     abl = doc.get("ablation") or {}
+    # exit policy "confidence" halts by the exit score, which need not be the confidence
+    score = ((doc.get("operating_point") or {}).get("inference") or {}).get(
+        "exit_score", "confidence")
+    names = {"confidence": f"{score} exits", "random": "random", "uniform": "uniform"}
     if "confidence" in abl:
         lines.append("exit ablation (same counts at every exit): " + "; ".join(
-            f"{k} {_p(abl[k]['miou'])}" for k in ("confidence", "random", "uniform")))
+            f"{names[k]} {_p(abl[k]['miou'])}" for k in names))
     for r in doc.get("ablation_sweep") or []:
         lines.append(f"  at exit threshold {r['exit_threshold']:g}: " + "; ".join(
-            f"{k} {_p(r[k]['miou'])}" for k in ("confidence", "random", "uniform"))
+            f"{names[k]} {_p(r[k]['miou'])}" for k in names)
             + f" ({sum(r['confidence']['halted_per_exit'].values()):.1f} tokens halted)")
     if doc.get("confidence_wins") is not None:
-        lines.append("confidence exits beat random and uniform at every point: "
+        lines.append(f"{score} exits beat random and uniform at every point: "
                      + ("yes" if doc["confidence_wins"] else "no"))
     lines += halting_lines(doc.get("halting"))
     if doc.get("run_id"):

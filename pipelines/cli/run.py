@@ -59,10 +59,13 @@ def _run(inv: Invocation) -> Result:
     pvo = ((doc.get("analysis") or {}).get("policy_vs_oracle") or {}).get("value")
     if pvo is not None:
         print(f"policy_vs_oracle (token cut at the oracle's ceiling): {pvo:.3f}")
-    wins = (doc.get("analysis") or {}).get("confidence_wins")
+    analysis = doc.get("analysis") or {}
+    wins = analysis.get("confidence_wins")  # the exit policy's name: halting by the score
     if wins is not None:
-        print("exit ablation: confidence beats random and uniform at every measured point: "
-              + ("yes" if wins else "no"))
+        score = ((analysis.get("operating_point") or {}).get("inference") or {}).get(
+            "exit_score", "confidence")
+        print(f"exit ablation: {score} exits beat random and uniform at every measured "
+              "point: " + ("yes" if wins else "no"))
     if result.skipped:
         print(f"skipped (unchanged): {', '.join(result.skipped)}")
     from pipelines.tracking.links import run_location
