@@ -273,9 +273,9 @@ class InferenceConfig(FrozenModel):
     exit_score: ExitScore = Field(
         "margin", description="what an exit's threshold is compared with, each in [0, "
         "1], higher = surer: margin (best minus second-best probability, the default), "
-        "confidence (the max softmax probability, the paper's), entropy (1 - entropy / log(classes)), "
-        "agreement (the confidence, and the exit predicts the previous exit's class: "
-        "nothing halts at the first exit)")
+        "confidence (the max softmax probability, the paper's), entropy (1 - entropy / "
+        "log(classes)), agreement (the confidence, and the exit predicts the previous "
+        "exit's class: nothing halts at the first exit)")
     exit_temperature: _ExitTemperatureList = Field(
         None, description="temperature scaling of the exit heads: their logits are divided "
         f"by it before the score ({EXIT_TEMPERATURE_SYNTAX}; unset: 1; `step eval "

@@ -62,7 +62,8 @@ def searches(tmp_path_factory, ray_local) -> dict:
 
     root = tmp_path_factory.mktemp("resume")
     torch.manual_seed(0)
-    case = {"root": root, "ckpt": str(save_checkpoint(root / "ckpt", build_model(MODEL, RANDOM_HEADS))),
+    ckpt = save_checkpoint(root / "ckpt", build_model(MODEL, RANDOM_HEADS))
+    case = {"root": root, "ckpt": str(ckpt),
             "val": str(root / "val"), "space": str(root / "space.yaml"),
             "uri": f"sqlite:///{root / 'mlflow.db'}"}
     prepare("loveda", str(LOVEDA), case["val"], split="val", samples_per_shard=4,

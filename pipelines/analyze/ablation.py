@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pipelines.evaluate.metrics import ConfusionMeter
-from step_model.config import InferenceConfig
+from step_model.config import SCORE_BEFORE_MARGIN, InferenceConfig
 
 
 class _Meter:
@@ -157,6 +157,14 @@ def confidence_wins(ablation: dict[str, Any], sweep: list[dict[str, Any]]) -> bo
     verdicts += [r["confidence_wins"] for r in sweep]
     verdicts = [v for v in verdicts if v is not None]
     return all(verdicts) if verdicts else None
+
+
+def ablation_exit_score(analysis: dict[str, Any]) -> str:
+    """The exit score behind an analysis' ``confidence`` rows (the exit policy that halts by
+    the score, whichever it is): its operating point's, or for a document written before
+    it recorded one, the confidence."""
+    inference = (analysis.get("operating_point") or {}).get("inference") or {}
+    return inference.get("exit_score", SCORE_BEFORE_MARGIN)
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -74,6 +74,7 @@ def _p(v) -> str:
 
 
 def summary_lines(doc: dict) -> list[str]:
+    from pipelines.analyze.ablation import ablation_exit_score
     from pipelines.analyze.halting_report import summary_lines as halting_lines
 
     n = doc["num_images"]
@@ -95,9 +96,7 @@ def summary_lines(doc: dict) -> list[str]:
             f"{r['variant']} {_p(r['miou'])} @ {r['gflops']:.3g}" for r in doc["tradeoff"]
             if r.get("gflops") is not None))
     abl = doc.get("ablation") or {}
-    # exit policy "confidence" halts by the exit score, which need not be the confidence
-    score = ((doc.get("operating_point") or {}).get("inference") or {}).get(
-        "exit_score", "confidence")
+    score = ablation_exit_score(doc)
     names = {"confidence": f"{score} exits", "random": "random", "uniform": "uniform"}
     if "confidence" in abl:
         lines.append("exit ablation (same counts at every exit): " + "; ".join(

@@ -56,16 +56,16 @@ def _run(inv: Invocation) -> Result:
     if doc.get("registered_model"):
         r = doc["registered_model"]
         print(f"\nregistered model: {r['name']} version {r['version']}")
-    pvo = ((doc.get("analysis") or {}).get("policy_vs_oracle") or {}).get("value")
+    analysis = doc.get("analysis") or {}
+    pvo = (analysis.get("policy_vs_oracle") or {}).get("value")
     if pvo is not None:
         print(f"policy_vs_oracle (token cut at the oracle's ceiling): {pvo:.3f}")
-    analysis = doc.get("analysis") or {}
     wins = analysis.get("confidence_wins")  # the exit policy's name: halting by the score
     if wins is not None:
-        score = ((analysis.get("operating_point") or {}).get("inference") or {}).get(
-            "exit_score", "confidence")
-        print(f"exit ablation: {score} exits beat random and uniform at every measured "
-              "point: " + ("yes" if wins else "no"))
+        from pipelines.analyze.ablation import ablation_exit_score
+
+        print(f"exit ablation: {ablation_exit_score(analysis)} exits beat random and uniform "
+              "at every measured point: " + ("yes" if wins else "no"))
     if result.skipped:
         print(f"skipped (unchanged): {', '.join(result.skipped)}")
     from pipelines.tracking.links import run_location

@@ -34,13 +34,7 @@ import yaml
 from pipelines.common import storage
 from pipelines.common.errors import InputNotFound, InvalidInput
 from pipelines.common.model import build_model
-from step_model.config import (
-    SCORE_BEFORE_MARGIN,
-    InferenceConfig,
-    StepConfig,
-    split_model_config,
-    stored_inference,
-)
+from step_model.config import InferenceConfig, StepConfig, split_model_config, stored_inference
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.yaml"
@@ -90,10 +84,10 @@ def read_configs(uri: str | Path) -> tuple[StepConfig, InferenceConfig]:
     before it existed, the inference keys of ``model_config.yaml``'s older layout."""
     uri = str(uri)
     model_config = _read_mapping(uri, CONFIG_FILE)
-    if storage.exists(storage.join(uri, INFERENCE_FILE)):
-        inference = stored_inference(_read_mapping(uri, INFERENCE_FILE))
-    else:  # written before the margin score became the default
-        inference = InferenceConfig(exit_score=SCORE_BEFORE_MARGIN)
+    # no inference.yaml: written before it, and before the margin score became the default
+    stored = (_read_mapping(uri, INFERENCE_FILE)
+              if storage.exists(storage.join(uri, INFERENCE_FILE)) else {})
+    inference = stored_inference(stored)
     try:
         return split_model_config(model_config, inference)
     except ValueError as err:
